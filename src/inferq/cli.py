@@ -1,0 +1,138 @@
+"""The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from inferq.errors import InferqError
+from inferq.logs import configure_logging
+from inferq.settings import Settings
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from inferq.db.migrations import Migrator
+
+    dsn = args.database_url or settings.database_url
+    if not dsn:
+        from inferq.embedded import embedded_dsn
+
+        dsn = embedded_dsn(settings)
+    migrator = Migrator(dsn)
+    if args.status:
+        for state in migrator.status():
+            mark = "applied" if state.applied else "pending"
+            if state.applied and not state.checksum_ok:
+                mark = "EDITED"
+            print(f"{state.migration.name:32} {mark}")
+        return 0
+    applied = migrator.migrate()
+    if applied:
+        print(f"applied {len(applied)} migration(s): {', '.join(m.name for m in applied)}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def cmd_sql_dir(args: argparse.Namespace, settings: Settings) -> int:
+    from inferq.db.migrations import sql_dir
+
+    print(sql_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply the sql/ migrations (under an advisory lock)")
+    p.add_argument("--database-url", help="default: INFERQ_DATABASE_URL")
+    p.add_argument("--status", action="store_true", help="list applied and pending files")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("sql-dir", help="print where the migration files are (for psql)")
+    p.set_defaults(func=cmd_sql_dir)
+
+    p = sub.add_parser("serve", help="run one replica: HTTP API, listener, maintenance")
+    p.add_argument("--host", help="default: INFERQ_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: INFERQ_PORT (8000)")
+    p.set_defaults(func=_lazy("inferq.daemon:serve_command"))
+
+    p = sub.add_parser("worker", help="run a worker in front of an inference backend")
+    p.add_argument("--url", required=True, help="inferq base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", required=True, help="a worker token (inferq token create)")
+    p.add_argument("--pool", action="append", required=True, help="pool to serve (repeatable)")
+    p.add_argument("--capacity", type=int, default=1, help="tasks in flight at most")
+    p.add_argument(
+        "--backend", default="echo", help="'echo', or the URL of an OpenAI-compatible server"
+    )
+    p.add_argument("--backend-api-key", help="API key for the upstream server")
+    p.add_argument("--backend-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--echo-delay", type=float, default=0.0, help="echo: seconds per word")
+    p.add_argument("--name", help="worker name shown in logs and sessions")
+    p.set_defaults(func=_lazy("inferq.worker.cli:worker_command"))
+
+    p = sub.add_parser("token", help="create, list and revoke API tokens")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("create", help="create a token and print its secret once")
+    t.add_argument("--owner", required=True)
+    t.add_argument("--role", choices=["client", "worker", "admin"], default="client")
+    t.add_argument("--pools", nargs="*", help="worker tokens: pools it may serve (default all)")
+    t.add_argument("--label")
+    tsub.add_parser("list", help="list tokens (never their secrets)")
+    t = tsub.add_parser("revoke", help="revoke a token by id")
+    t.add_argument("token_id")
+    p.set_defaults(func=_lazy("inferq.admin:token_command"))
+
+    p = sub.add_parser("llm", help="manage the LLM registry (model name -> pool)")
+    lsub = p.add_subparsers(dest="llm_command", required=True)
+    t = lsub.add_parser("add", help="add or replace a model")
+    t.add_argument("name")
+    t.add_argument("--pool", required=True)
+    t.add_argument("--model", help="upstream model name (default: the name)")
+    t.add_argument("--tier", default="standard")
+    lsub.add_parser("list", help="list models")
+    t = lsub.add_parser("remove", help="remove a model")
+    t.add_argument("name")
+    p.set_defaults(func=_lazy("inferq.admin:llm_command"))
+
+    p = sub.add_parser("status", help="queue depth per pool and status, sessions, listener")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_lazy("inferq.admin:status_command"))
+
+    p = sub.add_parser("bench", help="measure throughput and latency on this machine")
+    p.add_argument("--quick", action="store_true", help="a short run for smoke tests")
+    p.add_argument("--json", dest="json_path", help="write the figures to this file")
+    p.add_argument("--runs", type=int, default=3, help="repetitions per figure (median)")
+    p.set_defaults(func=_lazy("inferq.bench:bench_command"))
+    return parser
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace, Settings], int]:
+    """Import a command's module only when it runs (the worker needs no server packages)."""
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args, settings))
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, settings))
+    except InferqError as exc:
+        print(f"inferq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

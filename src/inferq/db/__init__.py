@@ -1,0 +1,1 @@
+"""Database access: the pool, migrations, one repository per table, channel names."""

@@ -1,0 +1,19 @@
+"""The NOTIFY channel names, in one place, with the migration or code that emits each."""
+
+from __future__ import annotations
+
+# Emitted by inferq.notify_task_status() (sql/0002_triggers.sql) for every inserted task and
+# every status change. Payload: JSON array of [task_id, status, pool_name, attempt].
+TASK = "inferq_task"
+
+# Emitted by ChunkRepository.append (src/inferq/db/chunks.py), once per flush.
+# Payload: JSON array of [task_id, attempt, last_seq].
+CHUNK = "inferq_chunk"
+
+# Emitted by TokenRepository.revoke (src/inferq/db/tokens.py). Payload: the token id.
+TOKEN = "inferq_token"
+
+ALL = (TASK, CHUNK, TOKEN)
+
+# Payloads stay well below PostgreSQL's 8000-byte limit.
+MAX_PAYLOAD_BYTES = 7000

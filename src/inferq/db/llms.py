@@ -1,0 +1,67 @@
+"""LlmRepository: the registry that maps a model name to a pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+from inferq.errors import UnknownModel
+
+
+@dataclass(frozen=True, slots=True)
+class Llm:
+    name: str
+    pool_name: str
+    model: str
+    tier: str
+    created_at: datetime
+
+
+_COLUMNS = "name, pool_name, model, tier, created_at"
+
+
+class LlmRepository:
+    """Adds, resolves, lists and removes registry entries."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def put(self, name: str, pool_name: str, model: str | None = None,
+                  tier: str = "standard") -> Llm:
+        """Add or replace an entry; queued tasks keep the routing they were enqueued with."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Llm))
+            await cur.execute(
+                f"INSERT INTO inferq.llm (name, pool_name, model, tier) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET pool_name = excluded.pool_name, "
+                f"model = excluded.model, tier = excluded.tier RETURNING {_COLUMNS}",
+                (name, pool_name, model or name, tier),
+            )
+            llm = await cur.fetchone()
+        assert llm is not None
+        return llm
+
+    async def resolve(self, name: str) -> Llm:
+        """The entry named ``name``; raises UnknownModel."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Llm))
+            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.llm WHERE name = %s", (name,))
+            llm = await cur.fetchone()
+        if llm is None:
+            raise UnknownModel(f"model {name!r} does not exist; list models with GET /v1/models")
+        return llm
+
+    async def list(self) -> list[Llm]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Llm))
+            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.llm ORDER BY name")
+            return await cur.fetchall()
+
+    async def remove(self, name: str) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM inferq.llm WHERE name = %s", (name,))
+            return cur.rowcount > 0

@@ -1,0 +1,28 @@
+"""Row factories that turn inferq.task rows into domain Tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg.rows import BaseRowFactory, RowMaker
+
+from inferq.domain.task import TASK_COLUMNS, Task, TaskStatus
+
+# The column list every task query returns, in Task's field order.
+TASK_SELECT = ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+
+
+def task_row(cursor: Any) -> RowMaker[Task]:
+    """Build a Task from a row whose first columns are TASK_SELECT."""
+    width = len(TASK_COLUMNS)
+
+    def make(values: Sequence[Any]) -> Task:
+        fields = dict(zip(TASK_COLUMNS, values[:width], strict=True))
+        fields["status"] = TaskStatus(fields["status"])
+        return Task(**fields)
+
+    return make
+
+
+task_row_factory: BaseRowFactory[Task] = task_row

@@ -1,0 +1,175 @@
+"""WorkerSessionRepository: bind, heartbeat, unbind and reap worker sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+from inferq.db.rows import TASK_SELECT, task_row
+from inferq.db.tasks import _REVERT_SET
+from inferq.domain.task import Task
+from inferq.errors import SessionNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSession:
+    id: UUID
+    owner_id: str
+    name: str | None
+    pools: list[str]
+    capacity: int
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a heartbeat tells the worker about the tasks it reported."""
+
+    held: dict[UUID, int]  # task id -> attempt, leases extended
+    cancelled: list[UUID]  # reported, and cancelled by their client
+    lost: list[UUID]  # reported, but no longer held (reverted, failed by the rescuer, ...)
+
+
+_SESSION_COLUMNS = "id, owner_id, name, pools, capacity, created_at, last_seen_at, expires_at"
+
+BIND = f"""
+INSERT INTO inferq.worker_session (owner_id, name, pools, capacity, expires_at)
+VALUES (%(owner)s, %(name)s, %(pools)s, %(capacity)s, now() + make_interval(secs => %(ttl_s)s))
+RETURNING {_SESSION_COLUMNS}
+"""
+
+GET = f"SELECT {_SESSION_COLUMNS} FROM inferq.worker_session WHERE id = %(id)s"
+
+TOUCH = f"""
+UPDATE inferq.worker_session SET last_seen_at = now(),
+    expires_at = now() + make_interval(secs => %(ttl_s)s)
+WHERE id = %(id)s AND expires_at > now()
+RETURNING {_SESSION_COLUMNS}
+"""
+
+# One statement: extend the session and its leases, and say what happened to the tasks the
+# worker believes it holds but the database no longer gives it.
+HEARTBEAT = """
+WITH sess AS (
+    UPDATE inferq.worker_session SET last_seen_at = now(),
+        expires_at = now() + make_interval(secs => %(ttl_s)s)
+    WHERE id = %(id)s AND expires_at > now()
+    RETURNING id
+), ext AS (
+    UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+    FROM sess
+    WHERE t.claimed_by = sess.id AND t.status IN ('claimed', 'running')
+    RETURNING t.id, t.attempt
+)
+SELECT 'session' AS kind, id, 0 AS attempt FROM sess
+UNION ALL
+SELECT 'held', id, attempt FROM ext
+UNION ALL
+SELECT CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'lost' END, t.id, t.attempt
+FROM inferq.task t
+WHERE t.id = ANY(%(reported)s) AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.id = t.id)
+UNION ALL
+SELECT 'lost', r.id, 0 FROM unnest(%(reported)s::uuid[]) AS r(id)
+WHERE NOT EXISTS (SELECT 1 FROM inferq.task t WHERE t.id = r.id)
+"""
+
+UNBIND = "DELETE FROM inferq.worker_session WHERE id = %(id)s"
+
+REAP = f"""
+WITH dead AS (
+    DELETE FROM inferq.worker_session
+    WHERE expires_at < coalesce(%(now)s::timestamptz, now())
+    RETURNING id
+)
+UPDATE inferq.task t {_REVERT_SET}
+FROM dead
+WHERE t.claimed_by = dead.id AND t.status IN ('claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+class WorkerSessionRepository:
+    """Worker sessions over a pool of autocommit connections."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def bind(
+        self,
+        owner_id: str,
+        pools: Sequence[str],
+        capacity: int,
+        *,
+        ttl_s: float,
+        name: str | None = None,
+    ) -> WorkerSession:
+        """Open a session that lives ``ttl_s`` past its last heartbeat."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(WorkerSession))
+            await cur.execute(
+                BIND,
+                {
+                    "owner": owner_id,
+                    "name": name,
+                    "pools": list(pools),
+                    "capacity": capacity,
+                    "ttl_s": ttl_s,
+                },
+            )
+            session = await cur.fetchone()
+            assert session is not None
+            return session
+
+    async def get(self, session_id: UUID, *, touch_ttl_s: float | None = None) -> WorkerSession:
+        """The live session (extended by ``touch_ttl_s`` when given); raises SessionNotFound."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(WorkerSession))
+            if touch_ttl_s is None:
+                await cur.execute(GET, {"id": session_id})
+            else:
+                await cur.execute(TOUCH, {"id": session_id, "ttl_s": touch_ttl_s})
+            session = await cur.fetchone()
+        if session is None:
+            raise SessionNotFound(f"worker session {session_id} does not exist or expired; bind again")
+        return session
+
+    async def heartbeat(
+        self, session_id: UUID, reported: Sequence[UUID], *, ttl_s: float, lease_s: float
+    ) -> Heartbeat:
+        """Extend the session and its leases; report cancelled and lost tasks.
+
+        Raises SessionNotFound when the session expired (its tasks were already reverted).
+        """
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                HEARTBEAT,
+                {"id": session_id, "reported": list(reported), "ttl_s": ttl_s, "lease_s": lease_s},
+            )
+            rows = await cur.fetchall()
+        if not any(r[0] == "session" for r in rows):
+            raise SessionNotFound(f"worker session {session_id} does not exist or expired; bind again")
+        held = {r[1]: r[2] for r in rows if r[0] == "held"}
+        return Heartbeat(
+            held,
+            cancelled=[r[1] for r in rows if r[0] == "cancelled"],
+            lost=[r[1] for r in rows if r[0] == "lost"],
+        )
+
+    async def unbind(self, session_id: UUID) -> None:
+        """Delete the session; the caller reverts its tasks first."""
+        async with self.pool.connection() as conn:
+            await conn.execute(UNBIND, {"id": session_id})
+
+    async def reap(self, now: datetime | None = None) -> list[Task]:
+        """Delete sessions that stopped heartbeating and revert the tasks they held."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=task_row)
+            await cur.execute(REAP, {"now": now, "reason": "its worker stopped heartbeating"})
+            return await cur.fetchall()

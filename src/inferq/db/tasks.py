@@ -1,0 +1,442 @@
+"""TaskRepository: every task transition as one guarded statement on inferq.task."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from inferq.db.rows import TASK_SELECT, task_row
+from inferq.domain.task import HELD, Task, TaskStatus
+from inferq.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    LeaseLost,
+    TaskNotFound,
+)
+
+_HELD = [s.value for s in HELD]
+
+ENQUEUE = f"""
+INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
+                              owner_id, agent_id, priority, max_attempts, idempotency_key)
+VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
+        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s)
+ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING {TASK_SELECT}
+"""
+
+GET_BY_KEY = f"""
+SELECT {TASK_SELECT} FROM inferq.task t WHERE t.owner_id = %(owner)s AND t.idempotency_key = %(key)s
+"""
+
+GET = f"SELECT {TASK_SELECT} FROM inferq.task t WHERE t.id = %(id)s"
+GET_OWNED = GET + " AND t.owner_id = %(owner)s"
+GET_MANY = f"SELECT {TASK_SELECT} FROM inferq.task t WHERE t.id = ANY(%(ids)s)"
+
+LIST = f"""
+SELECT {TASK_SELECT} FROM inferq.task t
+WHERE t.owner_id = %(owner)s
+  AND (%(status)s::inferq.task_status[] IS NULL OR t.status = ANY(%(status)s))
+  AND (%(agent)s::text IS NULL OR t.agent_id = %(agent)s)
+  AND (%(pool)s::text IS NULL OR t.pool_name = %(pool)s)
+  AND (%(after_ts)s::timestamptz IS NULL OR (t.created_at, t.id) < (%(after_ts)s, %(after_id)s))
+ORDER BY t.created_at DESC, t.id DESC
+LIMIT %(limit)s
+"""
+
+# SKIP LOCKED: racing claimers each take different rows and never wait on each other.
+CLAIM = f"""
+WITH picked AS (
+    SELECT id FROM inferq.task
+    WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
+    ORDER BY priority DESC, created_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE inferq.task t
+SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = t.attempt + 1,
+    lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+FROM picked WHERE t.id = picked.id
+RETURNING {TASK_SELECT}
+"""
+
+FIND_PENDING = f"""
+SELECT {TASK_SELECT} FROM inferq.task t
+WHERE t.status = 'pending' AND t.pool_name = ANY(%(pools)s)
+ORDER BY t.priority DESC, t.created_at, t.id
+LIMIT %(limit)s
+"""
+
+HELD_BY_SESSION = f"""
+SELECT {TASK_SELECT} FROM inferq.task t
+WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
+ORDER BY t.claimed_at
+"""
+
+# The guard every worker write shares: this session holds this attempt of the task.
+_HOLDS = "t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s"
+
+START = f"""
+UPDATE inferq.task t SET status = 'running', stream_started_at = now()
+WHERE {_HOLDS} AND t.status = 'claimed'
+RETURNING {TASK_SELECT}
+"""
+
+COMPLETE = f"""
+UPDATE inferq.task t
+SET status = 'completed', response_body = %(body)s, completed_at = now(), lease_expires_at = NULL
+WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+FAIL = f"""
+UPDATE inferq.task t
+SET status = 'error', error_message = %(message)s, completed_at = now(), lease_expires_at = NULL
+WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+CANCEL = f"""
+UPDATE inferq.task t
+SET status = 'cancelled', completed_at = now(), lease_expires_at = NULL,
+    error_message = coalesce(%(reason)s, 'cancelled by the client')
+WHERE t.id = %(id)s AND t.owner_id = %(owner)s AND t.status IN ('pending', 'claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+# A task whose attempts are used up ends in error instead of going back to pending.
+_REVERT_SET = """
+SET status = CASE WHEN t.attempt >= t.max_attempts THEN 'error' ELSE 'pending' END::inferq.task_status,
+    error_message = CASE WHEN t.attempt >= t.max_attempts
+        THEN format('the worker was lost %%s times (max_attempts=%%s): %%s',
+                    t.attempt, t.max_attempts, %(reason)s::text)
+        ELSE t.error_message END,
+    completed_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, stream_started_at = NULL
+"""
+
+REVERT_SESSION = f"""
+UPDATE inferq.task t {_REVERT_SET}
+WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+REVERT_ONE = f"""
+UPDATE inferq.task t {_REVERT_SET}
+WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
+RETURNING {TASK_SELECT}
+"""
+
+REVERT_EXPIRED = f"""
+UPDATE inferq.task t {_REVERT_SET}
+WHERE t.status IN ('claimed', 'running')
+  AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now())
+RETURNING {TASK_SELECT}
+"""
+
+EXTEND_LEASES = """
+UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
+RETURNING t.id, t.attempt
+"""
+
+GC_PENDING = f"""
+UPDATE inferq.task t
+SET status = 'error', completed_at = coalesce(%(now)s::timestamptz, now()),
+    error_message = format('not claimed within %%s s (INFERQ_PENDING_TIMEOUT_S): '
+                           'no worker served pool %%s in time', %(timeout_s)s, t.pool_name)
+WHERE t.status = 'pending'
+  AND t.created_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(timeout_s)s)
+RETURNING {TASK_SELECT}
+"""
+
+GC_DELETE = """
+DELETE FROM inferq.task t
+WHERE t.status IN ('completed', 'error', 'cancelled')
+  AND t.completed_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(retention_s)s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    task: Task
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    expired_pending: list[Task]
+    deleted: int
+
+
+def encode_cursor(task: Task) -> str:
+    raw = orjson.dumps([task.created_at.isoformat(), str(task.id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """Parse a listing cursor; raises ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        ts, task_id = orjson.loads(raw)
+        return datetime.fromisoformat(ts), UUID(task_id)
+    except Exception as exc:
+        raise ValueError(f"invalid cursor {cursor!r}") from exc
+
+
+class TaskRepository:
+    """Reads and guarded writes of inferq.task over a pool of autocommit connections.
+
+    Every transition is one ``UPDATE ... WHERE <guard> RETURNING``. When the guard matches no
+    row, a second read (a fresh snapshot) decides between an idempotent repeat and a domain
+    error that carries the task's current state.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=task_row)
+            await cur.execute(query, params)
+            return await cur.fetchall()
+
+    async def _one(self, query: Any, params: dict[str, Any]) -> Task | None:
+        rows = await self._all(query, params)
+        return rows[0] if rows else None
+
+    # -- client side ------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        *,
+        owner_id: str,
+        pool_name: str,
+        request_body: Any,
+        llm_name: str | None = None,
+        model: str | None = None,
+        tier: str | None = None,
+        streaming: bool = False,
+        agent_id: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 3,
+        idempotency_key: str | None = None,
+    ) -> Enqueued:
+        """Insert a pending task. The same idempotency key returns the first task (created=False).
+
+        Raises IdempotencyConflict when the key was used with a different request.
+        """
+        params = {
+            "pool": pool_name,
+            "llm": llm_name,
+            "model": model,
+            "tier": tier,
+            "streaming": streaming,
+            "body": Jsonb(request_body),
+            "owner": owner_id,
+            "agent": agent_id,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "key": idempotency_key,
+        }
+        # Two racing submits with one key: the loser's insert does nothing and its read may
+        # run before the winner commits, so it tries again.
+        for _ in range(5):
+            task = await self._one(ENQUEUE, params)
+            if task is not None:
+                return Enqueued(task, created=True)
+            existing = await self._one(GET_BY_KEY, params)
+            if existing is not None:
+                if existing.request_body != request_body or existing.pool_name != pool_name:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was already used for task "
+                        f"{existing.id} with a different request",
+                        task=existing,
+                    )
+                return Enqueued(existing, created=False)
+        raise IdempotencyConflict("could not resolve a concurrent submit; retry the request")
+
+    async def get(self, task_id: UUID, owner_id: str | None = None) -> Task:
+        """The task; raises TaskNotFound when missing or owned by someone else."""
+        if owner_id is None:
+            task = await self._one(GET, {"id": task_id})
+        else:
+            task = await self._one(GET_OWNED, {"id": task_id, "owner": owner_id})
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        return task
+
+    async def get_many(self, task_ids: Sequence[UUID]) -> list[Task]:
+        """The tasks among ``task_ids`` that exist, in one statement."""
+        return await self._all(GET_MANY, {"ids": list(task_ids)})
+
+    async def list(
+        self,
+        owner_id: str,
+        *,
+        statuses: Sequence[TaskStatus] | None = None,
+        agent_id: str | None = None,
+        pool_name: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """The owner's tasks, newest first; ``next_cursor`` continues after the last one."""
+        after_ts, after_id = decode_cursor(cursor) if cursor else (None, None)
+        tasks = await self._all(
+            LIST,
+            {
+                "owner": owner_id,
+                "status": [s.value for s in statuses] if statuses else None,
+                "agent": agent_id,
+                "pool": pool_name,
+                "after_ts": after_ts,
+                "after_id": after_id,
+                "limit": limit + 1,
+            },
+        )
+        more = len(tasks) > limit
+        tasks = tasks[:limit]
+        return Page(tasks, encode_cursor(tasks[-1]) if more else None)
+
+    async def cancel(self, task_id: UUID, owner_id: str, reason: str | None = None) -> Task:
+        """Cancel a non-terminal task. Repeating it is idempotent.
+
+        Raises TaskNotFound, or InvalidTransition when the task already ended otherwise.
+        """
+        task = await self._one(CANCEL, {"id": task_id, "owner": owner_id, "reason": reason})
+        if task is not None:
+            return task
+        current = await self.get(task_id, owner_id)
+        if current.status is TaskStatus.CANCELLED:
+            return current
+        raise InvalidTransition(
+            f"task {task_id} is already {current.status}; it cannot be cancelled", task=current
+        )
+
+    # -- worker side ------------------------------------------------------------------------
+
+    async def claim(
+        self, session_id: UUID, pools: Sequence[str], *, limit: int, lease_s: float
+    ) -> list[Task]:
+        """Claim up to ``limit`` pending tasks of ``pools`` (priority, then FIFO)."""
+        if limit <= 0:
+            return []
+        return await self._all(
+            CLAIM,
+            {"session": session_id, "pools": list(pools), "limit": limit, "lease_s": lease_s},
+        )
+
+    async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
+        """Pending tasks of ``pools`` in drain order, without claiming them."""
+        return await self._all(FIND_PENDING, {"pools": list(pools), "limit": limit})
+
+    async def held_by(self, session_id: UUID) -> list[Task]:
+        """The claimed and running tasks of a worker session."""
+        return await self._all(HELD_BY_SESSION, {"session": session_id})
+
+    async def start(self, task_id: UUID, session_id: UUID, attempt: int) -> Task:
+        """claimed -> running. Idempotent for the holder; raises LeaseLost otherwise."""
+        params = {"id": task_id, "session": session_id, "attempt": attempt}
+        task = await self._one(START, params)
+        if task is not None:
+            return task
+        current = await self._current_for_worker(task_id, session_id, attempt)
+        if current.status is TaskStatus.RUNNING:
+            return current
+        raise InvalidTransition(f"task {task_id} is {current.status}, not claimed", task=current)
+
+    async def complete(
+        self, task_id: UUID, session_id: UUID, attempt: int, response_body: Any
+    ) -> Task:
+        """claimed|running -> completed with the response. Repeating it with the same body is
+        idempotent; raises LeaseLost for a stale holder and InvalidTransition otherwise."""
+        params = {
+            "id": task_id,
+            "session": session_id,
+            "attempt": attempt,
+            "body": Jsonb(response_body),
+        }
+        task = await self._one(COMPLETE, params)
+        if task is not None:
+            return task
+        current = await self._current_for_worker(task_id, session_id, attempt)
+        if current.status is TaskStatus.COMPLETED and current.response_body == response_body:
+            return current
+        raise InvalidTransition(
+            f"task {task_id} is {current.status}; it cannot be completed", task=current
+        )
+
+    async def fail(self, task_id: UUID, session_id: UUID, attempt: int, message: str) -> Task:
+        """claimed|running -> error with the worker's message; idempotent like complete."""
+        params = {"id": task_id, "session": session_id, "attempt": attempt, "message": message}
+        task = await self._one(FAIL, params)
+        if task is not None:
+            return task
+        current = await self._current_for_worker(task_id, session_id, attempt)
+        if current.status is TaskStatus.ERROR and current.error_message == message:
+            return current
+        raise InvalidTransition(
+            f"task {task_id} is {current.status}; it cannot be failed", task=current
+        )
+
+    async def release(
+        self, task_id: UUID, session_id: UUID, attempt: int, reason: str = "released"
+    ) -> Task:
+        """Give one held task back: pending again, or error when its attempts are used up."""
+        params = {"id": task_id, "session": session_id, "attempt": attempt, "reason": reason}
+        task = await self._one(REVERT_ONE, params)
+        if task is not None:
+            return task
+        current = await self._current_for_worker(task_id, session_id, attempt)
+        raise InvalidTransition(f"task {task_id} is {current.status}", task=current)
+
+    async def _current_for_worker(self, task_id: UUID, session_id: UUID, attempt: int) -> Task:
+        """After a guard missed: the current row, or LeaseLost when this worker lost it."""
+        current = await self.get(task_id)
+        if current.claimed_by != session_id or current.attempt != attempt:
+            raise LeaseLost(
+                f"task {task_id} is no longer held by this worker (attempt {attempt}; "
+                f"the task is {current.status} at attempt {current.attempt})",
+                task=current,
+            )
+        return current
+
+    async def extend_leases(self, session_id: UUID, lease_s: float) -> dict[UUID, int]:
+        """Push the lease of every task the session holds; returns {task id: attempt}."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(EXTEND_LEASES, {"session": session_id, "lease_s": lease_s})
+            return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def revert_session(self, session_id: UUID, reason: str = "worker unbound") -> list[Task]:
+        """Give back everything a session holds (pending again, or error past max_attempts)."""
+        return await self._all(REVERT_SESSION, {"session": session_id, "reason": reason})
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    async def revert_expired(self, now: datetime | None = None) -> list[Task]:
+        """Revert tasks whose lease ran out (database time unless ``now`` is given)."""
+        return await self._all(REVERT_EXPIRED, {"now": now, "reason": "its lease expired"})
+
+    async def gc(
+        self, *, pending_timeout_s: float, retention_s: float, now: datetime | None = None
+    ) -> GcResult:
+        """Fail pending tasks older than the timeout; delete terminal rows past retention."""
+        expired = await self._all(GC_PENDING, {"now": now, "timeout_s": pending_timeout_s})
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(GC_DELETE, {"now": now, "retention_s": retention_s})
+            deleted = cur.rowcount
+        return GcResult(expired, deleted)

@@ -1,0 +1,107 @@
+"""TokenRepository: API tokens, of which only a SHA-256 hash is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+from inferq.db import channels
+
+Role = Literal["client", "worker", "admin"]
+TOKEN_PREFIX = "iq_"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    id: UUID
+    owner_id: str
+    role: str
+    pools: list[str] | None
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def may_serve(self, pool: str) -> bool:
+        return self.pools is None or pool in self.pools
+
+
+_COLUMNS = "id, owner_id, role, pools, label, created_at, revoked_at"
+
+
+def hash_token(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+class TokenRepository:
+    """Creates, finds and revokes API tokens."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def create(
+        self,
+        owner_id: str,
+        role: Role,
+        *,
+        pools: Sequence[str] | None = None,
+        label: str | None = None,
+    ) -> tuple[ApiToken, str]:
+        """A new token and its secret; the secret is shown once and never stored."""
+        secret = new_secret()
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiToken))
+            await cur.execute(
+                f"INSERT INTO inferq.api_token (token_hash, owner_id, role, pools, label) "
+                f"VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                (hash_token(secret), owner_id, role, list(pools) if pools else None, label),
+            )
+            token = await cur.fetchone()
+        assert token is not None
+        return token, secret
+
+    async def find(self, secret: str) -> ApiToken | None:
+        """The live token for ``secret``, or None when unknown or revoked."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiToken))
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM inferq.api_token "
+                "WHERE token_hash = %s AND revoked_at IS NULL",
+                (hash_token(secret),),
+            )
+            return await cur.fetchone()
+
+    async def list(self) -> list[ApiToken]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiToken))
+            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.api_token ORDER BY created_at")
+            return await cur.fetchall()
+
+    async def revoke(self, token_id: UUID) -> bool:
+        """Revoke a token; replicas drop it from their caches on the TOKEN notification."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE inferq.api_token SET revoked_at = now() "
+                "WHERE id = %s AND revoked_at IS NULL",
+                (token_id,),
+            )
+            if cur.rowcount:
+                await conn.execute("SELECT pg_notify(%s, %s)", (channels.TOKEN, str(token_id)))
+            return cur.rowcount > 0
+
+    async def count(self) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM inferq.api_token")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0

@@ -1,0 +1,92 @@
+"""The InferqError tree; each class's docstring is its default message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inferq.domain.task import Task
+
+
+class InferqError(Exception):
+    """inferq failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigurationError(InferqError):
+    """The configuration is invalid; check the INFERQ_* environment variables."""
+
+
+class MigrationError(InferqError):
+    """The database schema could not be migrated."""
+
+
+class DatabaseBehind(MigrationError):
+    """The database schema is behind this version of inferq; run `inferq migrate`."""
+
+
+class ChecksumMismatch(MigrationError):
+    """An applied migration file was edited; migrations are forward-only, add a new file."""
+
+
+class TaskError(InferqError):
+    """The task operation failed."""
+
+    def __init__(self, message: str | None = None, *, task: Task | None = None) -> None:
+        super().__init__(message)
+        self.task = task
+
+
+class TaskNotFound(TaskError):
+    """No such task."""
+
+
+class InvalidTransition(TaskError):
+    """The task is not in a state that allows this operation."""
+
+
+class LeaseLost(TaskError):
+    """This worker no longer holds the task (stale attempt, reverted, or claimed elsewhere)."""
+
+
+class IdempotencyConflict(TaskError):
+    """The Idempotency-Key was already used for a different request."""
+
+
+class UnknownModel(InferqError):
+    """The model is not in the LLM registry; list models with GET /v1/models."""
+
+
+class SessionNotFound(InferqError):
+    """The worker session does not exist or expired; bind again."""
+
+
+class WaitTimeout(TaskError):
+    """The task did not finish before the deadline."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled."""
+
+
+class TaskFailed(TaskError):
+    """The task failed."""
+
+
+class LimitExceeded(InferqError):
+    """A limit was exceeded; retry later."""
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def context(**values: Any) -> str:
+    """Render key=value pairs for an error message."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())

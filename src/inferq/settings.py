@@ -1,0 +1,67 @@
+"""Settings(BaseSettings): every knob of a replica, read from INFERQ_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "inferq"
+
+
+class Settings(BaseSettings):
+    """Configuration of one inferq process. Each field is ``INFERQ_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    # Database. With no database_url, `inferq serve` starts a private PostgreSQL in data_dir.
+    database_url: str | None = None
+    # LISTEN needs a session-pooled connection: set this when database_url goes via PgBouncer.
+    listen_database_url: str | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    pool_min_size: int = Field(default=2, ge=1)
+    pool_max_size: int = Field(default=16, ge=1)
+    # PgBouncer before 1.21 in transaction mode cannot hold prepared statements.
+    prepared_statements: bool = True
+    statement_timeout_ms: int = Field(default=30_000, ge=0)
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Logs.
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Wakeups.
+    poll_only: bool = False  # no LISTEN at all: waiters rely on the safety poll
+    safety_poll_s: float = Field(default=5.0, gt=0)
+    listener_ping_s: float = Field(default=10.0, gt=0)
+    wake_batch_ms: float = Field(default=1.0, ge=0)
+    chunk_flush_ms: float = Field(default=10.0, ge=0)
+
+    # Leases and sessions (database time).
+    lease_s: float = Field(default=30.0, gt=0)
+    session_ttl_s: float = Field(default=30.0, gt=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    # Maintenance.
+    maintenance_interval_s: float = Field(default=5.0, gt=0)
+    pending_timeout_s: float = Field(default=3600.0, gt=0)
+    retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    chunk_retention_s: float = Field(default=300.0, ge=0)
+
+    # Limits.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_json_depth: int = Field(default=64, ge=2)
+    max_waits_per_token: int = Field(default=1000, ge=1)
+    max_pending_per_token: int = Field(default=10_000, ge=1)
+    max_wait_s: float = Field(default=600.0, gt=0)
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    cancel_on_disconnect: bool = True
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
