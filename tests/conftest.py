@@ -101,7 +101,9 @@ class _External:
 def template_dsn(pg_server: Any) -> str:
     """A database migrated once per session; tests clone it."""
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
     dsn = pg_server.dsn_for(TEMPLATE)
     Migrator(dsn).migrate()

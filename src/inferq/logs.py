@@ -9,9 +9,7 @@ from typing import Literal
 import structlog
 
 
-def configure_logging(
-    fmt: Literal["console", "json"] = "console", level: str = "info"
-) -> None:
+def configure_logging(fmt: Literal["console", "json"] = "console", level: str = "info") -> None:
     """Route structlog and the stdlib (uvicorn, psycopg) through one renderer on stderr."""
     renderer: structlog.types.Processor
     if fmt == "json":

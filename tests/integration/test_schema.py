@@ -36,8 +36,11 @@ def test_fresh_row_defaults_to_pending_with_empty_claim_fields(dsn: str) -> None
 
 
 def test_structured_bodies_round_trip(dsn: str) -> None:
-    body = {"messages": [{"role": "user", "content": "héllo ✓"}], "temperature": 0.5,
-            "nested": {"a": [1, 2, {"b": None}]}}
+    body = {
+        "messages": [{"role": "user", "content": "héllo ✓"}],
+        "temperature": 0.5,
+        "nested": {"a": [1, 2, {"b": None}]},
+    }
     with psycopg.connect(dsn, autocommit=True) as conn:
         task_id = insert(conn, request_body=Jsonb(body))
         conn.execute("UPDATE inferq.task SET status = 'claimed' WHERE id = %s", (task_id,))
@@ -67,9 +70,7 @@ def test_drain_returns_pending_rows_of_requested_pools_fifo(dsn: str) -> None:
         conn.execute("UPDATE inferq.task SET status = 'claimed' WHERE id = %s", (taken,))
         ids = [r[0] for r in conn.execute(DRAIN, (["p1"],)).fetchall()]
         both = {r[0] for r in conn.execute(DRAIN, (["p1", "p2"],)).fetchall()}
-        plan = "\n".join(
-            r[0] for r in conn.execute("EXPLAIN " + DRAIN, (["p1"],)).fetchall()
-        )
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + DRAIN, (["p1"],)).fetchall())
     assert ids == [first, second, third]
     assert both == {first, second, third, other_pool}
     assert "task_pending_drain_idx" in plan or "Seq Scan" in plan  # tiny table: either is fine
@@ -131,9 +132,11 @@ def test_agent_id_is_nullable(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         without = insert(conn)
         with_agent = insert(conn, agent_id="agent-7")
-        rows = dict(conn.execute(
-            "SELECT id, agent_id FROM inferq.task WHERE id = ANY(%s)", ([without, with_agent],)
-        ).fetchall())
+        rows = dict(
+            conn.execute(
+                "SELECT id, agent_id FROM inferq.task WHERE id = ANY(%s)", ([without, with_agent],)
+            ).fetchall()
+        )
     assert rows == {without: None, with_agent: "agent-7"}
 
 

@@ -62,9 +62,7 @@ def test_terminal_rows_cannot_be_edited_at_all(dsn: str, status: TaskStatus) -> 
 
 
 def test_a_new_task_must_start_pending(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(
-        psycopg.DatabaseError
-    ):
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.DatabaseError):
         conn.execute(
             "INSERT INTO inferq.task (pool_name, request_body, owner_id, status) "
             "VALUES ('p', '{}', 'o', 'completed')"

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import orjson
-from psycopg_pool import AsyncConnectionPool
 
 from inferq.db import channels
+from inferq.db.pool import Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +95,7 @@ def notification_payloads(last_seq: dict[tuple[UUID, int], int]) -> list[str]:
 class ChunkRepository:
     """Appends and reads token deltas."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
     async def append(self, chunks: Sequence[ChunkIn]) -> AppendResult:

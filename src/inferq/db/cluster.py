@@ -96,8 +96,18 @@ class PrivateCluster:
             self.directory.chmod(0o755)
         if (self.datadir / "PG_VERSION").exists():
             return
-        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the server (idempotent) and wait until it accepts connections."""
@@ -112,15 +122,30 @@ class PrivateCluster:
             **self.settings,
         }
         opts = " ".join(f"-c {k}={v}" for k, v in options.items())
-        self._run("pg_ctl", "-D", str(self.datadir), "-o", opts, "-l",
-                  str(self.directory / "server.log"), "-w", "-t", str(int(timeout_s)), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-o",
+            opts,
+            "-l",
+            str(self.directory / "server.log"),
+            "-w",
+            "-t",
+            str(int(timeout_s)),
+            "start",
+        )
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port),
-                         check=False).returncode == 0:
+            if (
+                self._run(
+                    "pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False
+                ).returncode
+                == 0
+            ):
                 return
             time.sleep(0.05)
         raise ConfigurationError(f"PostgreSQL in {self.datadir} did not start; see server.log")

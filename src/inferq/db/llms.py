@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
+from psycopg import sql
 from psycopg.rows import class_row
-from psycopg_pool import AsyncConnectionPool
 
+from inferq.db.pool import Pool
 from inferq.errors import UnknownModel
 
 
@@ -21,24 +21,27 @@ class Llm:
     created_at: datetime
 
 
-_COLUMNS = "name, pool_name, model, tier, created_at"
+_COLUMNS = sql.SQL("name, pool_name, model, tier, created_at")
 
 
 class LlmRepository:
     """Adds, resolves, lists and removes registry entries."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
-    async def put(self, name: str, pool_name: str, model: str | None = None,
-                  tier: str = "standard") -> Llm:
+    async def put(
+        self, name: str, pool_name: str, model: str | None = None, tier: str = "standard"
+    ) -> Llm:
         """Add or replace an entry; queued tasks keep the routing they were enqueued with."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
             await cur.execute(
-                f"INSERT INTO inferq.llm (name, pool_name, model, tier) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET pool_name = excluded.pool_name, "
-                f"model = excluded.model, tier = excluded.tier RETURNING {_COLUMNS}",
+                sql.SQL(
+                    "INSERT INTO inferq.llm (name, pool_name, model, tier) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET pool_name = excluded.pool_name, "
+                    "model = excluded.model, tier = excluded.tier RETURNING {}"
+                ).format(_COLUMNS),
                 (name, pool_name, model or name, tier),
             )
             llm = await cur.fetchone()
@@ -49,16 +52,18 @@ class LlmRepository:
         """The entry named ``name``; raises UnknownModel."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
-            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.llm WHERE name = %s", (name,))
+            await cur.execute(
+                sql.SQL("SELECT {} FROM inferq.llm WHERE name = %s").format(_COLUMNS), (name,)
+            )
             llm = await cur.fetchone()
         if llm is None:
             raise UnknownModel(f"model {name!r} does not exist; list models with GET /v1/models")
         return llm
 
-    async def list(self) -> list[Llm]:
+    async def all(self) -> list[Llm]:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
-            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.llm ORDER BY name")
+            await cur.execute(sql.SQL("SELECT {} FROM inferq.llm ORDER BY name").format(_COLUMNS))
             return await cur.fetchall()
 
     async def remove(self, name: str) -> bool:

@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import LiteralString, cast
 
 import psycopg
 import structlog
@@ -109,7 +108,7 @@ class Migrator:
                         log.info("migration_applying", version=m.version, name=m.name)
                         # The file holds its own BEGIN/COMMIT and records itself, exactly as
                         # when a DBA runs it with psql; so no parameters here (simple protocol).
-                        conn.execute(cast(LiteralString, m.text))
+                        conn.execute(m.text.encode())
                         applied_now.append(m)
                     if applied.get(m.version) is None:
                         conn.execute(
@@ -125,7 +124,7 @@ class Migrator:
         if not exists or exists[0] is None:
             return {}
         rows = conn.execute("SELECT version, checksum FROM inferq.schema_migration").fetchall()
-        return {cast(int, v): cast("str | None", c) for v, c in rows}
+        return {int(str(v)): (None if c is None else str(c)) for v, c in rows}
 
     @staticmethod
     def _refuse_edited(states: list[MigrationState]) -> None:

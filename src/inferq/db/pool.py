@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from inferq.settings import Settings
+
+Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -20,7 +23,7 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-def create_pool(settings: Settings, dsn: str | None = None) -> AsyncConnectionPool[Any]:
+def create_pool(settings: Settings, dsn: str | None = None) -> Pool:
     """A closed pool for ``dsn`` (default: settings.database_url); the caller opens it.
 
     Connections are in autocommit: a guarded single-statement write costs one round trip,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from psycopg import sql
 from psycopg.rows import BaseRowFactory, RowMaker
 
 from inferq.domain.task import TASK_COLUMNS, Task, TaskStatus
 
 # The column list every task query returns, in Task's field order.
-TASK_SELECT = ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+TASK_SELECT = sql.SQL(", ").join(sql.Identifier("t", c) for c in TASK_COLUMNS)
 
 
 def task_row(cursor: Any) -> RowMaker[Task]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
+from psycopg import sql
 from psycopg.rows import class_row
-from psycopg_pool import AsyncConnectionPool
 
+from inferq.db.pool import Pool
 from inferq.db.rows import TASK_SELECT, task_row
 from inferq.db.tasks import _REVERT_SET
 from inferq.domain.task import Task
@@ -38,22 +38,30 @@ class Heartbeat:
     lost: list[UUID]  # reported, but no longer held (reverted, failed by the rescuer, ...)
 
 
-_SESSION_COLUMNS = "id, owner_id, name, pools, capacity, created_at, last_seen_at, expires_at"
+_SESSION_COLUMNS = sql.SQL(
+    "id, owner_id, name, pools, capacity, created_at, last_seen_at, expires_at"
+)
 
-BIND = f"""
+BIND = sql.SQL(
+    """
 INSERT INTO inferq.worker_session (owner_id, name, pools, capacity, expires_at)
 VALUES (%(owner)s, %(name)s, %(pools)s, %(capacity)s, now() + make_interval(secs => %(ttl_s)s))
-RETURNING {_SESSION_COLUMNS}
+RETURNING {cols}
 """
+).format(cols=_SESSION_COLUMNS)
 
-GET = f"SELECT {_SESSION_COLUMNS} FROM inferq.worker_session WHERE id = %(id)s"
+GET = sql.SQL("SELECT {cols} FROM inferq.worker_session WHERE id = %(id)s").format(
+    cols=_SESSION_COLUMNS
+)
 
-TOUCH = f"""
+TOUCH = sql.SQL(
+    """
 UPDATE inferq.worker_session SET last_seen_at = now(),
     expires_at = now() + make_interval(secs => %(ttl_s)s)
 WHERE id = %(id)s AND expires_at > now()
-RETURNING {_SESSION_COLUMNS}
+RETURNING {cols}
 """
+).format(cols=_SESSION_COLUMNS)
 
 # One statement: extend the session and its leases, and say what happened to the tasks the
 # worker believes it holds but the database no longer gives it.
@@ -83,22 +91,25 @@ WHERE NOT EXISTS (SELECT 1 FROM inferq.task t WHERE t.id = r.id)
 
 UNBIND = "DELETE FROM inferq.worker_session WHERE id = %(id)s"
 
-REAP = f"""
+REAP = sql.SQL(
+    """
 WITH dead AS (
     DELETE FROM inferq.worker_session
     WHERE expires_at < coalesce(%(now)s::timestamptz, now())
     RETURNING id
 )
-UPDATE inferq.task t {_REVERT_SET}
+UPDATE inferq.task t {revert_set}
 FROM dead
 WHERE t.claimed_by = dead.id AND t.status IN ('claimed', 'running')
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+
 
 class WorkerSessionRepository:
     """Worker sessions over a pool of autocommit connections."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
     async def bind(
@@ -137,7 +148,9 @@ class WorkerSessionRepository:
                 await cur.execute(TOUCH, {"id": session_id, "ttl_s": touch_ttl_s})
             session = await cur.fetchone()
         if session is None:
-            raise SessionNotFound(f"worker session {session_id} does not exist or expired; bind again")
+            raise SessionNotFound(
+                f"worker session {session_id} does not exist or expired; bind again"
+            )
         return session
 
     async def heartbeat(
@@ -154,7 +167,9 @@ class WorkerSessionRepository:
             )
             rows = await cur.fetchall()
         if not any(r[0] == "session" for r in rows):
-            raise SessionNotFound(f"worker session {session_id} does not exist or expired; bind again")
+            raise SessionNotFound(
+                f"worker session {session_id} does not exist or expired; bind again"
+            )
         held = {r[1]: r[2] for r in rows if r[0] == "held"}
         return Heartbeat(
             held,

@@ -10,9 +10,10 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
+from inferq.db.pool import Pool
 from inferq.db.rows import TASK_SELECT, task_row
 from inferq.domain.task import HELD, Task, TaskStatus
 from inferq.errors import (
@@ -24,25 +25,34 @@ from inferq.errors import (
 
 _HELD = [s.value for s in HELD]
 
-ENQUEUE = f"""
+ENQUEUE = sql.SQL(
+    """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
                               owner_id, agent_id, priority, max_attempts, idempotency_key)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
         %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s)
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT)
 
-GET_BY_KEY = f"""
-SELECT {TASK_SELECT} FROM inferq.task t WHERE t.owner_id = %(owner)s AND t.idempotency_key = %(key)s
+GET_BY_KEY = sql.SQL(
+    """
+SELECT {task_select} FROM inferq.task t WHERE t.owner_id = %(owner)s AND t.idempotency_key = %(key)s
 """
+).format(task_select=TASK_SELECT)
 
-GET = f"SELECT {TASK_SELECT} FROM inferq.task t WHERE t.id = %(id)s"
-GET_OWNED = GET + " AND t.owner_id = %(owner)s"
-GET_MANY = f"SELECT {TASK_SELECT} FROM inferq.task t WHERE t.id = ANY(%(ids)s)"
+GET = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = %(id)s").format(
+    task_select=TASK_SELECT
+)
+GET_OWNED = GET + sql.SQL(" AND t.owner_id = %(owner)s")
+GET_MANY = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = ANY(%(ids)s)").format(
+    task_select=TASK_SELECT
+)
 
-LIST = f"""
-SELECT {TASK_SELECT} FROM inferq.task t
+LIST = sql.SQL(
+    """
+SELECT {task_select} FROM inferq.task t
 WHERE t.owner_id = %(owner)s
   AND (%(status)s::inferq.task_status[] IS NULL OR t.status = ANY(%(status)s))
   AND (%(agent)s::text IS NULL OR t.agent_id = %(agent)s)
@@ -51,9 +61,11 @@ WHERE t.owner_id = %(owner)s
 ORDER BY t.created_at DESC, t.id DESC
 LIMIT %(limit)s
 """
+).format(task_select=TASK_SELECT)
 
 # SKIP LOCKED: racing claimers each take different rows and never wait on each other.
-CLAIM = f"""
+CLAIM = sql.SQL(
+    """
 WITH picked AS (
     SELECT id FROM inferq.task
     WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
@@ -65,56 +77,71 @@ UPDATE inferq.task t
 SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = t.attempt + 1,
     lease_expires_at = now() + make_interval(secs => %(lease_s)s)
 FROM picked WHERE t.id = picked.id
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT)
 
-FIND_PENDING = f"""
-SELECT {TASK_SELECT} FROM inferq.task t
+FIND_PENDING = sql.SQL(
+    """
+SELECT {task_select} FROM inferq.task t
 WHERE t.status = 'pending' AND t.pool_name = ANY(%(pools)s)
 ORDER BY t.priority DESC, t.created_at, t.id
 LIMIT %(limit)s
 """
+).format(task_select=TASK_SELECT)
 
-HELD_BY_SESSION = f"""
-SELECT {TASK_SELECT} FROM inferq.task t
+HELD_BY_SESSION = sql.SQL(
+    """
+SELECT {task_select} FROM inferq.task t
 WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
 ORDER BY t.claimed_at
 """
+).format(task_select=TASK_SELECT)
 
 # The guard every worker write shares: this session holds this attempt of the task.
-_HOLDS = "t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s"
+_HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s")
 
-START = f"""
+START = sql.SQL(
+    """
 UPDATE inferq.task t SET status = 'running', stream_started_at = now()
-WHERE {_HOLDS} AND t.status = 'claimed'
-RETURNING {TASK_SELECT}
+WHERE {holds} AND t.status = 'claimed'
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, holds=_HOLDS)
 
-COMPLETE = f"""
+COMPLETE = sql.SQL(
+    """
 UPDATE inferq.task t
 SET status = 'completed', response_body = %(body)s, completed_at = now(), lease_expires_at = NULL
-WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
-RETURNING {TASK_SELECT}
+WHERE {holds} AND t.status IN ('claimed', 'running')
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, holds=_HOLDS)
 
-FAIL = f"""
+FAIL = sql.SQL(
+    """
 UPDATE inferq.task t
 SET status = 'error', error_message = %(message)s, completed_at = now(), lease_expires_at = NULL
-WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
-RETURNING {TASK_SELECT}
+WHERE {holds} AND t.status IN ('claimed', 'running')
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, holds=_HOLDS)
 
-CANCEL = f"""
+CANCEL = sql.SQL(
+    """
 UPDATE inferq.task t
 SET status = 'cancelled', completed_at = now(), lease_expires_at = NULL,
     error_message = coalesce(%(reason)s, 'cancelled by the client')
 WHERE t.id = %(id)s AND t.owner_id = %(owner)s AND t.status IN ('pending', 'claimed', 'running')
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT)
 
 # A task whose attempts are used up ends in error instead of going back to pending.
-_REVERT_SET = """
-SET status = CASE WHEN t.attempt >= t.max_attempts THEN 'error' ELSE 'pending' END::inferq.task_status,
+_REVERT_SET = sql.SQL(
+    """
+SET status = (CASE WHEN t.attempt >= t.max_attempts THEN 'error' ELSE 'pending' END
+              )::inferq.task_status,
     error_message = CASE WHEN t.attempt >= t.max_attempts
         THEN format('the worker was lost %%s times (max_attempts=%%s): %%s',
                     t.attempt, t.max_attempts, %(reason)s::text)
@@ -122,25 +149,32 @@ SET status = CASE WHEN t.attempt >= t.max_attempts THEN 'error' ELSE 'pending' E
     completed_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
     claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, stream_started_at = NULL
 """
+)
 
-REVERT_SESSION = f"""
-UPDATE inferq.task t {_REVERT_SET}
+REVERT_SESSION = sql.SQL(
+    """
+UPDATE inferq.task t {revert_set}
 WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
 
-REVERT_ONE = f"""
-UPDATE inferq.task t {_REVERT_SET}
-WHERE {_HOLDS} AND t.status IN ('claimed', 'running')
-RETURNING {TASK_SELECT}
+REVERT_ONE = sql.SQL(
+    """
+UPDATE inferq.task t {revert_set}
+WHERE {holds} AND t.status IN ('claimed', 'running')
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, holds=_HOLDS, revert_set=_REVERT_SET)
 
-REVERT_EXPIRED = f"""
-UPDATE inferq.task t {_REVERT_SET}
+REVERT_EXPIRED = sql.SQL(
+    """
+UPDATE inferq.task t {revert_set}
 WHERE t.status IN ('claimed', 'running')
   AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now())
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
 
 EXTEND_LEASES = """
 UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
@@ -148,20 +182,23 @@ WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
 RETURNING t.id, t.attempt
 """
 
-GC_PENDING = f"""
+GC_PENDING = sql.SQL(
+    """
 UPDATE inferq.task t
 SET status = 'error', completed_at = coalesce(%(now)s::timestamptz, now()),
     error_message = format('not claimed within %%s s (INFERQ_PENDING_TIMEOUT_S): '
                            'no worker served pool %%s in time', %(timeout_s)s, t.pool_name)
 WHERE t.status = 'pending'
   AND t.created_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(timeout_s)s)
-RETURNING {TASK_SELECT}
+RETURNING {task_select}
 """
+).format(task_select=TASK_SELECT)
 
 GC_DELETE = """
 DELETE FROM inferq.task t
 WHERE t.status IN ('completed', 'error', 'cancelled')
-  AND t.completed_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(retention_s)s)
+  AND t.completed_at < coalesce(%(now)s::timestamptz, now())
+                       - make_interval(secs => %(retention_s)s)
 """
 
 
@@ -206,7 +243,7 @@ class TaskRepository:
     error that carries the task's current state.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
@@ -284,7 +321,7 @@ class TaskRepository:
         """The tasks among ``task_ids`` that exist, in one statement."""
         return await self._all(GET_MANY, {"ids": list(task_ids)})
 
-    async def list(
+    async def list_tasks(
         self,
         owner_id: str,
         *,

@@ -7,13 +7,14 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 from uuid import UUID
 
+from psycopg import sql
 from psycopg.rows import class_row
-from psycopg_pool import AsyncConnectionPool
 
 from inferq.db import channels
+from inferq.db.pool import Pool
 
 Role = Literal["client", "worker", "admin"]
 TOKEN_PREFIX = "iq_"
@@ -33,7 +34,7 @@ class ApiToken:
         return self.pools is None or pool in self.pools
 
 
-_COLUMNS = "id, owner_id, role, pools, label, created_at, revoked_at"
+_COLUMNS = sql.SQL("id, owner_id, role, pools, label, created_at, revoked_at")
 
 
 def hash_token(secret: str) -> bytes:
@@ -47,7 +48,7 @@ def new_secret() -> str:
 class TokenRepository:
     """Creates, finds and revokes API tokens."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
     async def create(
@@ -63,8 +64,10 @@ class TokenRepository:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
             await cur.execute(
-                f"INSERT INTO inferq.api_token (token_hash, owner_id, role, pools, label) "
-                f"VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                sql.SQL(
+                    "INSERT INTO inferq.api_token (token_hash, owner_id, role, pools, label) "
+                    "VALUES (%s, %s, %s, %s, %s) RETURNING {}"
+                ).format(_COLUMNS),
                 (hash_token(secret), owner_id, role, list(pools) if pools else None, label),
             )
             token = await cur.fetchone()
@@ -76,16 +79,19 @@ class TokenRepository:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
             await cur.execute(
-                f"SELECT {_COLUMNS} FROM inferq.api_token "
-                "WHERE token_hash = %s AND revoked_at IS NULL",
+                sql.SQL(
+                    "SELECT {} FROM inferq.api_token WHERE token_hash = %s AND revoked_at IS NULL"
+                ).format(_COLUMNS),
                 (hash_token(secret),),
             )
             return await cur.fetchone()
 
-    async def list(self) -> list[ApiToken]:
+    async def all(self) -> list[ApiToken]:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
-            await cur.execute(f"SELECT {_COLUMNS} FROM inferq.api_token ORDER BY created_at")
+            await cur.execute(
+                sql.SQL("SELECT {} FROM inferq.api_token ORDER BY created_at").format(_COLUMNS)
+            )
             return await cur.fetchall()
 
     async def revoke(self, token_id: UUID) -> bool:

@@ -1,0 +1,196 @@
+"""Wire schemas of the v1 protocol (docs/protocol.md), shared by the daemon and the worker SDK.
+
+Imports only pydantic, so a worker installs without the server's packages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PoolName = str
+JsonValue = Any
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Lenient(BaseModel):
+    """Answers may grow fields; clients ignore what they do not know."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class ErrorBody(_Lenient):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+    task: dict[str, Any] | None = None
+
+
+class ErrorResponse(_Lenient):
+    error: ErrorBody
+
+
+# -- client, native ---------------------------------------------------------------------------
+
+
+class SubmitRequest(_Wire):
+    model: str | None = Field(default=None, max_length=200)
+    llm: str | None = Field(default=None, max_length=200)
+    pool: PoolName | None = Field(default=None, max_length=63)
+    request: dict[str, JsonValue]
+    streaming: bool = False
+    agent_id: str | None = Field(default=None, max_length=200)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+
+
+class TaskOut(_Lenient):
+    id: UUID
+    status: Literal["pending", "claimed", "running", "completed", "error", "cancelled"]
+    pool: str
+    llm: str | None = None
+    model: str | None = None
+    tier: str | None = None
+    streaming: bool = False
+    request: JsonValue = None
+    response: JsonValue = None
+    error: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    priority: int = 0
+    agent_id: str | None = None
+    created_at: datetime
+    claimed_at: datetime | None = None
+    stream_started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class TaskPage(_Lenient):
+    data: list[TaskOut]
+    next_cursor: str | None = None
+
+
+# -- worker -----------------------------------------------------------------------------------
+
+
+class BindRequest(_Wire):
+    pools: list[PoolName] = Field(min_length=1, max_length=64)
+    capacity: int = Field(default=1, ge=1, le=10_000)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class WorkerTask(_Lenient):
+    id: UUID
+    attempt: int
+    pool: str
+    llm: str | None = None
+    model: str | None = None
+    streaming: bool = False
+    request: dict[str, JsonValue]
+    priority: int = 0
+    lease_expires_at: datetime | None = None
+
+
+class BindResponse(_Lenient):
+    session_id: UUID
+    pools: list[str]
+    capacity: int
+    lease_s: float
+    heartbeat_s: float
+    tasks: list[WorkerTask] = []
+
+
+class ClaimRequest(_Wire):
+    max_tasks: int = Field(default=1, ge=1, le=1000)
+    wait_s: float = Field(default=30.0, ge=0, le=600)
+
+
+class ClaimResponse(_Lenient):
+    tasks: list[WorkerTask]
+
+
+class HeartbeatRequest(_Wire):
+    tasks: list[UUID] = Field(default_factory=list, max_length=10_000)
+
+
+class HeartbeatResponse(_Lenient):
+    cancelled: list[UUID]
+    lost: list[UUID]
+    lease_s: float
+    heartbeat_s: float
+
+
+class UnbindResponse(_Lenient):
+    released: int
+
+
+class Holder(_Wire):
+    session_id: UUID
+    attempt: int = Field(ge=1)
+
+
+class ChunkItem(_Wire):
+    seq: int = Field(ge=1)
+    data: JsonValue
+
+
+class ChunksRequest(Holder):
+    chunks: list[ChunkItem] = Field(min_length=1, max_length=10_000)
+
+
+class ChunksResponse(_Lenient):
+    last_seq: int
+
+
+class CompleteRequest(Holder):
+    response: JsonValue
+
+
+class FailRequest(Holder):
+    message: str = Field(min_length=1, max_length=100_000)
+
+
+# -- admin ------------------------------------------------------------------------------------
+
+
+class LlmIn(_Wire):
+    name: str = Field(min_length=1, max_length=200)
+    pool: PoolName = Field(min_length=1, max_length=63)
+    model: str | None = Field(default=None, max_length=200)
+    tier: str = Field(default="standard", max_length=64)
+
+
+class LlmOut(_Lenient):
+    name: str
+    pool: str
+    model: str
+    tier: str
+    created_at: datetime
+
+
+class TokenIn(_Wire):
+    owner: str = Field(min_length=1, max_length=200)
+    role: Literal["client", "worker", "admin"] = "client"
+    pools: list[PoolName] | None = None
+    label: str | None = Field(default=None, max_length=200)
+
+
+class TokenOut(_Lenient):
+    id: UUID
+    owner: str
+    role: str
+    pools: list[str] | None = None
+    label: str | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+    secret: str | None = None  # only in the answer to a create
