@@ -1,0 +1,136 @@
+"""ChunkRelay: buffers workers' chunk posts of all tasks and stores them once per flush window.
+
+Design decisions:
+
+- A notifying commit takes a cluster-wide lock, so chunks are never written one post at a time:
+  every post of every task that arrives within ``settings.chunk_flush_ms`` of the first one goes
+  into ONE ``ChunkRepository.append`` (one transaction, one CHUNK notification per payload).
+- One flush runs at a time; posts arriving during a flush fill the next buffer, so under load the
+  batch grows with the commit latency instead of commits piling up.
+- Each post awaits its flush: the worker's 200 means "stored and announced", which is what makes
+  a later ``complete`` safe (its chunks are readable before the terminal status is).
+- A post whose task the worker no longer holds (stale attempt, reverted, cancelled) gets
+  LeaseLost carrying the current task; a database error fails every post of that batch (the
+  worker retries; repeated (task, attempt, seq) are ignored by the append).
+- ``stop()`` flushes what is buffered before returning; posts after stop are written directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import structlog
+
+from inferq.db.chunks import AppendResult, ChunkIn, ChunkRepository
+from inferq.db.pool import Pool
+from inferq.db.tasks import TaskRepository
+from inferq.errors import LeaseLost
+from inferq.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Post:
+    task_id: UUID
+    chunks: list[ChunkIn]
+    done: asyncio.Future[int]
+
+
+class ChunkRelay:
+    """One per replica; post() from any request handler, stop() on shutdown."""
+
+    def __init__(self, pool: Pool, settings: Settings) -> None:
+        self.chunks = ChunkRepository(pool)
+        self.tasks = TaskRepository(pool)
+        self.flush_s = settings.chunk_flush_ms / 1000
+        self._buffer: list[_Post] = []
+        self._has_posts = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._stopped = False
+        self.flushes = 0
+        self.chunks_stored = 0
+
+    async def post(
+        self, task_id: UUID, session_id: UUID, attempt: int, chunks: Sequence[tuple[int, str]]
+    ) -> int:
+        """Queue (seq, data) chunks for the next flush; the task's last stored seq once it
+        committed. Raises LeaseLost when ``session_id`` does not hold ``attempt``."""
+        rows = [ChunkIn(task_id, session_id, attempt, seq, data) for seq, data in chunks]
+        post = _Post(task_id, rows, asyncio.get_running_loop().create_future())
+        if self._stopped:
+            await self._write([post])
+        else:
+            self._ensure_flusher()
+            self._buffer.append(post)
+            self._has_posts.set()
+        return await post.done
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="inferq-chunk-relay")
+
+    async def stop(self) -> None:
+        """Flush what is buffered and stop the flusher."""
+        self._stopped = True
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            try:
+                await flusher
+            except asyncio.CancelledError:
+                pass
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            await self._write(batch)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._has_posts.wait()
+            # The window starts at the first buffered post: everything arriving within it
+            # shares one commit.
+            if self.flush_s > 0:
+                await asyncio.sleep(self.flush_s)
+            batch, self._buffer = self._buffer, []
+            self._has_posts.clear()
+            if batch:
+                # A cancel (stop) waits for this write: it must not lose posts in flight.
+                await asyncio.shield(self._write(batch))
+
+    async def _write(self, batch: list[_Post]) -> None:
+        rows = [row for post in batch for row in post.chunks]
+        try:
+            result = await self.chunks.append(rows)
+        except Exception as exc:
+            log.warning("chunk_flush_failed", posts=len(batch), chunks=len(rows), error=str(exc))
+            for post in batch:
+                if not post.done.done():
+                    post.done.set_exception(exc)
+            return
+        self.flushes += 1
+        self.chunks_stored += len(rows)
+        await self._resolve(batch, result)
+
+    async def _resolve(self, batch: list[_Post], result: AppendResult) -> None:
+        current = {}
+        if result.rejected:
+            current = {t.id: t for t in await self.tasks.get_many(list(result.rejected))}
+        for post in batch:
+            if post.done.done():
+                continue
+            if post.task_id in result.last_seq:
+                post.done.set_result(result.last_seq[post.task_id])
+                continue
+            task = current.get(post.task_id)
+            attempt = post.chunks[0].attempt if post.chunks else 0
+            state = f"; the task is {task.status} at attempt {task.attempt}" if task else ""
+            post.done.set_exception(
+                LeaseLost(
+                    f"task {post.task_id} is no longer held by this worker "
+                    f"(attempt {attempt}{state})",
+                    task=task,
+                )
+            )

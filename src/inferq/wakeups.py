@@ -1,0 +1,229 @@
+"""Hub: the in-process fan-out of database hints to waiters keyed by task id and by pool.
+
+Design decisions (imports no psycopg; the Listener feeds it, the TaskService consumes it):
+
+- A ``Waiter`` is a flag, not a queue. A wake only says "re-read the database" (NOTIFY is a
+  hint, never the message), so repeated wakes fold into one set of ``flags`` and one pending
+  future. That is this module's answer to "bounded per-subscriber buffers": every subscriber's
+  buffer is one integer. A slow waiter can never stall the dispatcher (waking is O(1) and never
+  awaits) nor grow memory, and when it finally runs it re-reads the row and the chunks after the
+  last seq it delivered, so it catches up from the database exactly like an overflowing
+  subscriber would.
+- ``resync_all()`` wakes every waiter with every flag set; the Listener calls it after each
+  (re)connect and re-LISTEN, because notifications sent while it was away are gone for good.
+- ``Batcher`` coalesces the re-reads of all waiters woken in one window into one call of a batch
+  function (one ``WHERE id = ANY(...)``). When no batch is in flight the next one starts on the
+  next loop turn (every waiter woken by the same notification joins it); while batches are in
+  flight new keys wait up to ``window_s`` so a storm of wakes becomes a few large statements
+  instead of thousands of small ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+from uuid import UUID
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# What woke a waiter; a waiter re-reads only what its flags name.
+TASK_CHANGED = 1  # the task row changed status (or the waiter must resync)
+CHUNKS_ADDED = 2  # new chunks were stored for the task
+POOL_WORK = 4  # a task became pending in one of the pools
+EVERYTHING = TASK_CHANGED | CHUNKS_ADDED | POOL_WORK
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class Waiter:
+    """A level-triggered wake flag for one waiting coroutine."""
+
+    __slots__ = ("_fut", "flags", "key")
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.flags = 0
+        self._fut: asyncio.Future[bool] | None = None
+
+    def wake(self, flags: int = EVERYTHING) -> None:
+        """Record why the waiter must re-read and resume it; never blocks, never queues."""
+        self.flags |= flags
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Sleep until woken or ``timeout_s``; True when woken (at once if flags are set)."""
+        if self.flags:
+            return True
+        if timeout_s <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._fut = fut
+        # call_later plus one future is lighter than asyncio.timeout() for 10,000 waiters.
+        handle = loop.call_later(timeout_s, _expire, fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._fut = None
+
+    def take(self) -> int:
+        """The flags accumulated since the last take, cleared (call before re-reading)."""
+        flags, self.flags = self.flags, 0
+        return flags
+
+
+class Hub:
+    """Waiters keyed by task id and by pool name; the only mutable state of the fan-out."""
+
+    def __init__(self) -> None:
+        self._by_task: dict[UUID, set[Waiter]] = {}
+        self._by_pool: dict[str, set[Waiter]] = {}
+        self.wakes = 0  # waiters woken (a counter for /metrics)
+
+    @property
+    def waiter_count(self) -> int:
+        return sum(len(ws) for ws in self._by_task.values()) + sum(
+            len(ws) for ws in self._by_pool.values()
+        )
+
+    @contextmanager
+    def watch_task(self, task_id: UUID) -> Iterator[Waiter]:
+        """Register a waiter for ``task_id`` for the duration of the block."""
+        waiter = Waiter(task_id)
+        self._by_task.setdefault(task_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            self._discard(self._by_task, task_id, waiter)
+
+    @contextmanager
+    def watch_pools(self, pools: Iterable[str]) -> Iterator[Waiter]:
+        """Register one waiter woken when work becomes pending in any of ``pools``."""
+        names = tuple(dict.fromkeys(pools))
+        waiter = Waiter(names)
+        for name in names:
+            self._by_pool.setdefault(name, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            for name in names:
+                self._discard(self._by_pool, name, waiter)
+
+    @staticmethod
+    def _discard(index: dict[str, set[Waiter]] | dict[UUID, set[Waiter]], key: object,
+                 waiter: Waiter) -> None:
+        waiters = index.get(key)  # type: ignore[call-overload]
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del index[key]  # type: ignore[arg-type]
+
+    def task_changed(self, task_id: UUID, status: str, pool: str | None) -> None:
+        """A task's status changed: wake its waiters, and its pool's when it became pending."""
+        self._wake(self._by_task.get(task_id), TASK_CHANGED)
+        if status == "pending" and pool is not None:
+            self._wake(self._by_pool.get(pool), POOL_WORK)
+
+    def chunks_added(self, task_id: UUID) -> None:
+        """Chunks were stored for a task: wake its waiters."""
+        self._wake(self._by_task.get(task_id), CHUNKS_ADDED)
+
+    def resync_all(self) -> None:
+        """Wake every waiter to re-read everything (after a reconnect or on demand)."""
+        count = 0
+        for index in (self._by_task, self._by_pool):
+            for waiters in list(index.values()):
+                count += len(waiters)
+                self._wake(waiters, EVERYTHING)
+        log.info("waiters_resynced", waiters=count)
+
+    def _wake(self, waiters: set[Waiter] | None, flags: int) -> None:
+        if waiters:
+            self.wakes += len(waiters)
+            for waiter in waiters:
+                waiter.wake(flags)
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Batcher(Generic[K, V]):
+    """Coalesces ``load(key)`` calls into one ``fetch(keys)`` call per short window.
+
+    ``fetch`` returns a mapping from key to value; a key it leaves out loads as None. A failing
+    fetch fails every load of its batch.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[Sequence[K]], Awaitable[dict[K, V]]],
+        *,
+        window_s: float,
+        max_batch: int = 5000,
+    ) -> None:
+        self._fetch = fetch
+        self._window_s = window_s
+        self._max_batch = max_batch
+        self._pending: dict[K, asyncio.Future[V | None]] = {}
+        self._scheduled: asyncio.Handle | None = None
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+
+    async def load(self, key: K) -> V | None:
+        """The value for ``key`` from the next batch (shared with concurrent loads of it)."""
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[key] = fut
+            self._schedule()
+        # A shield: one cancelled caller must not fail the others waiting for the same key.
+        return await asyncio.shield(fut)
+
+    def _schedule(self) -> None:
+        if self._scheduled is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._in_flight == 0 or len(self._pending) >= self._max_batch:
+            self._scheduled = loop.call_soon(self._start)
+        else:
+            self._scheduled = loop.call_later(self._window_s, self._start)
+
+    def _start(self) -> None:
+        self._scheduled = None
+        while self._pending:
+            keys = list(self._pending)[: self._max_batch]
+            batch = {k: self._pending.pop(k) for k in keys}
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: dict[K, asyncio.Future[V | None]]) -> None:
+        self.batches += 1
+        try:
+            values = await self._fetch(list(batch))
+        except BaseException as exc:
+            for fut in batch.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved here: a shielded caller may be gone
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+        for key, fut in batch.items():
+            if not fut.done():
+                fut.set_result(values.get(key))

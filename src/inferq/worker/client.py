@@ -1,0 +1,202 @@
+"""WorkerClient: a thin async HTTP client for the worker routes of docs/protocol.md.
+
+Error answers become the exceptions of ``inferq.worker.errors``. Replicas sit behind a load
+balancer, so a request that meets a connection error or a 502/503/504 (a replica that died or is
+draining) is sent again after a jittered exponential backoff, which lands it on the next replica;
+the session lives in the database, so it survives. Every worker write is safe to repeat: chunks
+are keyed by (attempt, seq), complete/fail are idempotent with the same payload, and a repeated
+start is recognised below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import httpx
+import structlog
+
+from inferq.wire import (
+    BindRequest,
+    BindResponse,
+    ChunkItem,
+    ChunksRequest,
+    ChunksResponse,
+    ClaimRequest,
+    ClaimResponse,
+    CompleteRequest,
+    FailRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Holder,
+    JsonValue,
+    TaskOut,
+    UnbindResponse,
+    WorkerTask,
+)
+from inferq.worker.errors import LeaseLostError, UnavailableError, WorkerApiError, error_for
+
+log = structlog.get_logger("inferq.worker")
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class WorkerClient:
+    """Calls the worker API of an inferq daemon with a worker token. Owns one httpx client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout_s: float = 30.0,
+        retry_budget_s: float = 120.0,
+        backoff_max_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.retry_budget_s = retry_budget_s
+        self.backoff_max_s = backoff_max_s
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "inferq-worker"},
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> WorkerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def bind(
+        self, pools: Sequence[str], capacity: int, name: str | None = None
+    ) -> BindResponse:
+        """Open a session for ``pools``; the answer carries pending work claimed at once."""
+        body = BindRequest(pools=list(pools), capacity=capacity, name=name)
+        return BindResponse.model_validate(await self._call("POST", "/v1/worker/sessions", body))
+
+    async def claim(self, session_id: UUID, max_tasks: int, wait_s: float) -> list[WorkerTask]:
+        """Long-poll for up to ``max_tasks`` tasks; an empty list at the deadline."""
+        body = ClaimRequest(max_tasks=max_tasks, wait_s=wait_s)
+        answer = await self._call(
+            "POST",
+            f"/v1/worker/sessions/{session_id}/claim",
+            body,
+            timeout_s=wait_s + self.timeout_s,
+        )
+        return ClaimResponse.model_validate(answer).tasks
+
+    async def heartbeat(self, session_id: UUID, tasks: Sequence[UUID]) -> HeartbeatResponse:
+        """Extend the session and the leases of ``tasks``; learn which were cancelled or lost.
+        Raises SessionNotFoundError when the session is gone (bind again)."""
+        body = HeartbeatRequest(tasks=list(tasks))
+        path = f"/v1/worker/sessions/{session_id}/heartbeat"
+        return HeartbeatResponse.model_validate(await self._call("POST", path, body))
+
+    async def unbind(self, session_id: UUID) -> int:
+        """Close the session; the daemon sends what it still held back to pending."""
+        answer = await self._call("DELETE", f"/v1/worker/sessions/{session_id}")
+        return UnbindResponse.model_validate(answer).released
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def start(self, task: WorkerTask, session_id: UUID) -> None:
+        """Mark the task running (claimed -> running). Raises LeaseLostError."""
+        body = Holder(session_id=session_id, attempt=task.attempt)
+        try:
+            await self._call("POST", f"/v1/worker/tasks/{task.id}/start", body)
+        except LeaseLostError as exc:
+            # A start repeated after a lost answer finds the task already running at our
+            # attempt; attempts only grow on revert, so nobody else can have started it.
+            current = exc.task or {}
+            if current.get("status") != "running" or current.get("attempt") != task.attempt:
+                raise
+
+    async def post_chunks(
+        self, task: WorkerTask, session_id: UUID, chunks: Sequence[tuple[int, JsonValue]]
+    ) -> int:
+        """Append ``(seq, data)`` chunks of this attempt; returns the last stored seq."""
+        body = ChunksRequest(
+            session_id=session_id,
+            attempt=task.attempt,
+            chunks=[ChunkItem(seq=seq, data=data) for seq, data in chunks],
+        )
+        answer = await self._call("POST", f"/v1/worker/tasks/{task.id}/chunks", body)
+        return ChunksResponse.model_validate(answer).last_seq
+
+    async def complete(self, task: WorkerTask, session_id: UUID, response: JsonValue) -> TaskOut:
+        """Store the final response; the task becomes completed."""
+        body = CompleteRequest(session_id=session_id, attempt=task.attempt, response=response)
+        answer = await self._call("POST", f"/v1/worker/tasks/{task.id}/complete", body)
+        return TaskOut.model_validate(answer)
+
+    async def fail(self, task: WorkerTask, session_id: UUID, message: str) -> TaskOut:
+        """End the task in error with ``message`` (shown to its client)."""
+        body = FailRequest(session_id=session_id, attempt=task.attempt, message=message)
+        answer = await self._call("POST", f"/v1/worker/tasks/{task.id}/fail", body)
+        return TaskOut.model_validate(answer)
+
+    async def release(self, task: WorkerTask, session_id: UUID) -> TaskOut:
+        """Give the task back: it returns to pending for another worker."""
+        body = Holder(session_id=session_id, attempt=task.attempt)
+        answer = await self._call("POST", f"/v1/worker/tasks/{task.id}/release", body)
+        return TaskOut.model_validate(answer)
+
+    # -- transport ----------------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None
+    ) -> Any:
+        """Send one request, retrying transient failures; the decoded JSON of a 2xx answer."""
+        payload = body.model_dump(mode="json") if body is not None else None
+        timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=min(self.timeout_s, 10.0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_budget_s
+        for attempt in range(1, 1_000_000):
+            retry_after: float | None = None
+            try:
+                resp = await self._http.request(method, path, json=payload, timeout=timeout)
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            else:
+                if resp.status_code < 400:
+                    return resp.json()
+                if resp.status_code not in RETRY_STATUSES:
+                    raise error_for(resp.status_code, _decode(resp))
+                problem = f"HTTP {resp.status_code}"
+                retry_after = _retry_after(resp)
+            delay = retry_after or random.uniform(0, min(self.backoff_max_s, 0.1 * 2**attempt))
+            if loop.time() + delay > deadline:
+                raise UnavailableError(
+                    f"inferq at {self._http.base_url} unavailable for {self.retry_budget_s:g}s "
+                    f"({method} {path}: {problem})",
+                    status=0,
+                )
+            log.warning("request_retried", method=method, path=path, problem=problem, delay_s=delay)
+            await asyncio.sleep(delay)
+        raise WorkerApiError("unreachable")  # pragma: no cover - the loop above always exits
+
+
+def _decode(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return min(float(resp.headers.get("Retry-After", "")), 30.0)
+    except ValueError:
+        return None

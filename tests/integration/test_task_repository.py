@@ -1,0 +1,273 @@
+"""TaskRepository: guarded transitions, the claim race, fencing, listings and GC."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from inferq.db.chunks import ChunkIn, ChunkRepository
+from inferq.db.pool import Pool
+from inferq.db.tasks import TaskRepository
+from inferq.domain.task import TaskStatus
+from inferq.errors import IdempotencyConflict, InvalidTransition, LeaseLost, TaskNotFound
+
+pytestmark = pytest.mark.db
+
+BODY = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def enqueue(repo: TaskRepository, pool_name: str = "p1", **kw: Any) -> Any:
+    return (await repo.enqueue(owner_id="alice", pool_name=pool_name, request_body=BODY, **kw)).task
+
+
+async def claimed(repo: TaskRepository, **kw: Any) -> tuple[Any, uuid.UUID]:
+    task = await enqueue(repo, **kw)
+    session = uuid.uuid4()
+    [got] = await repo.claim(session, [task.pool_name], limit=1, lease_s=30)
+    assert got.id == task.id
+    return got, session
+
+
+async def test_enqueue_with_the_same_idempotency_key_returns_the_first_task(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    first = await repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY,
+                               idempotency_key="k")
+    again = await repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY,
+                               idempotency_key="k")
+    other_owner = await repo.enqueue(owner_id="bob", pool_name="p1", request_body=BODY,
+                                     idempotency_key="k")
+    assert first.created and not again.created and other_owner.created
+    assert again.task.id == first.task.id != other_owner.task.id
+    with pytest.raises(IdempotencyConflict):
+        await repo.enqueue(owner_id="alice", pool_name="p1", request_body={"other": 1},
+                           idempotency_key="k")
+
+
+async def test_concurrent_submits_with_one_key_create_one_task(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    results = await asyncio.gather(*[
+        repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY, idempotency_key="race")
+        for _ in range(10)
+    ])
+    assert len({r.task.id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+
+
+async def test_claim_race_claims_every_task_exactly_once(dsn: str, pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    ids = {(await enqueue(repo)).id for _ in range(200)}
+
+    async def claimer() -> list[uuid.UUID]:
+        session = uuid.uuid4()
+        got: list[uuid.UUID] = []
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            from inferq.db.rows import task_row
+            from inferq.db.tasks import CLAIM
+
+            while True:
+                cur = conn.cursor(row_factory=task_row)
+                await cur.execute(CLAIM, {"session": session, "pools": ["p1"], "limit": 3,
+                                          "lease_s": 30})
+                rows = await cur.fetchall()
+                if not rows:
+                    return got
+                got += [t.id for t in rows]
+
+    per_claimer = await asyncio.gather(*[claimer() for _ in range(10)])
+    claimed_ids = [i for ids_ in per_claimer for i in ids_]
+    assert len(claimed_ids) == len(set(claimed_ids)) == 200
+    assert set(claimed_ids) == ids
+
+
+async def test_claim_takes_priority_then_fifo_and_only_requested_pools(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    low = await enqueue(repo)
+    other = await enqueue(repo, "p2")
+    high = await enqueue(repo, priority=5)
+    low2 = await enqueue(repo)
+    got = await repo.claim(uuid.uuid4(), ["p1"], limit=10, lease_s=30)
+    assert [t.id for t in got] != []
+    assert sorted(t.id for t in got) == sorted([high.id, low.id, low2.id])
+    pending = await repo.find_pending(["p1", "p2"])
+    assert [t.id for t in pending] == [other.id]
+    for t in got:
+        assert t.status is TaskStatus.CLAIMED and t.attempt == 1 and t.lease_expires_at
+
+
+async def test_find_pending_is_the_drain_order(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    a = await enqueue(repo)
+    b = await enqueue(repo, priority=3)
+    c = await enqueue(repo)
+    assert [t.id for t in await repo.find_pending(["p1"])] == [b.id, a.id, c.id]
+
+
+async def test_full_lifecycle_and_idempotent_complete(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    task, session = await claimed(repo)
+    running = await repo.start(task.id, session, task.attempt)
+    assert running.status is TaskStatus.RUNNING and running.stream_started_at
+    assert (await repo.start(task.id, session, task.attempt)).status is TaskStatus.RUNNING
+    done = await repo.complete(task.id, session, task.attempt, {"text": "ok"})
+    assert done.status is TaskStatus.COMPLETED and done.completed_at and done.response_body == {
+        "text": "ok"
+    }
+    again = await repo.complete(task.id, session, task.attempt, {"text": "ok"})
+    assert again == done
+    with pytest.raises(InvalidTransition) as exc:
+        await repo.complete(task.id, session, task.attempt, {"text": "different"})
+    assert exc.value.task is not None and exc.value.task.status is TaskStatus.COMPLETED
+    with pytest.raises(InvalidTransition):
+        await repo.fail(task.id, session, task.attempt, "late")
+
+
+async def test_fail_is_idempotent_with_the_same_message(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    task, session = await claimed(repo)
+    failed = await repo.fail(task.id, session, task.attempt, "CUDA out of memory")
+    assert failed.status is TaskStatus.ERROR and failed.error_message == "CUDA out of memory"
+    assert await repo.fail(task.id, session, task.attempt, "CUDA out of memory") == failed
+
+
+async def test_stale_attempt_is_rejected_for_complete_fail_and_chunks(pool: Pool) -> None:
+    repo, chunks = TaskRepository(pool), ChunkRepository(pool)
+    task, old_session = await claimed(repo)
+    await repo.revert_session(old_session)
+    new_session = uuid.uuid4()
+    [again] = await repo.claim(new_session, ["p1"], limit=1, lease_s=30)
+    assert again.attempt == task.attempt + 1
+    with pytest.raises(LeaseLost) as exc:
+        await repo.complete(task.id, old_session, task.attempt, {"late": True})
+    assert exc.value.task is not None and exc.value.task.attempt == again.attempt
+    with pytest.raises(LeaseLost):
+        await repo.fail(task.id, old_session, task.attempt, "late")
+    # The same session with an old attempt number is stale too.
+    with pytest.raises(LeaseLost):
+        await repo.complete(task.id, new_session, task.attempt, {"late": True})
+    result = await chunks.append([ChunkIn(task.id, old_session, task.attempt, 1, '"x"')])
+    assert result.rejected == {task.id} and result.last_seq == {}
+    assert await chunks.read(task.id, task.attempt) == []
+    current = await repo.get(task.id)
+    assert current.status is TaskStatus.CLAIMED and current.claimed_by == new_session
+
+
+async def test_chunks_of_the_holder_are_stored_once_in_order(pool: Pool) -> None:
+    repo, chunks = TaskRepository(pool), ChunkRepository(pool)
+    task, session = await claimed(repo)
+    batch = [ChunkIn(task.id, session, task.attempt, s, f'{{"n":{s}}}') for s in (1, 2, 3)]
+    assert (await chunks.append(batch)).last_seq == {task.id: 3}
+    assert (await chunks.append(batch[1:])).last_seq == {task.id: 3}  # a retried post
+    assert [c.seq for c in await chunks.read(task.id, task.attempt)] == [1, 2, 3]
+    assert [c.data for c in await chunks.read(task.id, task.attempt, after_seq=2)] == ['{"n":3}']
+
+
+async def test_cancel_pending_and_running_tasks_idempotently(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    pending = await enqueue(repo)
+    cancelled = await repo.cancel(pending.id, "alice")
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert (await repo.cancel(pending.id, "alice")).status is TaskStatus.CANCELLED
+    task, session = await claimed(repo)
+    await repo.start(task.id, session, task.attempt)
+    assert (await repo.cancel(task.id, "alice")).status is TaskStatus.CANCELLED
+    with pytest.raises(InvalidTransition):
+        await repo.complete(task.id, session, task.attempt, {"late": True})
+    done, s2 = await claimed(repo)
+    await repo.complete(done.id, s2, done.attempt, {})
+    with pytest.raises(InvalidTransition):
+        await repo.cancel(done.id, "alice")
+
+
+async def test_another_owner_sees_nothing(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    task = await enqueue(repo)
+    with pytest.raises(TaskNotFound):
+        await repo.get(task.id, "mallory")
+    with pytest.raises(TaskNotFound):
+        await repo.cancel(task.id, "mallory")
+    assert (await repo.list_tasks("mallory")).tasks == []
+    assert (await repo.get(task.id)).status is TaskStatus.PENDING
+
+
+async def test_list_filters_and_cursor_pagination(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    made = [await enqueue(repo, agent_id="a1" if i % 2 else None) for i in range(7)]
+    other = await enqueue(repo, "p2")
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        page = await repo.list_tasks("alice", pool_name="p1", limit=3, cursor=cursor)
+        seen += [t.id for t in page.tasks]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == [t.id for t in reversed(made)]
+    agent = await repo.list_tasks("alice", agent_id="a1")
+    assert {t.id for t in agent.tasks} == {t.id for t in made[1::2]}
+    by_status = await repo.list_tasks("alice", statuses=[TaskStatus.PENDING], pool_name="p2")
+    assert [t.id for t in by_status.tasks] == [other.id]
+    with pytest.raises(ValueError):
+        await repo.list_tasks("alice", cursor="not-a-cursor")
+
+
+async def test_revert_session_gives_back_held_tasks(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    t1, session = await claimed(repo)
+    t2 = await enqueue(repo)
+    await repo.claim(session, ["p1"], limit=1, lease_s=30)
+    await repo.start(t1.id, session, t1.attempt)
+    untouched, other = await claimed(repo)
+    reverted = await repo.revert_session(session)
+    assert {t.id for t in reverted} == {t1.id, t2.id}
+    for t in reverted:
+        assert t.status is TaskStatus.PENDING and t.claimed_by is None
+    assert (await repo.get(untouched.id)).claimed_by == other
+    assert await repo.held_by(session) == []
+
+
+async def test_revert_expired_uses_the_clock_and_ends_in_error_after_max_attempts(
+    pool: Pool,
+) -> None:
+    repo = TaskRepository(pool)
+    task, _ = await claimed(repo, max_attempts=2)
+    assert await repo.revert_expired(now=datetime.now(UTC)) == []
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    [back] = await repo.revert_expired(now=later)
+    assert back.status is TaskStatus.PENDING
+    [second] = await repo.claim(uuid.uuid4(), ["p1"], limit=1, lease_s=30)
+    assert second.attempt == 2
+    [dead] = await repo.revert_expired(now=later)
+    assert dead.status is TaskStatus.ERROR
+    assert dead.error_message is not None
+    assert "worker was lost 2 times (max_attempts=2)" in dead.error_message
+
+
+async def test_gc_with_a_fixed_clock(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    stale = await enqueue(repo)
+    done, session = await claimed(repo, pool_name="p2")
+    await repo.complete(done.id, session, done.attempt, {})
+    now = datetime.now(UTC)
+    nothing = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400, now=now)
+    assert nothing.expired_pending == [] and nothing.deleted == 0
+
+    result = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400,
+                           now=now + timedelta(hours=2))
+    [expired] = result.expired_pending
+    assert expired.id == stale.id and expired.status is TaskStatus.ERROR
+    assert expired.error_message is not None and "3600" in expired.error_message
+    assert "p1" in expired.error_message
+    assert result.deleted == 0
+
+    fresh = await enqueue(repo)
+    result = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400,
+                           now=now + timedelta(days=8))
+    assert result.deleted == 2  # the completed task and the expired one
+    assert {t.id for t in result.expired_pending} == {fresh.id}
+    with pytest.raises(TaskNotFound):
+        await repo.get(done.id)
