@@ -68,7 +68,8 @@ CREATE TABLE inferq.task (
     error_message      text,
     claimed_by         uuid,                 -- worker_session.id while claimed/running
     claimed_at         timestamptz,
-    created_at         timestamptz NOT NULL DEFAULT now(),
+    -- clock_timestamp(), not now(): rows inserted by one statement keep their order (FIFO).
+    created_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     stream_started_at  timestamptz,
     completed_at       timestamptz,
     owner_id           text NOT NULL,

@@ -35,25 +35,33 @@ async def claimed(repo: TaskRepository, **kw: Any) -> tuple[Any, uuid.UUID]:
 
 async def test_enqueue_with_the_same_idempotency_key_returns_the_first_task(pool: Pool) -> None:
     repo = TaskRepository(pool)
-    first = await repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY,
-                               idempotency_key="k")
-    again = await repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY,
-                               idempotency_key="k")
-    other_owner = await repo.enqueue(owner_id="bob", pool_name="p1", request_body=BODY,
-                                     idempotency_key="k")
+    first = await repo.enqueue(
+        owner_id="alice", pool_name="p1", request_body=BODY, idempotency_key="k"
+    )
+    again = await repo.enqueue(
+        owner_id="alice", pool_name="p1", request_body=BODY, idempotency_key="k"
+    )
+    other_owner = await repo.enqueue(
+        owner_id="bob", pool_name="p1", request_body=BODY, idempotency_key="k"
+    )
     assert first.created and not again.created and other_owner.created
     assert again.task.id == first.task.id != other_owner.task.id
     with pytest.raises(IdempotencyConflict):
-        await repo.enqueue(owner_id="alice", pool_name="p1", request_body={"other": 1},
-                           idempotency_key="k")
+        await repo.enqueue(
+            owner_id="alice", pool_name="p1", request_body={"other": 1}, idempotency_key="k"
+        )
 
 
 async def test_concurrent_submits_with_one_key_create_one_task(pool: Pool) -> None:
     repo = TaskRepository(pool)
-    results = await asyncio.gather(*[
-        repo.enqueue(owner_id="alice", pool_name="p1", request_body=BODY, idempotency_key="race")
-        for _ in range(10)
-    ])
+    results = await asyncio.gather(
+        *[
+            repo.enqueue(
+                owner_id="alice", pool_name="p1", request_body=BODY, idempotency_key="race"
+            )
+            for _ in range(10)
+        ]
+    )
     assert len({r.task.id for r in results}) == 1
     assert sum(r.created for r in results) == 1
 
@@ -71,8 +79,9 @@ async def test_claim_race_claims_every_task_exactly_once(dsn: str, pool: Pool) -
 
             while True:
                 cur = conn.cursor(row_factory=task_row)
-                await cur.execute(CLAIM, {"session": session, "pools": ["p1"], "limit": 3,
-                                          "lease_s": 30})
+                await cur.execute(
+                    CLAIM, {"session": session, "pools": ["p1"], "limit": 3, "lease_s": 30}
+                )
                 rows = await cur.fetchall()
                 if not rows:
                     return got
@@ -114,9 +123,11 @@ async def test_full_lifecycle_and_idempotent_complete(pool: Pool) -> None:
     assert running.status is TaskStatus.RUNNING and running.stream_started_at
     assert (await repo.start(task.id, session, task.attempt)).status is TaskStatus.RUNNING
     done = await repo.complete(task.id, session, task.attempt, {"text": "ok"})
-    assert done.status is TaskStatus.COMPLETED and done.completed_at and done.response_body == {
-        "text": "ok"
-    }
+    assert (
+        done.status is TaskStatus.COMPLETED
+        and done.completed_at
+        and done.response_body == {"text": "ok"}
+    )
     again = await repo.complete(task.id, session, task.attempt, {"text": "ok"})
     assert again == done
     with pytest.raises(InvalidTransition) as exc:
@@ -234,7 +245,7 @@ async def test_revert_expired_uses_the_clock_and_ends_in_error_after_max_attempt
     pool: Pool,
 ) -> None:
     repo = TaskRepository(pool)
-    task, _ = await claimed(repo, max_attempts=2)
+    await claimed(repo, max_attempts=2)
     assert await repo.revert_expired(now=datetime.now(UTC)) == []
     later = datetime.now(UTC) + timedelta(minutes=5)
     [back] = await repo.revert_expired(now=later)
@@ -256,8 +267,9 @@ async def test_gc_with_a_fixed_clock(pool: Pool) -> None:
     nothing = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400, now=now)
     assert nothing.expired_pending == [] and nothing.deleted == 0
 
-    result = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400,
-                           now=now + timedelta(hours=2))
+    result = await repo.gc(
+        pending_timeout_s=3600, retention_s=7 * 86400, now=now + timedelta(hours=2)
+    )
     [expired] = result.expired_pending
     assert expired.id == stale.id and expired.status is TaskStatus.ERROR
     assert expired.error_message is not None and "3600" in expired.error_message
@@ -265,9 +277,32 @@ async def test_gc_with_a_fixed_clock(pool: Pool) -> None:
     assert result.deleted == 0
 
     fresh = await enqueue(repo)
-    result = await repo.gc(pending_timeout_s=3600, retention_s=7 * 86400,
-                           now=now + timedelta(days=8))
+    result = await repo.gc(
+        pending_timeout_s=3600, retention_s=7 * 86400, now=now + timedelta(days=8)
+    )
     assert result.deleted == 2  # the completed task and the expired one
     assert {t.id for t in result.expired_pending} == {fresh.id}
     with pytest.raises(TaskNotFound):
         await repo.get(done.id)
+
+
+async def test_batched_enqueue_start_and_complete(pool: Pool) -> None:
+    from inferq.db.tasks import NewTask
+
+    repo = TaskRepository(pool)
+    made = await repo.enqueue_many(
+        [NewTask("alice", "p1", {"n": i}, agent_id=None if i % 2 else "a") for i in range(20)]
+    )
+    assert len(made) == 20 and {t.status for t in made} == {TaskStatus.PENDING}
+    session = uuid.uuid4()
+    got = await repo.claim(session, ["p1"], limit=20, lease_s=30)
+    assert [t.request_body["n"] for t in got] == list(range(20))  # FIFO
+    stale = got[0]
+    started = await repo.start_many([(t.id, session, t.attempt) for t in got[1:]])
+    assert len(started) == 19 and {t.status for t in started} == {TaskStatus.RUNNING}
+    results = [(t.id, session, t.attempt, {"echo": t.request_body}) for t in got]
+    results[0] = (stale.id, session, stale.attempt + 7, {"stale": True})  # a wrong attempt
+    done = await repo.complete_many(results)
+    assert {t.id for t in done} == {t.id for t in got[1:]}
+    assert all(t.response_body == {"echo": t.request_body} for t in done)
+    assert (await repo.get(stale.id)).status is TaskStatus.CLAIMED

@@ -182,6 +182,44 @@ WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
 RETURNING t.id, t.attempt
 """
 
+# Batched forms: one statement (so one notifying commit) for many tasks. The statement-level
+# trigger folds their notifications into a few payloads.
+ENQUEUE_MANY = sql.SQL(
+    """
+INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
+                              owner_id, agent_id, priority, max_attempts)
+SELECT * FROM unnest(%(pools)s::text[], %(llms)s::text[], %(models)s::text[], %(tiers)s::text[],
+                     %(streaming)s::bool[], %(bodies)s::jsonb[], %(owners)s::text[],
+                     %(agents)s::text[], %(priorities)s::int[], %(max_attempts)s::int[])
+RETURNING {task_select}
+"""
+).format(task_select=TASK_SELECT)
+
+_HOLDS_MANY = sql.SQL(
+    "t.id = c.id AND t.claimed_by = c.session AND t.attempt = c.attempt "
+    "AND t.status IN ('claimed', 'running')"
+)
+
+START_MANY = sql.SQL(
+    """
+UPDATE inferq.task t SET status = 'running', stream_started_at = now()
+FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[]) AS c(id, session, attempt)
+WHERE {holds} AND t.status = 'claimed'
+RETURNING {task_select}
+"""
+).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+
+COMPLETE_MANY = sql.SQL(
+    """
+UPDATE inferq.task t
+SET status = 'completed', response_body = c.body, completed_at = now(), lease_expires_at = NULL
+FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[], %(bodies)s::jsonb[])
+    AS c(id, session, attempt, body)
+WHERE {holds}
+RETURNING {task_select}
+"""
+).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+
 GC_PENDING = sql.SQL(
     """
 UPDATE inferq.task t
@@ -200,6 +238,22 @@ WHERE t.status IN ('completed', 'error', 'cancelled')
   AND t.completed_at < coalesce(%(now)s::timestamptz, now())
                        - make_interval(secs => %(retention_s)s)
 """
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to insert with enqueue_many."""
+
+    owner_id: str
+    pool_name: str
+    request_body: Any
+    llm_name: str | None = None
+    model: str | None = None
+    tier: str | None = None
+    streaming: bool = False
+    agent_id: str | None = None
+    priority: int = 0
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +360,26 @@ class TaskRepository:
                     )
                 return Enqueued(existing, created=False)
         raise IdempotencyConflict("could not resolve a concurrent submit; retry the request")
+
+    async def enqueue_many(self, items: Sequence[NewTask]) -> list[Task]:
+        """Insert many pending tasks in one statement (no idempotency keys on this path)."""
+        if not items:
+            return []
+        return await self._all(
+            ENQUEUE_MANY,
+            {
+                "pools": [i.pool_name for i in items],
+                "llms": [i.llm_name for i in items],
+                "models": [i.model for i in items],
+                "tiers": [i.tier for i in items],
+                "streaming": [i.streaming for i in items],
+                "bodies": [Jsonb(i.request_body) for i in items],
+                "owners": [i.owner_id for i in items],
+                "agents": [i.agent_id for i in items],
+                "priorities": [i.priority for i in items],
+                "max_attempts": [i.max_attempts for i in items],
+            },
+        )
 
     async def get(self, task_id: UUID, owner_id: str | None = None) -> Task:
         """The task; raises TaskNotFound when missing or owned by someone else."""
@@ -415,6 +489,38 @@ class TaskRepository:
             return current
         raise InvalidTransition(
             f"task {task_id} is {current.status}; it cannot be completed", task=current
+        )
+
+    async def start_many(self, held: Sequence[tuple[UUID, UUID, int]]) -> list[Task]:
+        """claimed -> running for many (task id, session id, attempt) in one statement.
+
+        Returns the tasks that moved; the caller retries the others one by one with start()
+        to get their precise outcome.
+        """
+        if not held:
+            return []
+        ids, sessions, attempts = zip(*held, strict=True)
+        return await self._all(
+            START_MANY, {"ids": list(ids), "sessions": list(sessions), "attempts": list(attempts)}
+        )
+
+    async def complete_many(self, results: Sequence[tuple[UUID, UUID, int, Any]]) -> list[Task]:
+        """Complete many (task id, session id, attempt, response) in one statement.
+
+        Returns the tasks that completed; the caller retries the others with complete() to get
+        their precise outcome (idempotent repeat, LeaseLost, InvalidTransition).
+        """
+        if not results:
+            return []
+        ids, sessions, attempts, bodies = zip(*results, strict=True)
+        return await self._all(
+            COMPLETE_MANY,
+            {
+                "ids": list(ids),
+                "sessions": list(sessions),
+                "attempts": list(attempts),
+                "bodies": [Jsonb(b) for b in bodies],
+            },
         )
 
     async def fail(self, task_id: UUID, session_id: UUID, attempt: int, message: str) -> Task:
