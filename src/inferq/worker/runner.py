@@ -1,0 +1,312 @@
+"""Worker: binds a session, long-polls for tasks, runs a handler per task, heartbeats, drains.
+
+Choices not spelled out in docs/protocol.md:
+- Only streaming tasks are started (claimed -> running); the state machine lets a non-streaming
+  task complete straight from claimed, which saves one notifying commit per task. The start call
+  runs concurrently with the handler and gates the first chunk post and the outcome, so it adds
+  no latency before the handler begins.
+- A chunk post or outcome that gets 409 means the lease is gone (reverted, cancelled, claimed
+  elsewhere): the handler is cancelled and nothing else is posted for that attempt.
+- A 404 session_not_found (the session was reaped) drops every running task, since the daemon
+  reverted them, and binds a new session.
+- Shutdown (stop()): stop claiming, wait up to ``grace_s`` for running handlers, cancel and
+  release the rest, then unbind (which also reverts anything an interrupted claim had taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+from uuid import UUID
+
+import structlog
+
+from inferq.wire import JsonValue, WorkerTask
+from inferq.worker.client import WorkerClient
+from inferq.worker.errors import (
+    AuthenticationError,
+    LeaseLostError,
+    SessionNotFoundError,
+    WorkerApiError,
+)
+from inferq.worker.stream import ChunkStream
+
+log = structlog.get_logger("inferq.worker")
+
+DropReason = Literal["cancelled", "lost", "released"]
+
+
+class TaskContext:
+    """What a handler gets next to its task: :meth:`emit` for stream chunks."""
+
+    def __init__(self, task: WorkerTask, stream: ChunkStream) -> None:
+        self.task = task
+        self._stream = stream
+
+    def emit(self, chunk: JsonValue) -> None:
+        """Relay one stream chunk (an OpenAI chunk object) to the task's client, in order.
+
+        Ignored for a non-streaming task, so a backend may always emit."""
+        if self.task.streaming:
+            self._stream.emit(chunk)
+
+
+Handler = Callable[[WorkerTask, TaskContext], Awaitable[JsonValue]]
+
+
+@dataclass(eq=False)
+class _Held:
+    task: WorkerTask
+    session_id: UUID
+    runner: asyncio.Task[None] | None = None
+    dropped: DropReason | None = None
+    claimed_at: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Serves ``pools`` with ``handler``, at most ``capacity`` tasks at once. Call :meth:`run`."""
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        pools: Sequence[str],
+        handler: Handler,
+        *,
+        capacity: int = 1,
+        name: str | None = None,
+        grace_s: float = 10.0,
+        claim_wait_s: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.pools = list(pools)
+        self.handler = handler
+        self.capacity = capacity
+        self.name = name
+        self.grace_s = grace_s
+        self.claim_wait_s = claim_wait_s
+        self.session_id: UUID | None = None
+        self.heartbeat_s = 10.0
+        self._held: dict[UUID, _Held] = {}
+        self._freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._rebind_lock = asyncio.Lock()
+
+    @property
+    def running(self) -> list[UUID]:
+        """Ids of the tasks this worker holds right now."""
+        return list(self._held)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler in the loop)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Bind, serve until :meth:`stop`, then drain and unbind. Raises AuthenticationError
+        and UnavailableError when the daemon refuses or stays unreachable at bind."""
+        await self._bind()
+        claimer = asyncio.create_task(self._claim_loop(), name="inferq-claim")
+        beater = asyncio.create_task(self._heartbeat_loop(), name="inferq-heartbeat")
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({claimer, beater, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            claimer.cancel()
+            await self._drain()
+            beater.cancel()
+            await asyncio.gather(claimer, beater, return_exceptions=True)
+            await self._unbind()
+        for loop_task in (claimer, beater):
+            if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
+                raise loop_task.exception()  # type: ignore[misc]
+
+    # -- session ------------------------------------------------------------------------------
+
+    async def _bind(self) -> None:
+        bound = await self.client.bind(self.pools, self.capacity, self.name)
+        self.session_id = bound.session_id
+        self.heartbeat_s = bound.heartbeat_s
+        log.info(
+            "session_bound",
+            session_id=str(bound.session_id),
+            pools=bound.pools,
+            capacity=bound.capacity,
+            drained=len(bound.tasks),
+        )
+        for task in bound.tasks:
+            self._spawn(task, bound.session_id)
+
+    async def _rebind(self, stale: UUID) -> None:
+        async with self._rebind_lock:
+            if self.session_id != stale:
+                return  # another loop already bound a new session
+            log.warning("session_lost", session_id=str(stale), dropped=len(self._held))
+            for held in list(self._held.values()):
+                self._drop(held, "lost")
+            await self._bind()
+
+    async def _unbind(self) -> None:
+        if self.session_id is None:
+            return
+        try:
+            released = await self.client.unbind(self.session_id)
+        except WorkerApiError as exc:
+            log.warning("session_unbind_failed", session_id=str(self.session_id), error=str(exc))
+        else:
+            log.info("session_unbound", session_id=str(self.session_id), released=released)
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            while len(self._held) >= self.capacity:
+                self._freed.clear()
+                await self._freed.wait()
+            sid = self.session_id
+            assert sid is not None
+            try:
+                tasks = await self.client.claim(
+                    sid, self.capacity - len(self._held), self.claim_wait_s
+                )
+            except SessionNotFoundError:
+                await self._rebind(sid)
+                continue
+            except AuthenticationError:
+                raise
+            except WorkerApiError as exc:
+                log.warning("claim_failed", session_id=str(sid), error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for task in tasks:
+                self._spawn(task, sid)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            sid = self.session_id
+            assert sid is not None
+            held = [h for h in self._held.values() if h.session_id == sid]
+            try:
+                beat = await self.client.heartbeat(sid, [h.task.id for h in held])
+            except SessionNotFoundError:
+                await self._rebind(sid)
+                continue
+            except WorkerApiError as exc:
+                log.warning("heartbeat_failed", session_id=str(sid), error=str(exc))
+                continue
+            self.heartbeat_s = beat.heartbeat_s
+            for reason, ids in (("cancelled", beat.cancelled), ("lost", beat.lost)):
+                for task_id in ids:
+                    if (h := self._held.get(task_id)) is not None:
+                        self._drop(h, reason)  # type: ignore[arg-type]
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def _spawn(self, task: WorkerTask, session_id: UUID) -> None:
+        held = _Held(task, session_id)
+        self._held[task.id] = held
+        held.runner = asyncio.create_task(self._guarded(held), name=f"inferq-task-{task.id}")
+        log.info(
+            "task_claimed",
+            task_id=str(task.id),
+            attempt=task.attempt,
+            pool=task.pool,
+            streaming=task.streaming,
+            session_id=str(session_id),
+        )
+
+    def _drop(self, held: _Held, reason: DropReason) -> None:
+        if held.dropped is None and held.runner is not None:
+            held.dropped = reason
+            held.runner.cancel()
+
+    async def _guarded(self, held: _Held) -> None:
+        ids = {"task_id": str(held.task.id), "attempt": held.task.attempt}
+        try:
+            await self._execute(held)
+        except asyncio.CancelledError:
+            if held.dropped is None:
+                raise  # the whole worker is being torn down
+            if held.dropped != "released":  # _drain logs it once the daemon took it back
+                log.info(f"task_{held.dropped}", **ids)
+        except LeaseLostError as exc:
+            log.warning("task_lost", status=exc.status, error=exc.message, **ids)
+        except WorkerApiError as exc:
+            log.error("task_abandoned", error=str(exc), **ids)
+        finally:
+            self._held.pop(held.task.id, None)
+            self._freed.set()
+
+    async def _execute(self, held: _Held) -> None:
+        task, sid = held.task, held.session_id
+        stream = ChunkStream(partial(self.client.post_chunks, task, sid))
+        gate = asyncio.ensure_future(self.client.start(task, sid)) if task.streaming else None
+        handler = asyncio.create_task(self._invoke(task, TaskContext(task, stream)))
+        flusher = asyncio.create_task(stream.run(gate))
+        # A rejected post means the lease is gone: stop the handler burning GPU time.
+        flusher.add_done_callback(lambda f: f.cancelled() or (f.exception() and handler.cancel()))
+        try:
+            try:
+                response = await handler
+            except asyncio.CancelledError:
+                if flusher.done() and not flusher.cancelled() and flusher.exception():
+                    raise flusher.exception() from None  # type: ignore[misc]
+                raise
+            except Exception as exc:
+                flusher.cancel()
+                await self._outcome(held, gate, error=str(exc) or type(exc).__name__)
+                return
+            stream.close()
+            await flusher
+            await self._outcome(held, gate, response=response, chunks=stream.seq)
+        finally:
+            for t in (handler, flusher, gate):
+                if t is not None and not t.done():
+                    t.cancel()
+
+    async def _invoke(self, task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        return await self.handler(task, ctx)
+
+    async def _outcome(
+        self,
+        held: _Held,
+        gate: asyncio.Future[None] | None,
+        *,
+        response: JsonValue = None,
+        error: str | None = None,
+        chunks: int = 0,
+    ) -> None:
+        task, sid = held.task, held.session_id
+        if gate is not None:
+            await gate
+        ms = round((time.monotonic() - held.claimed_at) * 1000)
+        ids = {"task_id": str(task.id), "attempt": task.attempt, "duration_ms": ms}
+        if error is not None:
+            await self.client.fail(task, sid, error)
+            log.info("task_failed", error=error, **ids)
+        else:
+            await self.client.complete(task, sid, response)
+            log.info("task_completed", chunks=chunks, **ids)
+
+    async def _drain(self) -> None:
+        """Let running tasks finish within the grace period; release the rest."""
+        runners = [h.runner for h in self._held.values() if h.runner is not None]
+        if runners:
+            log.info("worker_draining", running=len(runners), grace_s=self.grace_s)
+            await asyncio.wait(runners, timeout=self.grace_s)
+        leftovers = list(self._held.values())
+        for held in leftovers:
+            self._drop(held, "released")
+        await asyncio.gather(*(h.runner for h in leftovers if h.runner), return_exceptions=True)
+        for held in leftovers:
+            ids = {"task_id": str(held.task.id), "attempt": held.task.attempt}
+            try:
+                await self.client.release(held.task, held.session_id)
+            except WorkerApiError as exc:
+                log.warning("task_release_failed", error=str(exc), **ids)
+            else:
+                log.info("task_released", **ids)
