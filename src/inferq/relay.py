@@ -60,6 +60,8 @@ class ChunkRelay:
         """Queue (seq, data) chunks for the next flush; the task's last stored seq once it
         committed. Raises LeaseLost when ``session_id`` does not hold ``attempt``."""
         rows = [ChunkIn(task_id, session_id, attempt, seq, data) for seq, data in chunks]
+        if not rows:
+            return 0
         post = _Post(task_id, rows, asyncio.get_running_loop().create_future())
         if self._stopped:
             await self._write([post])
@@ -74,31 +76,26 @@ class ChunkRelay:
             self._flusher = asyncio.create_task(self._flush_loop(), name="inferq-chunk-relay")
 
     async def stop(self) -> None:
-        """Flush what is buffered and stop the flusher."""
+        """Flush what is buffered and stop the flusher (posts after this are written directly)."""
         self._stopped = True
+        self._has_posts.set()
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
-            flusher.cancel()
-            try:
-                await flusher
-            except asyncio.CancelledError:
-                pass
-        if self._buffer:
-            batch, self._buffer = self._buffer, []
-            await self._write(batch)
+            await flusher
 
     async def _flush_loop(self) -> None:
         while True:
             await self._has_posts.wait()
             # The window starts at the first buffered post: everything arriving within it
             # shares one commit.
-            if self.flush_s > 0:
+            if self.flush_s > 0 and not self._stopped:
                 await asyncio.sleep(self.flush_s)
             batch, self._buffer = self._buffer, []
             self._has_posts.clear()
             if batch:
-                # A cancel (stop) waits for this write: it must not lose posts in flight.
-                await asyncio.shield(self._write(batch))
+                await self._write(batch)
+            if self._stopped and not self._buffer:
+                return
 
     async def _write(self, batch: list[_Post]) -> None:
         rows = [row for post in batch for row in post.chunks]

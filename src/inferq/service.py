@@ -1,23 +1,46 @@
 """TaskService: waits, event streams and chunk posts on top of the repositories and wakeups.
 
-INTERFACE DRAFT: the wakeups work (issue 3) implements these bodies and keeps the signatures;
-the HTTP API codes against them.
+Design decisions (DESIGN.md "Notifications"):
+
+- Register the waiter in the hub, THEN read the row, THEN wait: a change committed between the
+  read and the wait has already set the waiter's flag, so there is no lost-wakeup window.
+- A wake is only a hint. The waiter clears its flags and re-reads; the re-reads of all waiters
+  woken together go through one ``Batcher`` (one ``WHERE id = ANY(...)`` for task rows, one
+  ``unnest ... JOIN LATERAL`` for chunks), so 10,000 waiters woken by a resync cost a few
+  statements, not 10,000.
+- The safety poll is each waiter's own wait cap (``settings.safety_poll_s``): even if every
+  notification were lost, a waiter re-reads at least that often. In poll-only mode it is the only
+  mechanism, so latency is bounded by it.
+- ``events()``: chunks of an attempt are live while the task is held by a worker or ended while
+  held (``claimed_by`` is set). The reader delivers only the contiguous run after its last seq:
+  a gap means a flush on another replica has not committed yet, and its notification (or the
+  safety poll) wakes the reader again. When the live attempt differs from the one the reader
+  streamed (a revert, a re-claim, or a resume with an older ``Last-Event-ID``) it yields
+  ResetEvent before any chunk of the new attempt. A terminal status drains the remaining chunks
+  of the attempt first and is always the last event; a task already terminal at subscription
+  therefore yields its chunks and one terminal StatusEvent.
+- Cancelling ``__anext__`` of ``events()`` closes the generator (Python semantics): to send SSE
+  heartbeats, pump the iterator in its own task and wait on that task with a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from inferq.db.chunks import ChunkRepository
+from inferq.db.chunks import Chunk, ChunkRepository
 from inferq.db.tasks import TaskRepository
-from inferq.domain.task import Task
+from inferq.domain.task import Task, TaskStatus
+from inferq.errors import TaskCancelled, TaskFailed, TaskNotFound, WaitTimeout
+from inferq.relay import ChunkRelay
 from inferq.settings import Settings
+from inferq.wakeups import TASK_CHANGED, Batcher, Hub, Waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,28 +74,143 @@ class PoolWaiter(Protocol):
         ...
 
 
-class TaskService:
-    """One per replica. Owns no connection: uses the pool, the wakeups hub and the relay."""
+# How many chunks one reader fetches per round trip; a longer backlog takes more rounds.
+CHUNK_PAGE = 1000
 
-    def __init__(self, pool: AsyncConnectionPool[Any], settings: Settings) -> None:
+# The chunk reads of every reader woken together, in one statement. Kept here, next to its only
+# caller, until ChunkRepository grows a read_many.
+READ_CHUNKS_MANY = """
+SELECT r.i, c.seq, c.data
+FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(afters)s::int[])
+     WITH ORDINALITY AS r(task_id, attempt, after_seq, i)
+CROSS JOIN LATERAL (
+    SELECT k.seq, k.data FROM inferq.task_chunk k
+    WHERE k.task_id = r.task_id AND k.attempt = r.attempt AND k.seq > r.after_seq
+    ORDER BY k.seq LIMIT %(limit)s
+) c
+ORDER BY r.i, c.seq
+"""
+
+ChunkKey = tuple[UUID, int, int]  # task id, attempt, after seq
+
+
+class _SafetyPolledWaiter:
+    """A PoolWaiter whose waits are capped by the safety poll."""
+
+    def __init__(self, waiter: Waiter, safety_poll_s: float) -> None:
+        self._waiter = waiter
+        self._safety_poll_s = safety_poll_s
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when woken, or when the safety poll elapsed first (worth trying to claim)."""
+        woken = await self._waiter.wait(min(timeout_s, self._safety_poll_s))
+        self._waiter.take()
+        return woken or timeout_s > self._safety_poll_s
+
+
+class TaskService:
+    """One per replica. Owns no connection: uses the pool, the wakeups hub and the relay.
+
+    Without a ``hub`` fed by a Listener, waiters only see the safety poll (poll-only mode).
+    ``stop()`` flushes the relay.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        settings: Settings,
+        *,
+        hub: Hub | None = None,
+        relay: ChunkRelay | None = None,
+    ) -> None:
         self.pool = pool
         self.settings = settings
         self.tasks = TaskRepository(pool)
         self.chunks = ChunkRepository(pool)
+        self.hub = hub or Hub()
+        self.relay = relay or ChunkRelay(pool, settings)
+        window_s = settings.wake_batch_ms / 1000
+        self._task_loader: Batcher[UUID, Task] = Batcher(self._fetch_tasks, window_s=window_s)
+        self._chunk_loader: Batcher[ChunkKey, list[Chunk]] = Batcher(
+            self._fetch_chunks, window_s=window_s, max_batch=1000
+        )
+
+    async def stop(self) -> None:
+        """Flush buffered chunk posts."""
+        await self.relay.stop()
+
+    # -- batched re-reads -------------------------------------------------------------------
+
+    async def _fetch_tasks(self, ids: Sequence[UUID]) -> dict[UUID, Task]:
+        return {task.id: task for task in await self.tasks.get_many(ids)}
+
+    async def _fetch_chunks(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, list[Chunk]]:
+        params = {
+            "ids": [k[0] for k in keys],
+            "attempts": [k[1] for k in keys],
+            "afters": [k[2] for k in keys],
+            "limit": CHUNK_PAGE,
+        }
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(READ_CHUNKS_MANY, params)
+            rows = await cur.fetchall()
+        found: dict[ChunkKey, list[Chunk]] = {}
+        for i, seq, data in rows:
+            found.setdefault(keys[i - 1], []).append(Chunk(seq, data))
+        return found
+
+    async def _reload(self, task_id: UUID) -> Task:
+        task = await self._task_loader.load(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found (it was deleted)")
+        return task
+
+    async def _next_chunks(self, task_id: UUID, attempt: int, last_seq: int) -> list[Chunk]:
+        """The contiguous chunks after ``last_seq`` that are stored now."""
+        run: list[Chunk] = []
+        while True:
+            page = await self._chunk_loader.load((task_id, attempt, last_seq)) or []
+            for chunk in page:
+                if chunk.seq != last_seq + 1:
+                    return run  # a gap: that chunk is still in flight on another replica
+                run.append(chunk)
+                last_seq = chunk.seq
+            if len(page) < CHUNK_PAGE:
+                return run
+
+    # -- waits ------------------------------------------------------------------------------
 
     async def wait_terminal(
         self, task_id: UUID, timeout_s: float, *, owner_id: str | None = None
     ) -> Task:
         """The task once terminal, or its current state at the deadline (never raises on
         timeout). Raises TaskNotFound (also for another owner's task)."""
-        raise NotImplementedError
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self.hub.watch_task(task_id) as waiter:
+            task = await self.tasks.get(task_id, owner_id)
+            while not task.terminal:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await waiter.wait(min(remaining, self.settings.safety_poll_s))
+                waiter.take()
+                task = await self._reload(task_id)
+            return task
 
     async def wait_for(
         self, task_id: UUID, timeout_s: float, *, owner_id: str | None = None
     ) -> Task:
         """The completed task. Raises TaskCancelled, TaskFailed (worker's message),
         WaitTimeout at the deadline, TaskNotFound."""
-        raise NotImplementedError
+        task = await self.wait_terminal(task_id, timeout_s, owner_id=owner_id)
+        if task.status is TaskStatus.COMPLETED:
+            return task
+        if task.status is TaskStatus.CANCELLED:
+            raise TaskCancelled(task.error_message or f"task {task_id} was cancelled", task=task)
+        if task.status is TaskStatus.ERROR:
+            raise TaskFailed(task.error_message or f"task {task_id} failed", task=task)
+        raise WaitTimeout(f"task {task_id} is still {task.status} after {timeout_s:g} s", task=task)
 
     def events(
         self,
@@ -84,15 +222,68 @@ class TaskService:
         """Status changes and chunks of a task in order, gap-free per attempt, from ``after``
         (attempt, seq) exclusive. Ends after the terminal StatusEvent. Raises TaskNotFound
         before the first event."""
-        raise NotImplementedError
+        return self._events(task_id, owner_id, after)
+
+    async def _events(
+        self, task_id: UUID, owner_id: str | None, after: tuple[int, int] | None
+    ) -> AsyncIterator[Event]:
+        with self.hub.watch_task(task_id) as waiter:
+            task = await self.tasks.get(task_id, owner_id)
+            attempt, last_seq = after if after is not None else (_live_attempt(task), 0)
+            shown: tuple[TaskStatus, int] | None = None
+            while True:
+                live = _live_attempt(task)
+                if live != attempt:
+                    if last_seq > 0:
+                        yield ResetEvent(live, _reset_reason(task))
+                    attempt, last_seq = live, 0
+                if not task.terminal and shown != (task.status, task.attempt):
+                    shown = (task.status, task.attempt)
+                    yield StatusEvent(task)
+                if task.claimed_by is not None:
+                    for chunk in await self._next_chunks(task_id, attempt, last_seq):
+                        last_seq = chunk.seq
+                        yield ChunkEvent(attempt, chunk.seq, chunk.data)
+                if task.terminal:
+                    yield StatusEvent(task)
+                    return
+                await waiter.wait(self.settings.safety_poll_s)
+                flags = waiter.take()
+                # A chunk-only wake needs no row; a status wake, a resync or a poll does.
+                if flags & TASK_CHANGED or not flags:
+                    task = await self._reload(task_id)
 
     def pool_waiter(self, pools: Sequence[str]) -> AbstractAsyncContextManager[PoolWaiter]:
-        """Register interest in new pending work of ``pools`` (before trying to claim)."""
-        raise NotImplementedError
+        """Register interest in new pending work of ``pools`` (before trying to claim).
+
+        ``wait()`` returns True when woken, and also when the safety poll elapsed before the
+        timeout (the claim should be retried); False only at the timeout.
+        """
+        return self._pool_waiter(pools)
+
+    @asynccontextmanager
+    async def _pool_waiter(self, pools: Sequence[str]) -> AsyncIterator[PoolWaiter]:
+        with self.hub.watch_pools(pools) as waiter:
+            yield _SafetyPolledWaiter(waiter, self.settings.safety_poll_s)
 
     async def post_chunks(
         self, task_id: UUID, session_id: UUID, attempt: int, chunks: Sequence[tuple[int, str]]
     ) -> int:
         """Queue (seq, data) chunks for the next flush; returns the task's last stored seq once
         the flush committed. Raises LeaseLost when the worker no longer holds the attempt."""
-        raise NotImplementedError
+        return await self.relay.post(task_id, session_id, attempt, chunks)
+
+
+def _live_attempt(task: Task) -> int:
+    """The attempt whose chunks a reader should stream now.
+
+    A task that is not held (pending, or ended without a holder) has no live chunks: its next
+    chunks will belong to the next claim, which increments the attempt.
+    """
+    return task.attempt if task.claimed_by is not None else task.attempt + 1
+
+
+def _reset_reason(task: Task) -> str:
+    if task.terminal:
+        return f"the attempt was abandoned; the task ended {task.status}"
+    return "the worker was lost; the task runs again"

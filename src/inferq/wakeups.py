@@ -120,8 +120,9 @@ class Hub:
                 self._discard(self._by_pool, name, waiter)
 
     @staticmethod
-    def _discard(index: dict[str, set[Waiter]] | dict[UUID, set[Waiter]], key: object,
-                 waiter: Waiter) -> None:
+    def _discard(
+        index: dict[str, set[Waiter]] | dict[UUID, set[Waiter]], key: object, waiter: Waiter
+    ) -> None:
         waiters = index.get(key)  # type: ignore[call-overload]
         if waiters is not None:
             waiters.discard(waiter)

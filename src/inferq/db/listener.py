@@ -22,6 +22,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -103,10 +104,8 @@ class Listener:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._connected.clear()
 
     async def wait_connected(self, timeout_s: float) -> bool:
@@ -190,13 +189,14 @@ class Listener:
             elif notify.channel == channels.CHUNK:
                 for task_id, _attempt, _last_seq in orjson.loads(notify.payload):
                     self.hub.chunks_added(UUID(task_id))
-            elif notify.channel == channels.TOKEN:
-                if self.on_token_revoked is not None:
-                    self.on_token_revoked(notify.payload)
+            elif notify.channel == channels.TOKEN and self.on_token_revoked is not None:
+                self.on_token_revoked(notify.payload)
         except Exception as exc:
             self.stats.malformed += 1
             log.warning(
-                "notification_dropped", channel=notify.channel, payload=notify.payload[:200],
+                "notification_dropped",
+                channel=notify.channel,
+                payload=notify.payload[:200],
                 error=str(exc),
             )
         elapsed = time.perf_counter() - started
