@@ -1,0 +1,1 @@
+"""Benchmarks: importable measurement functions behind `inferq bench`."""
