@@ -1,0 +1,306 @@
+"""End to end: three replicas behind nginx, echo workers, load, and one fault per test.
+
+Each test starts its own deployment (tests/e2e/harness.py), drives a mixed load through nginx
+(tests/e2e/loadgen.py) while injecting a fault at a chosen point of progress, lets the system
+settle, and checks every invariant over the history and the database (tests/e2e/checker.py).
+
+Profiles: INFERQ_E2E_TASKS logical operations per test (default 300: the whole file runs in a
+few minutes on 2 cores); the all-faults test runs twice that. The long profile is
+``INFERQ_E2E_TASKS=5000 pytest -m e2e tests/e2e``. Figures land in the test's report.json and
+are printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.checker import Report, check, read_database
+from tests.e2e.harness import Deployment, wait_until
+from tests.e2e.loadgen import History, LoadGenerator, Profile
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+TASKS = int(os.environ.get("INFERQ_E2E_TASKS", "300"))
+
+Fault = Callable[[LoadGenerator, Deployment, dict[str, Any]], Awaitable[None]]
+
+
+@pytest.fixture
+def deployment() -> Iterator[Deployment]:
+    with Deployment.running() as dep:
+        yield dep
+
+
+def run_load(
+    dep: Deployment,
+    tmp_path: Path,
+    fault: Fault | None = None,
+    *,
+    tasks: int = TASKS,
+    profile: Profile | None = None,
+) -> tuple[Report, dict[str, Any]]:
+    """Drive the load with ``fault`` running beside it, settle, check; fail on any violation."""
+    history = History(tmp_path / "history.jsonl")
+    profile = profile or Profile(tasks=tasks)
+    gen = LoadGenerator(dep.url, dep.tokens["client"], history, profile)
+    notes: dict[str, Any] = {}
+
+    async def main() -> None:
+        load = asyncio.create_task(gen.run())
+        try:
+            if fault is not None:
+                await fault(gen, dep, notes)
+        finally:
+            await load
+
+    try:
+        asyncio.run(main())
+    finally:
+        history.close()
+    # Tasks whose OpenAI-style client retried elsewhere are cancelled or complete unobserved.
+    wait_until(lambda: dep.unfinished_tasks() == 0, 90, "every task to reach a terminal state")
+    tasks_rows, audit = read_database(dep)
+    report = check(history.records, tasks_rows, audit, hang_slack_s=profile.hang_slack_s)
+    report.figures["faults"] = notes
+    (tmp_path / "report.json").write_text(json.dumps(report.figures, indent=2, default=str))
+    print(f"\n{report.summary()}")
+    assert not report.violations, report.summary()
+    assert report.figures["tasks_lost"] == 0
+    return report, notes
+
+
+async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(func, *args)
+
+
+# -- the faults --------------------------------------------------------------------------------
+
+
+async def kill_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """SIGKILL a replica mid-load; clients resume through nginx; restart it later."""
+    await gen.reached(0.25)
+    await in_thread(dep.kill_replica, 0)
+    notes["replica_killed"] = 0
+    await gen.reached(0.6)
+    await in_thread(dep.restart_replica, 0)
+
+
+async def terminate_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """SIGTERM a replica: it drains and exits 0 while nginx routes around it."""
+    await gen.reached(0.25)
+    notes["sigterm_exit_status"] = await in_thread(dep.terminate_replica, 1)
+    await gen.reached(0.6)
+    await in_thread(dep.restart_replica, 1)
+
+
+async def cut_listeners(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """pg_terminate_backend every replica's LISTEN connection; they reconnect and resync."""
+    await gen.reached(0.3)
+    notes["listeners_terminated"] = await in_thread(dep.terminate_listeners)
+
+    def all_listening() -> bool:
+        return len(dep.listener_backends()) >= dep.replicas
+
+    await in_thread(wait_until, all_listening, 30, "every replica to LISTEN again")
+    for i in range(dep.replicas):
+        await in_thread(dep.wait_replica_ready, i)
+    notes["relistened_at"] = time.time()
+
+
+async def restart_postgres(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """`pg_ctl restart -m fast` mid-load: 503s while down, then full recovery."""
+    await gen.reached(0.3)
+    start = time.monotonic()
+    await in_thread(dep.restart_database)
+    notes["postgres_down_s"] = round(time.monotonic() - start, 2)
+
+
+async def _victim(gen: LoadGenerator, dep: Deployment) -> tuple[int, str]:
+    """A worker running a streamed task that a native SSE client is reading right now."""
+    found: list[tuple[int, str]] = []
+
+    def holding() -> bool:
+        hit = dep.worker_holding(set(gen.streaming_now))
+        if hit:
+            found.append(hit)
+        return bool(hit)
+
+    await in_thread(wait_until, holding, 30, "a worker running a watched stream")
+    return found[0]
+
+
+async def kill_worker(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """SIGKILL a worker mid-stream: the task re-runs elsewhere and its stream shows a reset."""
+    await gen.reached(0.2)
+    worker, task_id = await _victim(gen, dep)
+    await in_thread(dep.kill_worker, worker)
+    notes.setdefault("worker_victims", []).append(task_id)
+    await gen.reached(0.6)
+    await in_thread(dep.restart_worker, worker)
+
+
+async def kill_leader(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    """SIGKILL the maintenance leader and a worker: another replica takes over the rescue."""
+    await gen.reached(0.25)
+    found: list[int] = []
+
+    def has_leader() -> bool:
+        leader = dep.leader_replica()
+        if leader is not None:
+            found.append(leader)
+        return leader is not None
+
+    await in_thread(wait_until, has_leader, 30, "a maintenance leader")
+    leader = found[0]
+    worker, task_id = await _victim(gen, dep)
+    await in_thread(dep.kill_replica, leader)
+    await in_thread(dep.kill_worker, worker)
+    notes["leader_killed"] = leader
+    notes.setdefault("worker_victims", []).append(task_id)
+
+    def new_leader() -> bool:
+        other = dep.leader_replica()
+        return other is not None and other != leader
+
+    await in_thread(wait_until, new_leader, 30, "another replica to lead maintenance")
+    notes["new_leader"] = dep.leader_replica()
+    await gen.reached(0.7)
+    await in_thread(dep.restart_replica, leader)
+    await in_thread(dep.restart_worker, worker)
+
+
+def assert_rerun_with_reset(dep: Deployment, tmp_path: Path, notes: dict[str, Any]) -> None:
+    """Each victim task ran again (attempt > 1), completed, and its SSE reader saw a reset."""
+    results = {
+        r.get("task_id"): r
+        for r in (json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines())
+        if r["op"] == "result"
+    }
+    for task_id in notes["worker_victims"]:
+        status, attempt = dep.query(
+            "SELECT status::text, attempt FROM inferq.task WHERE id = %s", (task_id,)
+        )[0]
+        assert status == "completed"
+        assert attempt > 1, f"task {task_id} was not re-run"
+        assert results[task_id]["resets"], f"the stream of {task_id} showed no reset"
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def test_load_without_faults(deployment: Deployment, tmp_path: Path) -> None:
+    report, _ = run_load(deployment, tmp_path)
+    assert report.figures["tasks_completed"] == report.figures["tasks_acknowledged"]
+
+
+def test_kill_replica_mid_load(deployment: Deployment, tmp_path: Path) -> None:
+    report, _ = run_load(deployment, tmp_path, kill_replica)
+    # The replica held waits and streams when it died: some clients had to resume elsewhere.
+    assert report.figures["client_retries"] > 0
+
+
+def test_sigterm_replica_drains(deployment: Deployment, tmp_path: Path) -> None:
+    _, notes = run_load(deployment, tmp_path, terminate_replica)
+    assert notes["sigterm_exit_status"] == 0
+
+
+def test_listener_connections_cut(tmp_path: Path) -> None:
+    # A long safety poll: if notifications were not flowing again after the reconnect, the
+    # work after it would take about that long per wake.
+    safety_poll_s = 30.0
+    with Deployment.running(env_overrides={"INFERQ_SAFETY_POLL_S": str(safety_poll_s)}) as dep:
+        _report, notes = run_load(dep, tmp_path, cut_listeners)
+        assert notes["listeners_terminated"] >= dep.replicas
+        history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+        after = sorted(
+            r["end"] - r["start"]
+            for r in history
+            if r["op"] == "result" and r["start"] > notes["relistened_at"]
+        )
+        assert after, "no operation started after the listeners came back"
+        assert after[len(after) // 2] < safety_poll_s / 3, "waiters were not woken by NOTIFY"
+        for name, text in dep.logs().items():
+            if name.startswith("replica"):
+                assert re.search(r"listener_(re)?connected|listener_reconnected", text), name
+
+
+def test_postgres_restart(deployment: Deployment, tmp_path: Path) -> None:
+    run_load(deployment, tmp_path, restart_postgres)
+    # Back to full service: every replica is ready again.
+    for i in range(deployment.replicas):
+        deployment.wait_replica_ready(i)
+
+
+def test_worker_killed_mid_stream(deployment: Deployment, tmp_path: Path) -> None:
+    _, notes = run_load(deployment, tmp_path, kill_worker)
+    assert_rerun_with_reset(deployment, tmp_path, notes)
+
+
+def test_maintenance_leader_killed(deployment: Deployment, tmp_path: Path) -> None:
+    _, notes = run_load(deployment, tmp_path, kill_leader)
+    assert notes["new_leader"] != notes["leader_killed"]
+    assert_rerun_with_reset(deployment, tmp_path, notes)
+
+
+def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
+    async def all_faults(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+        for fault in (
+            kill_replica,
+            kill_worker,
+            restart_postgres,
+            cut_listeners,
+            terminate_replica,
+            kill_leader,
+        ):
+            await fault(_Scaled(gen, fault), dep, notes)
+
+    report, notes = run_load(deployment, tmp_path, all_faults, tasks=TASKS * 2)
+    assert_rerun_with_reset(deployment, tmp_path, notes)
+    assert report.figures["tasks_lost"] == 0
+
+
+def test_through_pgbouncer(tmp_path: Path) -> None:
+    with Deployment.running(pgbouncer=True) as dep:
+
+        async def faults(gen: LoadGenerator, d: Deployment, notes: dict[str, Any]) -> None:
+            await kill_replica(_Scaled(gen, kill_replica, 0), d, notes)
+            await cut_listeners(_Scaled(gen, cut_listeners, 1), d, notes)
+
+        run_load(dep, tmp_path, faults)
+
+
+class _Scaled:
+    """A view of a LoadGenerator that maps a fault's progress points into its slot of a run
+    shared by several faults (slot i of n covers [i/n, (i+1)/n) of the operations)."""
+
+    ORDER = (
+        "kill_replica",
+        "kill_worker",
+        "restart_postgres",
+        "cut_listeners",
+        "terminate_replica",
+        "kill_leader",
+    )
+
+    def __init__(
+        self, gen: LoadGenerator, fault: Any, slot: int | None = None, n: int | None = None
+    ) -> None:
+        self._gen = gen
+        name = fault.__name__
+        self._slot = slot if slot is not None else self.ORDER.index(name)
+        self._n = n if n is not None else (2 if slot is not None else len(self.ORDER))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gen, name)
+
+    async def reached(self, fraction: float) -> None:
+        await self._gen.reached((self._slot + fraction * 0.9) / self._n)
