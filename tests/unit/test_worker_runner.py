@@ -1,0 +1,342 @@
+"""Worker runner against an in-memory stand-in for the worker routes (no database involved).
+
+The stand-in answers exactly as docs/protocol.md says; the end-to-end tests run the same paths
+against a real daemon and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from inferq.wire import JsonValue, WorkerTask
+from inferq.worker import TaskContext, Worker, WorkerClient
+
+
+class FakeDaemon:
+    """Worker routes over an in-memory queue; records every call."""
+
+    def __init__(self, heartbeat_s: float = 0.05) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.pending: list[dict[str, Any]] = []
+        self.sessions: dict[str, int] = {}  # session id -> capacity
+        self.held: dict[str, tuple[str, int]] = {}  # task id -> (session, attempt)
+        self.chunks: dict[str, list[int]] = {}
+        self.outcomes: dict[str, tuple[str, Any]] = {}
+        self.cancelled: set[str] = set()
+        self.calls: list[str] = []
+        self.unavailable = 0  # answer this many next requests with 503
+        self.new_work = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    def add(self, n: int = 1, *, streaming: bool = False) -> list[str]:
+        ids = []
+        for _ in range(n):
+            task = {"id": str(uuid.uuid4()), "attempt": 1, "pool": "p", "streaming": streaming}
+            self.pending.append({**task, "request": {"messages": []}})
+            ids.append(task["id"])
+        self.new_work.set()
+        return ids
+
+    def _take(self, sid: str, n: int) -> list[dict[str, Any]]:
+        taken, self.pending = self.pending[:n], self.pending[n:]
+        for t in taken:
+            self.held[t["id"]] = (sid, t["attempt"])
+        return taken
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content or b"{}")
+        parts = request.url.path.split("/")[3:]  # after /v1/worker
+        self.calls.append(f"{request.method} {'/'.join(p if len(p) < 30 else '*' for p in parts)}")
+        try:
+            if self.unavailable:
+                self.unavailable -= 1
+                return httpx.Response(503, json={"error": {"message": "draining", "type": "x"}})
+            return await self._route(request.method, parts, body)
+        finally:
+            self.changed.set()
+
+    async def _route(self, method: str, parts: list[str], body: Any) -> httpx.Response:
+        if parts == ["sessions"]:
+            sid = str(uuid.uuid4())
+            self.sessions[sid] = body["capacity"]
+            tasks = self._take(sid, body["capacity"])
+            return httpx.Response(
+                201,
+                json={
+                    "session_id": sid,
+                    "pools": body["pools"],
+                    "capacity": body["capacity"],
+                    "lease_s": 1.0,
+                    "heartbeat_s": self.heartbeat_s,
+                    "tasks": tasks,
+                },
+            )
+        if parts[0] == "sessions":
+            sid = parts[1]
+            if sid not in self.sessions:
+                return _error(404, "session_not_found")
+            if method == "DELETE":
+                mine = [t for t, (s, _) in self.held.items() if s == sid]
+                for t in mine:
+                    self.release(t)
+                del self.sessions[sid]
+                return httpx.Response(200, json={"released": len(mine)})
+            if parts[2] == "claim":
+                while not self.pending:
+                    self.new_work.clear()
+                    try:
+                        await asyncio.wait_for(self.new_work.wait(), body["wait_s"])
+                    except TimeoutError:
+                        break
+                return httpx.Response(200, json={"tasks": self._take(sid, body["max_tasks"])})
+            # heartbeat
+            mine = [t for t in body["tasks"] if self.held.get(t, ("",))[0] == sid]
+            gone = [t for t in body["tasks"] if t not in mine and t not in self.cancelled]
+            return httpx.Response(
+                200,
+                json={
+                    "cancelled": [t for t in body["tasks"] if t in self.cancelled],
+                    "lost": gone,
+                    "lease_s": 1.0,
+                    "heartbeat_s": self.heartbeat_s,
+                },
+            )
+        task_id, action = parts[1], parts[2]
+        if self.held.get(task_id) != (body["session_id"], body["attempt"]):
+            return _error(409, "lease_lost")
+        if action == "chunks":
+            self.chunks.setdefault(task_id, []).extend(c["seq"] for c in body["chunks"])
+            return httpx.Response(200, json={"last_seq": self.chunks[task_id][-1]})
+        if action in ("complete", "fail"):
+            del self.held[task_id]
+            self.outcomes[task_id] = (action, body.get("response", body.get("message")))
+        if action == "release":
+            self.release(task_id)
+        return httpx.Response(
+            200,
+            json={
+                "id": task_id,
+                "status": "running",
+                "pool": "p",
+                "created_at": "2024-01-01T00:00:00Z",
+            },
+        )
+
+    def cancel(self, task_id: str) -> None:
+        """The task's client cancelled it: the next heartbeat says so."""
+        del self.held[task_id]
+        self.cancelled.add(task_id)
+
+    def release(self, task_id: str) -> None:
+        del self.held[task_id]
+        self.outcomes[task_id] = ("released", None)
+
+    async def until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def _error(status: int, code: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"message": code, "type": "x", "code": code}})
+
+
+@pytest.fixture
+async def daemon() -> FakeDaemon:
+    return FakeDaemon()
+
+
+@pytest.fixture
+async def client(daemon: FakeDaemon) -> AsyncIterator[WorkerClient]:
+    c = WorkerClient(
+        "http://inferq", "t", transport=httpx.MockTransport(daemon.handle), backoff_max_s=0.01
+    )
+    yield c
+    await c.aclose()
+
+
+Handler = Callable[[WorkerTask, TaskContext], Awaitable[JsonValue]]
+
+
+async def start(
+    client: WorkerClient, handler: Handler, **kw: Any
+) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(client, ["p"], handler, claim_wait_s=5.0, **kw)
+    return worker, asyncio.create_task(worker.run())
+
+
+async def test_never_more_than_capacity_handlers_and_all_tasks_done(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    ids = daemon.add(7)
+    live, peak = 0, 0
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        await asyncio.sleep(0.01)
+        live -= 1
+        return {"ok": str(task.id)}
+
+    worker, run = await start(client, handler, capacity=2)
+    await daemon.until(lambda: len(daemon.outcomes) == 7)
+    worker.stop()
+    await run
+    assert peak == 2
+    assert [daemon.outcomes[i] for i in ids] == [("complete", {"ok": i}) for i in ids]
+    assert daemon.calls.count("POST sessions") == 1
+    assert daemon.calls[-1] == "DELETE sessions/*"
+
+
+async def test_chunks_keep_their_order_and_precede_the_outcome(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (task_id,) = daemon.add(streaming=True)
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        for n in range(200):
+            ctx.emit({"n": n})
+            if n % 50 == 0:
+                await asyncio.sleep(0)
+        return "done"
+
+    worker, run = await start(client, handler)
+    await daemon.until(lambda: task_id in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.chunks[task_id] == list(range(1, 201))
+    posts = daemon.calls.count("POST tasks/*/chunks")
+    assert posts < 200  # batched
+    order = [c for c in daemon.calls if c.startswith("POST tasks")]
+    assert order[0] == "POST tasks/*/start" and order[-1] == "POST tasks/*/complete"
+
+
+async def test_a_handler_exception_fails_the_task_with_its_message(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (task_id,) = daemon.add()
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        raise ValueError("the GPU caught fire")
+
+    worker, run = await start(client, handler)
+    await daemon.until(lambda: task_id in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.outcomes[task_id] == ("fail", "the GPU caught fire")
+
+
+async def test_a_cancel_reported_by_the_heartbeat_cancels_the_handler(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (task_id,) = daemon.add()
+    began, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return None
+
+    worker, run = await start(client, handler)
+    await began.wait()
+    daemon.cancel(task_id)
+    await asyncio.wait_for(cancelled.wait(), 5)
+    await daemon.until(lambda: worker.running == [])
+    worker.stop()
+    await run
+    assert task_id not in daemon.outcomes  # nothing posted for a cancelled task
+
+
+async def test_a_rejected_chunk_post_stops_the_handler_and_posts_nothing_more(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (task_id,) = daemon.add(streaming=True)
+    cancelled = asyncio.Event()
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        daemon.held[task_id] = ("someone-else", 2)  # the lease moved on
+        try:
+            while True:
+                ctx.emit("tok")
+                await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    worker, run = await start(client, handler)
+    await asyncio.wait_for(cancelled.wait(), 5)
+    worker.stop()
+    await run
+    assert task_id not in daemon.outcomes
+    assert "POST tasks/*/complete" not in daemon.calls
+
+
+async def test_stop_lets_quick_tasks_finish_and_releases_slow_ones(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    quick, slow = daemon.add(2)
+    began = asyncio.Event()
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        if str(task.id) == slow:
+            began.set()
+            await asyncio.Event().wait()
+        else:
+            await began.wait()
+            await asyncio.sleep(0.05)
+        return "ok"
+
+    worker, run = await start(client, handler, capacity=2, grace_s=0.5)
+    await began.wait()
+    worker.stop()
+    await run
+    assert daemon.outcomes[quick] == ("complete", "ok")
+    assert daemon.outcomes[slow] == ("released", None)
+    assert daemon.calls[-1] == "DELETE sessions/*"
+
+
+async def test_a_draining_replica_is_retried_and_the_session_kept(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        return "ok"
+
+    worker, run = await start(client, handler)
+    await daemon.until(lambda: "POST sessions/*/claim" in daemon.calls)
+    daemon.unavailable = 3
+    (task_id,) = daemon.add()
+    await daemon.until(lambda: task_id in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.outcomes[task_id] == ("complete", "ok")
+    assert daemon.calls.count("POST sessions") == 1
+
+
+async def test_a_reaped_session_binds_again(daemon: FakeDaemon, client: WorkerClient) -> None:
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        return "ok"
+
+    worker, run = await start(client, handler)
+    await daemon.until(lambda: worker.session_id is not None and daemon.sessions != {})
+    first = worker.session_id
+    daemon.sessions.clear()  # the reaper removed it
+    daemon.new_work.set()
+    await daemon.until(lambda: daemon.calls.count("POST sessions") == 2)
+    (task_id,) = daemon.add()
+    await daemon.until(lambda: task_id in daemon.outcomes)
+    worker.stop()
+    await run
+    assert worker.session_id != first
