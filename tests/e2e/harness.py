@@ -438,19 +438,19 @@ class Deployment:
                 return i
         return None
 
-    def maintenance_holders(self) -> list[str]:
+    def maintenance_holders(self, sweep: str = "rescuer") -> list[str]:
+        """Holders of ``sweep``'s live maintenance lease (holder names carry host:pid:rand)."""
         rows = self.query(
-            "SELECT DISTINCT holder FROM inferq.maintenance_lease WHERE expires_at > now()"
+            "SELECT holder FROM inferq.maintenance_lease WHERE name = %s AND expires_at > now()",
+            (sweep,),
         )
         return [str(r[0]) for r in rows]
 
-    def leader_replica(self) -> int | None:
-        """The replica holding a maintenance lease (matched by pid or port in the holder)."""
-        for holder in self.maintenance_holders():
+    def leader_replica(self, sweep: str = "rescuer") -> int | None:
+        """The live replica holding ``sweep``'s lease, matched by the pid in the holder name."""
+        for holder in self.maintenance_holders(sweep):
             for i, proc in enumerate(self.serve):
-                if not proc.alive():
-                    continue
-                if re.search(rf"\b({proc.pid}|{proc.extra['port']})\b", holder):
+                if proc.alive() and re.search(rf":{proc.pid}:", holder):
                     return i
         return None
 
