@@ -1,0 +1,275 @@
+"""Real processes for the worker end-to-end tests: one `inferq serve`, `inferq worker`s, upstreams.
+
+Each test gets its own migrated database (the ``dsn`` fixture), a daemon on a free port with
+short leases so rescue happens in seconds, tokens written straight into the database, and
+helpers that read the workers' JSON log lines. Nothing here sleeps to wait: every wait polls a
+predicate against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from inferq.db.cluster import free_port
+from inferq.db.tokens import hash_token, new_secret
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "default"
+MODEL = "echo"
+
+# Short enough that a dead worker's task runs elsewhere within a few seconds.
+FAST_LEASES = {
+    "INFERQ_LEASE_S": "2",
+    "INFERQ_SESSION_TTL_S": "2",
+    "INFERQ_HEARTBEAT_S": "0.5",
+    "INFERQ_MAINTENANCE_INTERVAL_S": "0.5",
+    "INFERQ_SSE_HEARTBEAT_S": "1",
+    "INFERQ_SAFETY_POLL_S": "2",
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "it") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.02)  # the polling period of a deadline loop, not a wait for an event
+
+
+@dataclass
+class Proc:
+    """A child process whose stdout and stderr go to one log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait(timeout_s)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The JSON log lines (with ``event`` and the given fields) written so far."""
+        found = []
+        for line in self.text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if event is not None and entry.get("event") != event:
+                continue
+            if all(entry.get(k) == v for k, v in match.items()):
+                found.append(entry)
+        return found
+
+    def wait_event(self, event: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
+        def seen() -> dict[str, Any] | None:
+            if not self.alive() and not self.events(event, **match):
+                raise AssertionError(f"{self.name} exited:\n{self.text()[-3000:]}")
+            hits = self.events(event, **match)
+            return hits[0] if hits else None
+
+        found: dict[str, Any] = wait_until(seen, timeout_s, f"{self.name} to log {event} {match}")
+        return found
+
+
+@dataclass
+class Stack:
+    """One daemon over the test's database, plus the workers and upstreams a test starts."""
+
+    dsn: str
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="inferq-e2e-")))
+    procs: list[Proc] = field(default_factory=list)
+    port: int = 0
+    client_token: str = ""
+    worker_token: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+        env["INFERQ_LOG_FORMAT"] = "json"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> Stack:
+        self.client_token = self.add_token("client-owner", "client")
+        self.worker_token = self.add_token("gpu-box", "worker")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO inferq.llm (name, pool_name, model, tier) VALUES (%s, %s, %s, %s)",
+                (MODEL, POOL, MODEL, "standard"),
+            )
+        self.port = free_port()
+        env = self.base_env() | {
+            "INFERQ_DATABASE_URL": self.dsn,
+            "INFERQ_HOST": "127.0.0.1",
+            "INFERQ_PORT": str(self.port),
+            "INFERQ_DATA_DIR": str(self.workdir / "data"),
+            **FAST_LEASES,
+            **self.env_overrides,
+        }
+        serve = self.spawn("serve", [sys.executable, "-m", "inferq", "serve"], env)
+        wait_until(lambda: self._ready(serve), 60, "inferq serve /readyz")
+        return self
+
+    def _ready(self, serve: Proc) -> bool:
+        if not serve.alive():
+            raise AssertionError(f"inferq serve exited:\n{serve.text()[-3000:]}")
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        index = len(self.procs)
+        log = self.workdir / f"{index:02d}-{name}.log"
+        proc = Proc(name, argv, env or self.base_env(), log).start()
+        self.procs.append(proc)
+        return proc
+
+    def add_token(self, owner: str, role: str) -> str:
+        secret = new_secret()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO inferq.api_token (token_hash, owner_id, role, label) "
+                "VALUES (%s, %s, %s, %s)",
+                (hash_token(secret), owner, role, "e2e"),
+            )
+        return secret
+
+    def worker(self, *args: str, capacity: int = 1, name: str | None = None) -> Proc:
+        """Start ``inferq worker`` on POOL; ``args`` add e.g. --backend or --echo-delay."""
+        name = name or f"worker{len(self.procs)}"
+        argv = [sys.executable, "-m", "inferq", "worker", "--url", self.url]
+        argv += ["--token", self.worker_token, "--pool", POOL, "--capacity", str(capacity)]
+        argv += ["--name", name, *args]
+        return self.spawn(name, argv)
+
+    def upstream(self, mode: str, delay_s: float = 0.01) -> str:
+        """Start tests/fake_upstream.py; its base URL."""
+        port = free_port()
+        script = str(REPO / "tests" / "fake_upstream.py")
+        argv = [sys.executable, script, "--port", str(port), "--mode", mode]
+        proc = self.spawn(f"upstream-{mode}", [*argv, "--delay", str(delay_s)])
+        wait_until(lambda: "ready" in proc.text(), 30, "the fake upstream")
+        return f"http://127.0.0.1:{port}/v1"
+
+    # -- client side --------------------------------------------------------------------------
+
+    def http(self, token: str | None = None, timeout_s: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.client_token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def submit(self, text: str, *, streaming: bool = False, **extra: Any) -> dict[str, Any]:
+        body = {"model": MODEL, "streaming": streaming, **extra}
+        body["request"] = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+        with self.http() as http:
+            resp = http.post("/v1/tasks", json=body)
+        assert resp.status_code == 201, resp.text
+        task: dict[str, Any] = resp.json()
+        return task
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        with self.http() as http:
+            resp = http.get(f"/v1/tasks/{task_id}")
+        assert resp.status_code == 200, resp.text
+        task: dict[str, Any] = resp.json()
+        return task
+
+    def wait_task(self, task_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        def terminal() -> dict[str, Any] | None:
+            task = self.task(task_id)
+            return task if task["status"] in ("completed", "error", "cancelled") else None
+
+        found: dict[str, Any] = wait_until(terminal, timeout_s, f"task {task_id} to end")
+        return found
+
+    def events(self, task_id: str) -> Iterator[tuple[str, str | None, Any]]:
+        """The task's native SSE stream as (event, id, data) until it ends."""
+        with self.http() as http, http.stream("GET", f"/v1/tasks/{task_id}/events") as resp:
+            assert resp.status_code == 200, resp.read()
+            event, event_id, data = "message", None, []
+            for line in resp.iter_lines():
+                if line.startswith(":"):
+                    continue
+                if not line:
+                    if data:
+                        yield event, event_id, json.loads("\n".join(data))
+                    event, event_id, data = "message", None, []
+                    continue
+                key, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if key == "event":
+                    event = value
+                elif key == "id":
+                    event_id = value
+                elif key == "data":
+                    data.append(value)
+
+    def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(statement, params).fetchall()
+
+
+def words(n: int) -> str:
+    """A message of ``n`` distinct words."""
+    return " ".join(f"w{i}" for i in range(1, n + 1))

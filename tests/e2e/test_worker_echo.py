@@ -1,0 +1,90 @@
+"""`inferq worker --backend echo` against `inferq serve`: the openai client, drain, capacity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from openai import OpenAI
+
+from tests.e2e.procs import MODEL, Stack, wait_until, words
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def stack(dsn: str) -> Iterator[Stack]:
+    s = Stack(dsn).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_the_openai_client_gets_a_streamed_and_a_plain_answer(stack: Stack) -> None:
+    worker = stack.worker("--backend", "echo", "--echo-delay", "0.01", capacity=2)
+    worker.wait_event("session_bound")
+    client = OpenAI(base_url=stack.url + "/v1", api_key=stack.client_token, max_retries=0)
+
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello from inferq"}]
+    )
+    assert plain.choices[0].message.content == "hello from inferq"
+    assert plain.choices[0].finish_reason == "stop"
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "stream me please"}], stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "stream me please"
+    assert len(chunks) >= 3  # word by word, not one blob
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    completion = client.completions.create(model=MODEL, prompt="once upon a time")
+    assert completion.choices[0].text == "once upon a time"
+    streamed = client.completions.create(model=MODEL, prompt="tell me more", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == "tell me more"
+
+    outcomes = worker.events("task_completed")
+    assert len(outcomes) == 4
+
+
+def test_fifty_tasks_queued_before_any_worker_are_all_done_after_one_binds(
+    stack: Stack,
+) -> None:
+    ids = [stack.submit(f"task {n}")["id"] for n in range(50)]
+    worker = stack.worker("--backend", "echo", capacity=4)
+    bound = worker.wait_event("session_bound")
+    assert bound["drained"] == 4  # the bind itself handed out work, up to capacity
+
+    def done() -> bool:
+        rows = stack.query(
+            "SELECT count(*) FROM inferq.task WHERE id = ANY(%s) AND status = 'completed'", (ids,)
+        )
+        return rows[0][0] == 50
+
+    wait_until(done, 60, "all 50 tasks to complete")
+    assert stack.task(ids[0])["response"]["choices"][0]["message"]["content"] == "task 0"
+    assert stack.task(ids[-1])["response"]["choices"][0]["message"]["content"] == "task 49"
+
+
+def test_a_worker_with_capacity_two_never_holds_more_than_two_tasks(stack: Stack) -> None:
+    ids = [stack.submit(words(5))["id"] for _ in range(8)]
+    stack.worker("--backend", "echo", "--echo-delay", "0.05", capacity=2)
+    peak = 0
+
+    def all_done() -> bool:
+        nonlocal peak
+        held = stack.query(
+            "SELECT count(*) FROM inferq.task WHERE status IN ('claimed', 'running') "
+            "GROUP BY claimed_by"
+        )
+        peak = max([peak, *(n for (n,) in held)])
+        done = stack.query(
+            "SELECT count(*) FROM inferq.task WHERE id = ANY(%s) AND status = 'completed'", (ids,)
+        )
+        return done[0][0] == len(ids)
+
+    wait_until(all_done, 60, "all tasks to complete")
+    assert peak == 2

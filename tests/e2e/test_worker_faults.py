@@ -1,0 +1,136 @@
+"""Workers that die, stall or get cancelled: leases, rescue, fencing, max_attempts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.e2e.procs import FAST_LEASES, Proc, Stack, words
+
+pytestmark = pytest.mark.e2e
+
+HEARTBEAT_S = float(FAST_LEASES["INFERQ_HEARTBEAT_S"])
+
+
+@pytest.fixture
+def stack(dsn: str) -> Iterator[Stack]:
+    s = Stack(dsn).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def log_time(entry: dict[str, Any]) -> float:
+    return datetime.fromisoformat(entry["timestamp"]).timestamp()
+
+
+def echo_worker(stack: Stack, delay_s: float) -> Proc:
+    worker = stack.worker("--backend", "echo", "--echo-delay", str(delay_s))
+    worker.wait_event("session_bound")
+    return worker
+
+
+def late_post(stack: Stack, task_id: str, claim: dict[str, Any], action: str) -> Any:
+    """Post as the worker that logged ``claim`` (its session, its attempt)."""
+    holder = {"session_id": claim["session_id"], "attempt": claim["attempt"]}
+    body = {
+        "chunks": holder | {"chunks": [{"seq": 1, "data": {"late": True}}]},
+        "complete": holder | {"response": {"late": True}},
+    }[action]
+    with stack.http(stack.worker_token) as http:
+        return http.post(f"/v1/worker/tasks/{task_id}/{action}", json=body)
+
+
+def test_a_killed_worker_s_task_reruns_elsewhere_and_the_stream_shows_a_reset(
+    stack: Stack,
+) -> None:
+    first = echo_worker(stack, 0.1)
+    text = words(30)
+    task_id = stack.submit(text, streaming=True)["id"]
+    seen: list[tuple[str, str | None, Any]] = []
+    second: Proc | None = None
+    killed_at = 0.0
+    for event in stack.events(task_id):
+        seen.append(event)
+        if event[0] == "chunk" and second is None:
+            second = echo_worker(stack, 0.0)
+            first.signal(signal.SIGKILL)
+            killed_at = time.time()
+        if event[0] == "done":
+            break
+    assert second is not None
+    kinds = [kind for kind, _, _ in seen]
+    assert "reset" in kinds
+    reset = seen[kinds.index("reset")][2]
+    assert reset["attempt"] == 2
+    retried = [(eid, data) for kind, eid, data in seen[kinds.index("reset") :] if kind == "chunk"]
+    assert [eid for eid, _ in retried] == [f"2:{n}" for n in range(1, len(retried) + 1)]
+    streamed = "".join(d["choices"][0]["delta"].get("content", "") for _, d in retried)
+    assert streamed == text
+    done = seen[-1][2]
+    assert (done["status"], done["attempt"]) == ("completed", 2)
+    assert done["response"]["choices"][0]["message"]["content"] == text  # attempt 2's only
+    claim = second.wait_event("task_claimed", task_id=task_id, attempt=2)
+    print(f"worker death -> task claimed elsewhere: {log_time(claim) - killed_at:.2f}s")
+
+
+def test_a_stalled_worker_s_late_posts_are_refused_and_change_nothing(stack: Stack) -> None:
+    first = echo_worker(stack, 0.1)
+    text = words(40)
+    task_id = stack.submit(text, streaming=True)["id"]
+    stale = first.wait_event("task_claimed", task_id=task_id)
+    events = stack.events(task_id)
+    next(e for e in events if e[0] == "chunk")
+    first.signal(signal.SIGSTOP)
+    second = echo_worker(stack, 0.0)
+    kinds = [kind for kind, _, _ in events]  # the rest of the stream, to its end
+    assert "reset" in kinds
+    second.wait_event("task_completed", task_id=task_id)
+    before = stack.task(task_id)
+    assert (before["status"], before["attempt"]) == ("completed", 2)
+
+    first.signal(signal.SIGCONT)
+    first.wait_event("task_lost", task_id=task_id)
+    for action in ("chunks", "complete"):
+        resp = late_post(stack, task_id, stale, action)
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["error"]["code"] == "lease_lost"
+    assert stack.task(task_id) == before
+    assert first.events("task_completed", task_id=task_id) == []
+
+
+def test_a_cancel_reaches_the_handler_within_a_heartbeat(stack: Stack) -> None:
+    worker = echo_worker(stack, 0.2)
+    task_id = stack.submit(words(200), streaming=True)["id"]
+    claim = worker.wait_event("task_claimed", task_id=task_id)
+    events = stack.events(task_id)
+    next(e for e in events if e[0] == "chunk")
+    with stack.http() as http:
+        cancelled_at = time.time()
+        assert http.post(f"/v1/tasks/{task_id}/cancel").status_code == 200
+    stopped = worker.wait_event("task_cancelled", task_id=task_id)
+    lag = log_time(stopped) - cancelled_at
+    print(f"cancel -> handler cancelled: {lag:.3f}s (heartbeat {HEARTBEAT_S}s)")
+    assert lag < HEARTBEAT_S + 0.5  # one heartbeat interval, plus a round trip's slack
+    assert stack.task(task_id)["status"] == "cancelled"
+    resp = late_post(stack, task_id, claim, "complete")
+    assert resp.status_code == 409, resp.text
+    assert stack.task(task_id)["status"] == "cancelled"
+    assert worker.events("task_completed", task_id=task_id) == []
+
+
+def test_a_task_whose_worker_keeps_dying_ends_in_error(stack: Stack) -> None:
+    task_id = stack.submit(words(100), max_attempts=2)["id"]
+    for attempt in (1, 2):
+        worker = stack.worker("--backend", "echo", "--echo-delay", "0.2")
+        worker.wait_event("task_claimed", task_id=task_id, attempt=attempt)
+        worker.signal(signal.SIGKILL)
+    done = stack.wait_task(task_id)
+    assert done["status"] == "error"
+    assert done["error"].startswith("the worker was lost 2 times (max_attempts=2)")
