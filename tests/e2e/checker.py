@@ -90,6 +90,7 @@ def check(
 ) -> Report:
     """Every invariant over ``history`` and the final database state."""
     report = Report()
+    report.figures["duplicate_terminal_transitions"] = 0
     results = [r for r in history if r["op"] == "result"]
     _check_results(report, results, tasks)
     _check_idempotency(report, history, tasks)
@@ -163,6 +164,8 @@ def _check_terminal_transitions(
         out_of = [t for t in trail if t["old"] in TERMINAL]
         if len(into) != 1:
             report.fail("I2", f"task {task_id}: {len(into)} terminal transitions {into}")
+        if len(into) > 1:
+            report.figures["duplicate_terminal_transitions"] += len(into) - 1
         if out_of:
             report.fail("I2", f"task {task_id} changed after it ended: {out_of}")
 

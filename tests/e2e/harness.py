@@ -234,10 +234,10 @@ class Deployment:
         for proc in [*self.worker_procs, *self.serve]:
             with suppress(Exception):
                 proc.stop()
-        for proc in (self.nginx, self.bouncer):
-            if proc is not None:
+        for other in (self.nginx, self.bouncer):
+            if other is not None:
                 with suppress(Exception):
-                    proc.stop()
+                    other.stop()
         with suppress(Exception):
             self.cluster.stop("immediate")
 
@@ -284,7 +284,7 @@ class Deployment:
     def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one statement on the database directly (not through PgBouncer)."""
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            cur = conn.execute(statement, params)  # type: ignore[arg-type]
+            cur = conn.execute(statement, params)
             return cur.fetchall() if cur.description else []
 
     def restart_database(self) -> None:
@@ -566,5 +566,5 @@ class Deployment:
         return None
 
     def logs(self) -> dict[str, str]:
-        procs = [*self.serve, *self.worker_procs, self.nginx, self.bouncer]
+        procs: list[Proc | None] = [*self.serve, *self.worker_procs, self.nginx, self.bouncer]
         return {p.name: p.log_text() for p in procs if p is not None}

@@ -433,7 +433,8 @@ class Op:
 
 async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str, str | None]]:
     """(event, data, id) for each SSE event of a response; comments are skipped."""
-    event, data, eid = "message", [], None
+    event, eid = "message", None
+    data: list[str] = []
     async for line in resp.aiter_lines():
         if line == "":
             if data:

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -31,7 +31,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 TASKS = int(os.environ.get("INFERQ_E2E_TASKS", "300"))
 
-Fault = Callable[[LoadGenerator, Deployment, dict[str, Any]], Awaitable[None]]
+
+class Load(Protocol):
+    """What a fault sees of the load: progress, and the task ids being streamed right now."""
+
+    @property
+    def streaming_now(self) -> set[str]: ...
+
+    async def reached(self, fraction: float) -> None: ...
+
+
+Fault = Callable[[Load, Deployment, dict[str, Any]], Awaitable[None]]
 
 
 @pytest.fixture
@@ -62,9 +72,14 @@ def run_load(
         finally:
             await load
 
+    # A private loop: asyncio.run would replace the event loop pytest-asyncio keeps.
+    loop = asyncio.new_event_loop()
     try:
-        asyncio.run(main())
+        loop.run_until_complete(main())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
     finally:
+        loop.close()
         history.close()
     # Tasks whose OpenAI-style client retried elsewhere are cancelled or complete unobserved.
     wait_until(lambda: dep.unfinished_tasks() == 0, 90, "every task to reach a terminal state")
@@ -85,7 +100,7 @@ async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
 # -- the faults --------------------------------------------------------------------------------
 
 
-async def kill_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def kill_replica(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGKILL a replica mid-load; clients resume through nginx; restart it later."""
     await gen.reached(0.25)
     await in_thread(dep.kill_replica, 0)
@@ -94,7 +109,7 @@ async def kill_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any
     await in_thread(dep.restart_replica, 0)
 
 
-async def terminate_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def terminate_replica(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGTERM a replica: it drains and exits 0 while nginx routes around it."""
     await gen.reached(0.25)
     notes["sigterm_exit_status"] = await in_thread(dep.terminate_replica, 1)
@@ -102,7 +117,7 @@ async def terminate_replica(gen: LoadGenerator, dep: Deployment, notes: dict[str
     await in_thread(dep.restart_replica, 1)
 
 
-async def cut_listeners(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def cut_listeners(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """pg_terminate_backend every replica's LISTEN connection; they reconnect and resync."""
     await gen.reached(0.3)
     notes["listeners_terminated"] = await in_thread(dep.terminate_listeners)
@@ -116,7 +131,7 @@ async def cut_listeners(gen: LoadGenerator, dep: Deployment, notes: dict[str, An
     notes["relistened_at"] = time.time()
 
 
-async def restart_postgres(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def restart_postgres(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """`pg_ctl restart -m fast` mid-load: 503s while down, then full recovery."""
     await gen.reached(0.3)
     start = time.monotonic()
@@ -124,7 +139,7 @@ async def restart_postgres(gen: LoadGenerator, dep: Deployment, notes: dict[str,
     notes["postgres_down_s"] = round(time.monotonic() - start, 2)
 
 
-async def _victim(gen: LoadGenerator, dep: Deployment) -> tuple[int, str]:
+async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
     """A worker running a streamed task that a native SSE client is reading right now."""
     found: list[tuple[int, str]] = []
 
@@ -138,7 +153,7 @@ async def _victim(gen: LoadGenerator, dep: Deployment) -> tuple[int, str]:
     return found[0]
 
 
-async def kill_worker(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def kill_worker(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGKILL a worker mid-stream: the task re-runs elsewhere and its stream shows a reset."""
     await gen.reached(0.2)
     worker, task_id = await _victim(gen, dep)
@@ -148,7 +163,7 @@ async def kill_worker(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]
     await in_thread(dep.restart_worker, worker)
 
 
-async def kill_leader(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+async def kill_leader(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGKILL the maintenance leader and a worker: another replica takes over the rescue."""
     await gen.reached(0.25)
     found: list[int] = []
@@ -252,7 +267,7 @@ def test_maintenance_leader_killed(deployment: Deployment, tmp_path: Path) -> No
 
 
 def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
-    async def all_faults(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+    async def all_faults(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
         for fault in (
             kill_replica,
             kill_worker,
@@ -271,7 +286,7 @@ def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
 def test_through_pgbouncer(tmp_path: Path) -> None:
     with Deployment.running(pgbouncer=True) as dep:
 
-        async def faults(gen: LoadGenerator, d: Deployment, notes: dict[str, Any]) -> None:
+        async def faults(gen: Load, d: Deployment, notes: dict[str, Any]) -> None:
             await kill_replica(_Scaled(gen, kill_replica, 0), d, notes)
             await cut_listeners(_Scaled(gen, cut_listeners, 1), d, notes)
 
@@ -292,15 +307,16 @@ class _Scaled:
     )
 
     def __init__(
-        self, gen: LoadGenerator, fault: Any, slot: int | None = None, n: int | None = None
+        self, gen: Load, fault: Any, slot: int | None = None, n: int | None = None
     ) -> None:
         self._gen = gen
         name = fault.__name__
         self._slot = slot if slot is not None else self.ORDER.index(name)
         self._n = n if n is not None else (2 if slot is not None else len(self.ORDER))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._gen, name)
+    @property
+    def streaming_now(self) -> set[str]:
+        return self._gen.streaming_now
 
     async def reached(self, fraction: float) -> None:
         await self._gen.reached((self._slot + fraction * 0.9) / self._n)
