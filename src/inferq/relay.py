@@ -18,6 +18,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -49,10 +50,16 @@ class ChunkRelay:
         self.flush_s = settings.chunk_flush_ms / 1000
         self._buffer: list[_Post] = []
         self._has_posts = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
         self.flushes = 0
         self.chunks_stored = 0
+
+    @property
+    def buffered(self) -> int:
+        """Posts waiting for the next flush."""
+        return len(self._buffer)
 
     async def post(
         self, task_id: UUID, session_id: UUID, attempt: int, chunks: Sequence[tuple[int, str]]
@@ -78,6 +85,7 @@ class ChunkRelay:
     async def stop(self) -> None:
         """Flush what is buffered and stop the flusher (posts after this are written directly)."""
         self._stopped = True
+        self._stopping.set()
         self._has_posts.set()
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
@@ -89,7 +97,9 @@ class ChunkRelay:
             # The window starts at the first buffered post: everything arriving within it
             # shares one commit.
             if self.flush_s > 0 and not self._stopped:
-                await asyncio.sleep(self.flush_s)
+                # stop() cuts the window short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.flush_s)
             batch, self._buffer = self._buffer, []
             self._has_posts.clear()
             if batch:
