@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_data_dir() -> Path:
+    """~/.local/share/inferq; as root /var/lib/inferq, because the embedded PostgreSQL then
+    runs as `nobody`, which cannot traverse /root."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/inferq")
     return Path.home() / ".local" / "share" / "inferq"
 
 
@@ -65,3 +70,6 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
     cancel_on_disconnect: bool = True
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # After SIGTERM, how long /readyz is red (and new work refused) before the listening
+    # socket closes, so a load balancer stops routing here first.
+    drain_delay_s: float = Field(default=1.0, ge=0)

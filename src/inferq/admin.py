@@ -1,0 +1,133 @@
+"""`inferq token | llm | status`: administration straight against the database.
+
+They use INFERQ_DATABASE_URL, or the embedded database of INFERQ_DATA_DIR (started for the
+command when `inferq serve` is not running, and stopped again afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
+from uuid import UUID
+
+from inferq.db.llms import LlmRepository
+from inferq.db.pool import Pool, create_pool
+from inferq.db.tokens import Role, TokenRepository
+from inferq.errors import ConfigurationError
+from inferq.metrics import queue_stats
+from inferq.settings import Settings
+
+T = TypeVar("T")
+
+
+def with_pool(
+    settings: Settings, work: Callable[[Pool], Awaitable[T]], dsn: str | None = None
+) -> T:
+    """Run ``work`` with a small pool on the configured (or embedded) database."""
+    started_here = False
+    if dsn is None:
+        dsn = settings.database_url
+    if not dsn:
+        from inferq.embedded import embedded_dsn
+
+        dsn, started_here = embedded_dsn(settings, announce=False), True
+    small = settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
+
+    async def run() -> T:
+        pool = create_pool(small, dsn)
+        await pool.open(wait=True, timeout=15.0)
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if started_here:
+            from inferq.embedded import stop_embedded
+
+            stop_embedded(only_if_started_here=True)
+
+
+def token_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`inferq token create|list|revoke`."""
+
+    async def work(pool: Pool) -> int:
+        tokens = TokenRepository(pool)
+        if args.token_command == "create":
+            token, secret = await tokens.create(
+                args.owner, cast(Role, args.role), pools=args.pools or None, label=args.label
+            )
+            print(secret)
+            print(
+                f"token {token.id} owner={token.owner_id} role={token.role} "
+                f"pools={','.join(token.pools) if token.pools else '*'} "
+                "(the secret above is shown once)",
+                file=sys.stderr,
+            )
+            return 0
+        if args.token_command == "list":
+            for t in await tokens.all():
+                state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+                pools = ",".join(t.pools) if t.pools else "*"
+                print(
+                    f"{t.id}  {t.owner_id:20} {t.role:7} pools={pools:20} {state}  {t.label or ''}"
+                )
+            return 0
+        try:
+            token_id = UUID(args.token_id)
+        except ValueError:
+            raise ConfigurationError(f"{args.token_id!r} is not a token id") from None
+        if not await tokens.revoke(token_id):
+            print(f"inferq: token {token_id} does not exist or is already revoked", file=sys.stderr)
+            return 1
+        print(f"revoked {token_id}")
+        return 0
+
+    return with_pool(settings, work)
+
+
+def llm_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`inferq llm add|list|remove`."""
+
+    async def work(pool: Pool) -> int:
+        llms = LlmRepository(pool)
+        if args.llm_command == "add":
+            llm = await llms.put(args.name, args.pool, args.model, args.tier)
+            print(f"{llm.name} -> pool {llm.pool_name} (model {llm.model}, tier {llm.tier})")
+            return 0
+        if args.llm_command == "list":
+            for llm in await llms.all():
+                print(f"{llm.name:30} pool={llm.pool_name:20} model={llm.model} tier={llm.tier}")
+            return 0
+        if not await llms.remove(args.name):
+            print(f"inferq: model {args.name!r} does not exist", file=sys.stderr)
+            return 1
+        print(f"removed {args.name}")
+        return 0
+
+    return with_pool(settings, work)
+
+
+def status_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`inferq status`: tasks per pool and status, and live worker sessions."""
+
+    async def work(pool: Pool) -> int:
+        stats = await queue_stats(pool)
+        if args.json:
+            print(json.dumps(stats.as_json(), indent=2))
+            return 0
+        print(f"worker sessions: {stats.sessions} live, capacity {stats.capacity}")
+        if not stats.tasks:
+            print("no tasks")
+        for pool_name, counts in sorted(stats.tasks.items()):
+            line = "  ".join(f"{status}={n}" for status, n in sorted(counts.items()))
+            print(f"pool {pool_name:20} {line}")
+        return 0
+
+    return with_pool(settings, work)

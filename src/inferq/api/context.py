@@ -1,0 +1,232 @@
+"""ApiContext: what the routes of one replica share (repositories, service, limits, drain).
+
+Per-token caps live here. Open waits and streams are counted in memory per token on this
+replica. Pending tasks are counted in the database per owner (bounded by the cap, so the
+count never scans more than cap + 1 rows), at most once per ``pending_refresh_s`` per owner,
+plus the submits this replica accepted since: a burst is refused near the cap without a count
+query per submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from uuid import UUID
+
+from fastapi import Request
+
+from inferq.api.auth import Authenticator
+from inferq.api.errors import ClientGone, ShuttingDown, TooManyPending, TooManyWaits
+from inferq.db.llms import Llm, LlmRepository
+from inferq.db.pool import Pool
+from inferq.db.sessions import WorkerSessionRepository
+from inferq.db.tasks import TaskRepository
+from inferq.db.tokens import ApiToken, TokenRepository
+from inferq.errors import SessionNotFound
+from inferq.metrics import Metrics
+from inferq.service import TaskService
+from inferq.settings import Settings
+
+T = TypeVar("T")
+
+COUNT_PENDING = """
+SELECT count(*) FROM (
+    SELECT 1 FROM inferq.task WHERE owner_id = %(owner)s AND status = 'pending' LIMIT %(cap)s
+) s
+"""
+
+
+class Drain:
+    """The replica's shutdown switch: /readyz turns red, new work is refused, waits end."""
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        self.draining = False
+        self.retry_after_s = retry_after_s
+        self.event = asyncio.Event()
+
+    def start(self) -> None:
+        self.draining = True
+        self.event.set()
+
+    def check(self) -> None:
+        """Raise ShuttingDown (503 + Retry-After) once draining."""
+        if self.draining:
+            raise ShuttingDown(retry_after_s=self.retry_after_s)
+
+
+@dataclass
+class PendingLimiter:
+    pool: Pool
+    cap: int
+    refresh_s: float = 1.0
+    _counts: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    async def check(self, owner_id: str) -> None:
+        """Raise TooManyPending when the owner has ``cap`` pending tasks or more."""
+        now = time.monotonic()
+        cached = self._counts.get(owner_id)
+        if cached is None or now - cached[1] > self.refresh_s or cached[0] >= self.cap:
+            cached = (await self._count(owner_id), now)
+        if cached[0] >= self.cap:
+            self._counts[owner_id] = cached
+            raise TooManyPending(
+                f"owner {owner_id!r} has {self.cap} pending tasks or more "
+                "(INFERQ_MAX_PENDING_PER_TOKEN); retry when some have been claimed",
+                retry_after_s=max(1.0, self.refresh_s),
+            )
+        self._counts[owner_id] = (cached[0] + 1, cached[1])
+        if len(self._counts) > 100_000:
+            self._counts.clear()
+
+    async def _count(self, owner_id: str) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(COUNT_PENDING, {"owner": owner_id, "cap": self.cap})
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+@dataclass
+class ApiContext:
+    """Everything a route needs; built by the daemon (or a test) around a running pool."""
+
+    settings: Settings
+    pool: Pool
+    service: TaskService
+    listener: Any = None
+    metrics: Metrics = field(default_factory=Metrics)
+    drain: Drain = field(default_factory=Drain)
+
+    def __post_init__(self) -> None:
+        self.tasks = TaskRepository(self.pool)
+        self.sessions = WorkerSessionRepository(self.pool)
+        self.tokens = TokenRepository(self.pool)
+        self.llms = LlmRepository(self.pool)
+        self.auth = Authenticator(self.tokens, generation=self._listener_generation)
+        self.pending = PendingLimiter(self.pool, self.settings.max_pending_per_token)
+        self._waits: dict[UUID, int] = {}
+        self._llm_cache: dict[str, tuple[Llm, float]] = {}
+        self._session_owner: dict[UUID, tuple[str, list[str]]] = {}
+
+    def _listener_generation(self) -> int:
+        stats = getattr(self.listener, "stats", None)
+        return int(getattr(stats, "reconnects", 0))
+
+    # -- limits -------------------------------------------------------------------------------
+
+    def acquire_wait(self, token: ApiToken) -> None:
+        """Take one of the token's open waits/streams; raises TooManyWaits (429) when full."""
+        held = self._waits.get(token.id, 0)
+        if held >= self.settings.max_waits_per_token:
+            raise TooManyWaits(
+                f"this token has {held} open waits and streams "
+                f"(INFERQ_MAX_WAITS_PER_TOKEN={self.settings.max_waits_per_token})"
+            )
+        self._waits[token.id] = held + 1
+        self.metrics.open_waits.inc()
+
+    def release_wait(self, token: ApiToken) -> None:
+        self.metrics.open_waits.dec()
+        left = self._waits.get(token.id, 1) - 1
+        if left > 0:
+            self._waits[token.id] = left
+        else:
+            self._waits.pop(token.id, None)
+
+    @asynccontextmanager
+    async def wait_slot(self, token: ApiToken) -> AsyncIterator[None]:
+        """Hold one of the token's open waits for the block (see acquire_wait)."""
+        self.acquire_wait(token)
+        try:
+            yield
+        finally:
+            self.release_wait(token)
+
+    # -- cached lookups -----------------------------------------------------------------------
+
+    async def resolve_llm(self, name: str) -> Llm:
+        """The registry entry for ``name`` (cached 1 s); raises UnknownModel."""
+        now = time.monotonic()
+        cached = self._llm_cache.get(name)
+        if cached is not None and now - cached[1] < 1.0:
+            return cached[0]
+        llm = await self.llms.resolve(name)
+        if len(self._llm_cache) > 10_000:
+            self._llm_cache.clear()
+        self._llm_cache[name] = (llm, now)
+        return llm
+
+    def forget_llm(self, name: str) -> None:
+        self._llm_cache.pop(name, None)
+
+    async def check_session(self, session_id: UUID, token: ApiToken) -> list[str]:
+        """The pools of a live session of the token's owner; raises SessionNotFound otherwise.
+
+        Ownership is remembered per replica; whether the session is still alive is decided by
+        the guarded statement each worker route runs anyway.
+        """
+        known = self._session_owner.get(session_id)
+        if known is None:
+            session = await self.sessions.get(session_id)
+            known = (session.owner_id, session.pools)
+            self.remember_session(session_id, *known)
+        if known[0] != token.owner_id:
+            raise SessionNotFound(
+                f"worker session {session_id} does not exist or expired; bind again"
+            )
+        return known[1]
+
+    def remember_session(self, session_id: UUID, owner_id: str, pools: list[str]) -> None:
+        if len(self._session_owner) > 100_000:
+            self._session_owner.clear()
+        self._session_owner[session_id] = (owner_id, pools)
+
+    def forget_session(self, session_id: UUID) -> None:
+        self._session_owner.pop(session_id, None)
+
+    # -- racing a wait against shutdown and disconnect ----------------------------------------
+
+    async def guarded(
+        self,
+        coro: Awaitable[T],
+        *,
+        request: Request | None = None,
+        on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run ``coro`` until it ends, the replica drains (ShuttingDown) or the client leaves
+        (ClientGone, after awaiting ``on_disconnect``)."""
+        work = asyncio.ensure_future(coro)
+        drained = asyncio.ensure_future(self.drain.event.wait())
+        watchers: set[asyncio.Future[Any]] = {work, drained}
+        gone: asyncio.Future[None] | None = None
+        if request is not None:
+            gone = asyncio.ensure_future(wait_disconnect(request))
+            watchers.add(gone)
+        try:
+            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            work.cancel()
+            if gone is not None and gone in done:
+                if on_disconnect is not None:
+                    await on_disconnect()
+                raise ClientGone()
+            raise ShuttingDown(retry_after_s=self.drain.retry_after_s)
+        finally:
+            for fut in watchers:
+                fut.cancel()
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body was already read)."""
+    receive = request.receive
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def get_ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx

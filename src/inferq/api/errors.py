@@ -1,0 +1,246 @@
+"""The one table that maps every error to an HTTP status and OpenAI's error object.
+
+Routes never catch: domain errors (inferq.errors), the API's own errors below, validation
+errors and database errors all end here. Database errors caused by the input (a value the
+schema refuses) are 400s; an unreachable database is a 503 with Retry-After; only a bug is a
+500, and even that answers with the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from inferq import errors
+from inferq.domain.task import Task
+
+log = structlog.get_logger(__name__)
+
+
+# -- errors raised by the HTTP layer itself ---------------------------------------------------
+
+
+class ApiError(errors.InferqError):
+    """The request was refused."""
+
+
+class Unauthorized(ApiError):
+    """Missing or invalid bearer token: send `Authorization: Bearer <token>`."""
+
+
+class Forbidden(ApiError):
+    """This token may not use this route."""
+
+
+class BodyTooLarge(ApiError):
+    """The request body is larger than INFERQ_MAX_BODY_BYTES."""
+
+
+class InvalidJson(ApiError):
+    """The request body is not valid JSON."""
+
+
+class JsonTooDeep(ApiError):
+    """The request body nests deeper than INFERQ_MAX_JSON_DEPTH."""
+
+
+class NulCharacter(ApiError):
+    """The request body contains a NUL character (\\u0000), which PostgreSQL cannot store."""
+
+
+class UnsupportedMediaType(ApiError):
+    """The request body must be JSON: send `Content-Type: application/json`."""
+
+
+class InvalidRequest(ApiError):
+    """The request is invalid."""
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TokenNotFound(ApiError):
+    """No such token (or it is already revoked)."""
+
+
+class InvalidBody(InvalidRequest):
+    """The request body does not match the route's schema."""
+
+
+class ClientGone(ApiError):
+    """The client closed the connection while its request waited."""
+
+
+class ShuttingDown(errors.LimitExceeded):
+    """This replica is shutting down; retry, another replica will answer."""
+
+
+class TooManyWaits(errors.LimitExceeded):
+    """This token has too many open waits and streams (INFERQ_MAX_WAITS_PER_TOKEN)."""
+
+
+class TooManyPending(errors.LimitExceeded):
+    """This token's owner has too many pending tasks (INFERQ_MAX_PENDING_PER_TOKEN)."""
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    status: int
+    type: str
+    code: str | None
+
+
+# Looked up along the exception's MRO, so the most specific class wins.
+ERROR_TABLE: dict[type[BaseException], Mapping] = {
+    Unauthorized: Mapping(401, "authentication_error", "invalid_api_key"),
+    Forbidden: Mapping(403, "permission_error", "forbidden"),
+    BodyTooLarge: Mapping(413, "invalid_request_error", "body_too_large"),
+    InvalidJson: Mapping(400, "invalid_request_error", "invalid_json"),
+    JsonTooDeep: Mapping(400, "invalid_request_error", "json_too_deep"),
+    NulCharacter: Mapping(400, "invalid_request_error", "nul_character"),
+    UnsupportedMediaType: Mapping(415, "invalid_request_error", "unsupported_media_type"),
+    InvalidRequest: Mapping(400, "invalid_request_error", "invalid_request"),
+    InvalidBody: Mapping(422, "invalid_request_error", "invalid_body"),
+    # nginx's "client closed request": nobody reads it, but the log and metrics show it.
+    ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),
+    ShuttingDown: Mapping(503, "service_unavailable", "shutting_down"),
+    TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
+    TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
+    errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
+    TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
+    errors.TaskNotFound: Mapping(404, "not_found_error", "task_not_found"),
+    errors.UnknownModel: Mapping(404, "not_found_error", "model_not_found"),
+    errors.SessionNotFound: Mapping(404, "not_found_error", "session_not_found"),
+    errors.LeaseLost: Mapping(409, "conflict_error", "lease_lost"),
+    errors.InvalidTransition: Mapping(409, "conflict_error", "invalid_transition"),
+    errors.IdempotencyConflict: Mapping(409, "conflict_error", "idempotency_conflict"),
+    errors.TaskCancelled: Mapping(409, "conflict_error", "task_cancelled"),
+    errors.TaskFailed: Mapping(502, "server_error", "task_failed"),
+    errors.WaitTimeout: Mapping(504, "timeout_error", "wait_timeout"),
+    errors.MigrationError: Mapping(503, "service_unavailable", "database_behind"),
+    errors.InferqError: Mapping(500, "server_error", None),
+    # A value the schema refuses (a CHECK, a domain, a too-long text) is the client's fault.
+    psycopg.errors.DataError: Mapping(400, "invalid_request_error", "invalid_value"),
+    psycopg.errors.IntegrityError: Mapping(400, "invalid_request_error", "invalid_value"),
+    psycopg.OperationalError: Mapping(503, "service_unavailable", "database_unavailable"),
+    psycopg_pool.PoolTimeout: Mapping(503, "service_unavailable", "database_unavailable"),
+}
+
+INTERNAL = Mapping(500, "server_error", "internal_error")
+
+
+def lookup(exc: BaseException) -> Mapping:
+    """The mapping of the most specific class of ``exc`` in the table."""
+    for cls in type(exc).__mro__:
+        found = ERROR_TABLE.get(cls)
+        if found is not None:
+            return found
+    return INTERNAL
+
+
+def task_state(task: Task) -> dict[str, Any]:
+    return {"id": str(task.id), "status": str(task.status), "attempt": task.attempt}
+
+
+def error_body(
+    message: str,
+    type_: str,
+    code: str | None,
+    *,
+    param: str | None = None,
+    task: Task | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error object, with the task's current state on task conflicts."""
+    body: dict[str, Any] = {"message": message, "type": type_, "code": code, "param": param}
+    if task is not None:
+        body["task"] = task_state(task)
+    return {"error": body}
+
+
+def error_response(exc: BaseException) -> Response:
+    """The HTTP answer for ``exc``: status, headers and JSON body from the table."""
+    mapping = lookup(exc)
+    headers: dict[str, str] = {}
+    if mapping.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="inferq"'
+    if isinstance(exc, errors.LimitExceeded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif mapping.status == 503:
+        headers["Retry-After"] = "1"
+    if isinstance(exc, errors.InferqError):
+        message = exc.message
+    elif isinstance(exc, psycopg.Error) and mapping.status == 400:
+        diag = exc.diag.message_primary or str(exc)
+        message = f"the database refused a value of the request: {diag}"
+    elif mapping.status == 503:
+        message = "the database is unavailable; retry"
+    else:
+        message = "internal error; see the server log"
+    body = error_body(
+        message,
+        mapping.type,
+        mapping.code,
+        param=getattr(exc, "param", None),
+        task=getattr(exc, "task", None),
+    )
+    return Response(
+        orjson.dumps(body),
+        status_code=mapping.status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    if lookup(exc).status >= 500:
+        log.error("request_failed", path=request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
+    body = error_body(message, "invalid_request_error", "invalid_request", param=param)
+    return Response(orjson.dumps(body), status_code=422, media_type="application/json")
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(
+        exc.status_code, "invalid_request_error"
+    )
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return Response(
+        orjson.dumps(error_body(message, type_, code)),
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+        media_type="application/json",
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into the error JSON."""
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    # Known errors go through the exception middleware (answered, not re-raised); only the
+    # catch-all Exception handler sits in the server-error middleware, which logs a traceback.
+    for cls in (errors.InferqError, psycopg.Error, psycopg_pool.PoolTimeout, Exception):
+        app.add_exception_handler(cls, _on_error)

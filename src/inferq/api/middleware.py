@@ -1,0 +1,125 @@
+"""One pure ASGI middleware: request id, structured request log, HTTP metrics, body size limit.
+
+Pure ASGI rather than BaseHTTPMiddleware: it adds no task and no copy per request, and it can
+refuse an oversized body before a byte of it is read. A declared Content-Length over the limit
+is answered 413 at once; a body without one (chunked) is counted as it arrives and the read
+that crosses the limit raises BodyTooLarge, which the error table answers with the same 413.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inferq.api.errors import BodyTooLarge, error_body
+from inferq.metrics import Metrics
+
+log = structlog.get_logger("inferq.api")
+
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestMiddleware:
+    """Wraps the app: every HTTP request gets an id, a log line, metrics and the body limit."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        if len(request_id) > 200 or not request_id.isprintable():
+            request_id = uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                declared = _header(scope, b"content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+                    await self._too_large(send_with_id)
+                else:
+                    await self.app(scope, self._limited(receive), send_with_id)
+            finally:
+                self._record(scope, status, time.perf_counter() - started)
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(
+                        f"the request body is larger than {limit} bytes (INFERQ_MAX_BODY_BYTES)"
+                    )
+            return message
+
+        return limited_receive
+
+    async def _too_large(self, send: Send) -> None:
+        body = orjson.dumps(
+            error_body(
+                f"the request body is larger than {self.max_body_bytes} bytes "
+                "(INFERQ_MAX_BODY_BYTES)",
+                "invalid_request_error",
+                "body_too_large",
+            )
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self, scope: Scope, status: int, elapsed_s: float) -> None:
+        route: Any = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope.get("method", "")
+        self.metrics.http_requests.labels(method, template, str(status)).inc()
+        self.metrics.http_seconds.labels(template).observe(elapsed_s)
+        if scope.get("path") in _QUIET and status < 400:
+            return
+        log.info(
+            "request_handled",
+            method=method,
+            path=scope.get("path"),
+            route=template,
+            status=status,
+            duration_ms=round(elapsed_s * 1000, 2),
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

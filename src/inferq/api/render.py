@@ -1,0 +1,72 @@
+"""JSON answers: orjson responses and the wire shapes of tasks (docs/protocol.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import orjson
+from starlette.responses import Response
+
+from inferq.domain.task import Task
+from inferq.errors import TaskNotFound
+
+
+class OrjsonResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return OrjsonResponse(content, status_code=status_code, headers=headers)
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    """The task object of the native API."""
+    return {
+        "id": task.id,
+        "status": task.status.value,
+        "pool": task.pool_name,
+        "llm": task.llm_name,
+        "model": task.model,
+        "tier": task.tier,
+        "streaming": task.streaming,
+        "request": task.request_body,
+        "response": task.response_body,
+        "error": task.error_message,
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "priority": task.priority,
+        "agent_id": task.agent_id,
+        "created_at": task.created_at,
+        "claimed_at": task.claimed_at,
+        "stream_started_at": task.stream_started_at,
+        "completed_at": task.completed_at,
+    }
+
+
+def worker_task_json(task: Task) -> dict[str, Any]:
+    """The WorkerTask object of the worker API."""
+    return {
+        "id": task.id,
+        "attempt": task.attempt,
+        "pool": task.pool_name,
+        "llm": task.llm_name,
+        "model": task.model,
+        "streaming": task.streaming,
+        "request": task.request_body,
+        "priority": task.priority,
+        "lease_expires_at": task.lease_expires_at,
+    }
+
+
+def parse_task_id(raw: str) -> UUID:
+    """A task id from the path; anything that is not a UUID is a missing task (404)."""
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise TaskNotFound(f"task {raw[:64]!r} not found") from None

@@ -1,0 +1,210 @@
+"""The worker API: bind, claim (long-poll), heartbeat, unbind; start, chunks, complete, fail,
+release.
+
+A worker token binds only the pools its token lists (403 otherwise) and only sees its owner's
+sessions (another owner's session id is 404 like a missing one). Task writes are guarded in the
+database by (session, attempt): a stale writer gets 409 ``lease_lost`` with the current task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Depends
+from starlette.responses import Response
+
+from inferq.api.auth import check_pools, worker_token
+from inferq.api.body import json_body
+from inferq.api.context import ApiContext, get_ctx
+from inferq.api.errors import ShuttingDown
+from inferq.api.render import json_response, parse_task_id, task_json, worker_task_json
+from inferq.db.tokens import ApiToken
+from inferq.domain.task import Task
+from inferq.errors import SessionNotFound
+from inferq.wire import (
+    BindRequest,
+    ChunksRequest,
+    ClaimRequest,
+    CompleteRequest,
+    FailRequest,
+    HeartbeatRequest,
+    Holder,
+)
+
+router = APIRouter(prefix="/v1/worker", tags=["worker"])
+
+Ctx = Annotated[ApiContext, Depends(get_ctx)]
+Worker = Annotated[ApiToken, Depends(worker_token)]
+
+
+def _parse_session_id(raw: str) -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise SessionNotFound(f"worker session {raw[:64]!r} does not exist; bind again") from None
+
+
+def _claimed(ctx: ApiContext, tasks: list[Task]) -> list[dict[str, object]]:
+    for task in tasks:
+        if task.claimed_at is not None:
+            latency = (task.claimed_at - task.created_at).total_seconds()
+            ctx.metrics.claim_latency_seconds.labels(task.pool_name).observe(max(0.0, latency))
+    return [worker_task_json(t) for t in tasks]
+
+
+@router.post("/sessions", status_code=201, summary="Bind a worker session; claims pending work")
+async def bind(
+    ctx: Ctx, token: Worker, body: Annotated[BindRequest, Depends(json_body(BindRequest))]
+) -> Response:
+    ctx.drain.check()
+    pools = list(dict.fromkeys(body.pools))
+    check_pools(token, pools)
+    session = await ctx.sessions.bind(
+        token.owner_id, pools, body.capacity, ttl_s=ctx.settings.session_ttl_s, name=body.name
+    )
+    ctx.remember_session(session.id, session.owner_id, session.pools)
+    tasks = await ctx.tasks.claim(
+        session.id, pools, limit=body.capacity, lease_s=ctx.settings.lease_s
+    )
+    return json_response(
+        {
+            "session_id": session.id,
+            "pools": session.pools,
+            "capacity": session.capacity,
+            "lease_s": ctx.settings.lease_s,
+            "heartbeat_s": ctx.settings.heartbeat_s,
+            "tasks": _claimed(ctx, tasks),
+        },
+        201,
+    )
+
+
+@router.post("/sessions/{session_id}/claim", summary="Claim up to max_tasks (long-poll)")
+async def claim(
+    ctx: Ctx,
+    token: Worker,
+    session_id: str,
+    body: Annotated[ClaimRequest, Depends(json_body(ClaimRequest))],
+) -> Response:
+    sid = _parse_session_id(session_id)
+    ctx.drain.check()
+    session = await ctx.sessions.get(sid, touch_ttl_s=ctx.settings.session_ttl_s)
+    if session.owner_id != token.owner_id:
+        raise SessionNotFound(f"worker session {sid} does not exist or expired; bind again")
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(body.wait_s, ctx.settings.max_wait_s)
+    tasks: list[Task] = []
+    # Interest is registered before the first claim, so work that arrives in between wakes us.
+    async with ctx.service.pool_waiter(session.pools) as waiter:
+        while not ctx.drain.draining:
+            tasks = await ctx.tasks.claim(
+                sid, session.pools, limit=body.max_tasks, lease_s=ctx.settings.lease_s
+            )
+            remaining = deadline - loop.time()
+            if tasks or remaining <= 0:
+                break
+            try:
+                await ctx.guarded(waiter.wait(remaining))
+            except ShuttingDown:
+                break  # an empty answer: the worker claims again, from another replica
+    ctx.metrics.claim_seconds.observe(time.perf_counter() - started)
+    return json_response({"tasks": _claimed(ctx, tasks)})
+
+
+@router.post("/sessions/{session_id}/heartbeat", summary="Extend the session and its leases")
+async def heartbeat(
+    ctx: Ctx,
+    token: Worker,
+    session_id: str,
+    body: Annotated[HeartbeatRequest, Depends(json_body(HeartbeatRequest))],
+) -> Response:
+    sid = _parse_session_id(session_id)
+    await ctx.check_session(sid, token)
+    beat = await ctx.sessions.heartbeat(
+        sid, body.tasks, ttl_s=ctx.settings.session_ttl_s, lease_s=ctx.settings.lease_s
+    )
+    return json_response(
+        {
+            "cancelled": beat.cancelled,
+            "lost": beat.lost,
+            "lease_s": ctx.settings.lease_s,
+            "heartbeat_s": ctx.settings.heartbeat_s,
+        }
+    )
+
+
+@router.delete("/sessions/{session_id}", summary="Unbind; held tasks go back to pending")
+async def unbind(ctx: Ctx, token: Worker, session_id: str) -> Response:
+    sid = _parse_session_id(session_id)
+    await ctx.check_session(sid, token)
+    released = await ctx.tasks.revert_session(sid, reason="its worker unbound")
+    await ctx.sessions.unbind(sid)
+    ctx.forget_session(sid)
+    return json_response({"released": len(released)})
+
+
+@router.post("/tasks/{task_id}/start", summary="claimed -> running")
+async def start(
+    ctx: Ctx, token: Worker, task_id: str, body: Annotated[Holder, Depends(json_body(Holder))]
+) -> Response:
+    tid = parse_task_id(task_id)
+    await ctx.check_session(body.session_id, token)
+    task = await ctx.tasks.start(tid, body.session_id, body.attempt)
+    return json_response(worker_task_json(task))
+
+
+@router.post("/tasks/{task_id}/chunks", summary="Post stream chunks (attempt, seq)")
+async def chunks(
+    ctx: Ctx,
+    token: Worker,
+    task_id: str,
+    body: Annotated[ChunksRequest, Depends(json_body(ChunksRequest))],
+) -> Response:
+    tid = parse_task_id(task_id)
+    await ctx.check_session(body.session_id, token)
+    items = [(c.seq, orjson.dumps(c.data).decode()) for c in body.chunks]
+    last_seq = await ctx.service.post_chunks(tid, body.session_id, body.attempt, items)
+    return json_response({"last_seq": last_seq})
+
+
+@router.post("/tasks/{task_id}/complete", summary="Store the response (idempotent)")
+async def complete(
+    ctx: Ctx,
+    token: Worker,
+    task_id: str,
+    body: Annotated[CompleteRequest, Depends(json_body(CompleteRequest))],
+) -> Response:
+    tid = parse_task_id(task_id)
+    await ctx.check_session(body.session_id, token)
+    task = await ctx.tasks.complete(tid, body.session_id, body.attempt, body.response)
+    return json_response(task_json(task))
+
+
+@router.post("/tasks/{task_id}/fail", summary="Fail the task with a message (idempotent)")
+async def fail(
+    ctx: Ctx,
+    token: Worker,
+    task_id: str,
+    body: Annotated[FailRequest, Depends(json_body(FailRequest))],
+) -> Response:
+    tid = parse_task_id(task_id)
+    await ctx.check_session(body.session_id, token)
+    task = await ctx.tasks.fail(tid, body.session_id, body.attempt, body.message)
+    return json_response(task_json(task))
+
+
+@router.post("/tasks/{task_id}/release", summary="Give the task back to pending")
+async def release(
+    ctx: Ctx, token: Worker, task_id: str, body: Annotated[Holder, Depends(json_body(Holder))]
+) -> Response:
+    tid = parse_task_id(task_id)
+    await ctx.check_session(body.session_id, token)
+    task = await ctx.tasks.release(
+        tid, body.session_id, body.attempt, reason="its worker released it"
+    )
+    return json_response(task_json(task))

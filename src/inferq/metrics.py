@@ -1,0 +1,154 @@
+"""Prometheus metrics of one replica (a registry per app) and the queue statistics query.
+
+Gauges that describe the database (tasks by pool and status, queue depth, sessions) are read
+with one grouped query at scrape time, so every replica reports the same cluster-wide figures;
+counters and histograms (requests, waits, claims, listener) are this replica's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from inferq.db.pool import Pool
+
+STATS = """
+SELECT 'task' AS kind, pool_name::text, status::text, count(*)::bigint, 0::bigint
+FROM inferq.task GROUP BY pool_name, status
+UNION ALL
+SELECT 'session', '', '', count(*)::bigint, coalesce(sum(capacity), 0)::bigint
+FROM inferq.worker_session WHERE expires_at > now()
+"""
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Task counts per pool and status, and the live worker sessions."""
+
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
+    sessions: int = 0
+    capacity: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pools": self.tasks,
+            "sessions": {"live": self.sessions, "capacity": self.capacity},
+        }
+
+
+async def queue_stats(pool: Pool) -> QueueStats:
+    """Read the queue statistics in one statement."""
+    tasks: dict[str, dict[str, int]] = {}
+    sessions = capacity = 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(STATS)
+        for kind, pool_name, status, n, cap in await cur.fetchall():
+            if kind == "task":
+                tasks.setdefault(pool_name, {})[status] = int(n)
+            else:
+                sessions, capacity = int(n), int(cap)
+    return QueueStats(tasks, sessions, capacity)
+
+
+class Metrics:
+    """The metric objects of one app, in their own registry (tests build several apps)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "inferq_http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "inferq_http_request_seconds",
+            "HTTP request duration (streams: until the end)",
+            ["route"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.wait_seconds = Histogram(
+            "inferq_wait_seconds",
+            "Time a client waited for a task to end",
+            ["kind"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "inferq_claim_seconds",
+            "Duration of a worker claim long-poll",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.claim_latency_seconds = Histogram(
+            "inferq_claim_latency_seconds",
+            "Time from submit to claim, per claimed task",
+            ["pool"],
+            buckets=(*_LATENCY_BUCKETS, 60, 300, 3600),
+            registry=r,
+        )
+        self.submitted = Counter(
+            "inferq_tasks_submitted",
+            "Tasks submitted through this replica",
+            ["pool"],
+            registry=r,
+        )
+        self.open_waits = Gauge(
+            "inferq_open_waits", "Open client waits and streams on this replica", registry=r
+        )
+        self.tasks = Gauge(
+            "inferq_tasks",
+            "Tasks in the database by pool and status",
+            ["pool", "status"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "inferq_queue_depth", "Pending tasks by pool", ["pool"], registry=r
+        )
+        self.sessions = Gauge("inferq_worker_sessions", "Live worker sessions", registry=r)
+        self.listener_reconnects = Gauge(
+            "inferq_listener_reconnects",
+            "Times the LISTEN connection was re-established",
+            registry=r,
+        )
+        self.notifications = Gauge(
+            "inferq_listener_notifications",
+            "Notifications received by the listener",
+            registry=r,
+        )
+        self.listener_up = Gauge(
+            "inferq_listener_up", "1 while the LISTEN connection is healthy", registry=r
+        )
+
+    def set_queue(self, stats: QueueStats) -> None:
+        """Replace the database-derived gauges with a fresh read."""
+        self.tasks.clear()
+        self.queue_depth.clear()
+        for pool_name, counts in stats.tasks.items():
+            for status, n in counts.items():
+                self.tasks.labels(pool_name, status).set(n)
+            self.queue_depth.labels(pool_name).set(counts.get("pending", 0))
+        self.sessions.set(stats.sessions)
+
+    def set_listener(self, listener: Any) -> None:
+        """Copy the listener's counters (its ``stats``; None in tests without a listener)."""
+        if listener is None:
+            return
+        stats = getattr(listener, "stats", None)
+        self.listener_reconnects.set(_number(stats, "reconnects"))
+        self.notifications.set(_number(stats, "notifications"))
+        self.listener_up.set(1 if getattr(listener, "healthy", False) else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _number(obj: Any, name: str) -> float:
+    value = getattr(obj, name, 0)
+    return float(value) if isinstance(value, int | float) else 0.0
