@@ -28,7 +28,8 @@ COUNT_LISTENERS = (
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        # State with no event to await (e.g. the hub's waiter count): poll it.
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
@@ -50,9 +51,7 @@ async def insert_tasks(conn: psycopg.AsyncConnection[Any], n: int) -> list[UUID]
 async def finish(conn: psycopg.AsyncConnection[Any], ids: list[UUID]) -> None:
     """pending -> claimed -> completed by hand, as another replica would commit it."""
     for status in ("claimed", "completed"):
-        await conn.execute(
-            "UPDATE inferq.task SET status = %s WHERE id = ANY(%s)", (status, ids)
-        )
+        await conn.execute("UPDATE inferq.task SET status = %s WHERE id = ANY(%s)", (status, ids))
 
 
 async def test_notifications_reach_the_hub_and_token_callback(settings: Settings, dsn: str) -> None:

@@ -62,7 +62,7 @@ async def test_only_the_leader_sweeps(pool: Any, settings: Settings) -> None:
 async def test_rescuer_reverts_an_expired_lease_and_the_next_claim_is_a_new_attempt(
     pool: Any,
 ) -> None:
-    sid, task = await claimed(pool)
+    _, task = await claimed(pool)
     assert task.lease_expires_at is not None
     assert await Rescuer(pool).run_once(now=task.lease_expires_at - timedelta(seconds=1)) == []
     (reverted,) = await Rescuer(pool).run_once(now=task.lease_expires_at + timedelta(seconds=1))
@@ -82,7 +82,7 @@ async def test_rescuer_fails_a_task_after_max_attempts_with_a_message(pool: Any)
 
 
 async def test_reaper_reverts_the_tasks_of_a_dead_session(pool: Any) -> None:
-    sid, task = await claimed(pool, ttl_s=30)
+    _, task = await claimed(pool, ttl_s=30)
     reaper = SessionReaper(pool)
     assert await reaper.run_once(now=await db_now(pool)) == []
     (reverted,) = await reaper.run_once(now=await db_now(pool) + timedelta(seconds=60))
@@ -137,7 +137,7 @@ async def test_the_loop_survives_a_failing_sweep(pool: Any) -> None:
     runner = asyncio.create_task(loop.run())
     try:
         async with asyncio.timeout(10):
-            while loop.runs < 2:
+            while loop.runs < 2:  # noqa: ASYNC110 (a counter, polled with a deadline)
                 await asyncio.sleep(0.01)
         assert not runner.done()  # the failure did not end the loop
     finally:

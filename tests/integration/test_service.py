@@ -32,7 +32,8 @@ POOL = "gpu"
 async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Poll ``predicate`` until true; fail at the deadline."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        # State with no event to await (e.g. the hub's waiter count): poll it.
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 

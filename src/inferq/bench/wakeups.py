@@ -8,20 +8,11 @@ the tasks it creates are left behind).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import statistics
-import time
-import tracemalloc
-import uuid
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
-from inferq.service import ChunkEvent, StatusEvent, TaskService
+from inferq.service import TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
 
