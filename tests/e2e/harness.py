@@ -190,8 +190,11 @@ class Deployment:
 
     @classmethod
     @contextmanager
-    def running(cls, **kwargs: Any) -> Iterator[Deployment]:
-        """Start everything; stop everything on exit (logs are kept when the test failed)."""
+    def running(
+        cls, failed: Callable[[], bool] = lambda: False, **kwargs: Any
+    ) -> Iterator[Deployment]:
+        """Start everything; stop everything on exit. The work directory (logs, history) is
+        removed unless ``failed()`` says the test failed or INFERQ_E2E_KEEP is set."""
         workdir = Path(tempfile.mkdtemp(prefix="inferq-e2e-"))
         workdir.chmod(0o755)
         dep = cls(workdir=workdir, **kwargs)
@@ -202,7 +205,7 @@ class Deployment:
             ok = True
         finally:
             dep.stop()
-            if ok and not os.environ.get("INFERQ_E2E_KEEP"):
+            if ok and not failed() and not os.environ.get("INFERQ_E2E_KEEP"):
                 shutil.rmtree(workdir, ignore_errors=True)
             else:
                 print(f"e2e logs kept in {workdir}", file=sys.stderr)

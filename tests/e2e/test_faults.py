@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,12 +42,6 @@ class Load(Protocol):
 
 
 Fault = Callable[[Load, Deployment, dict[str, Any]], Awaitable[None]]
-
-
-@pytest.fixture
-def deployment() -> Iterator[Deployment]:
-    with Deployment.running() as dep:
-        yield dep
 
 
 def run_load(
@@ -228,11 +222,13 @@ def test_sigterm_replica_drains(deployment: Deployment, tmp_path: Path) -> None:
     assert notes["sigterm_exit_status"] == 0
 
 
-def test_listener_connections_cut(tmp_path: Path) -> None:
+def test_listener_connections_cut(tmp_path: Path, failed: Callable[[], bool]) -> None:
     # A long safety poll: if notifications were not flowing again after the reconnect, the
     # work after it would take about that long per wake.
     safety_poll_s = 30.0
-    with Deployment.running(env_overrides={"INFERQ_SAFETY_POLL_S": str(safety_poll_s)}) as dep:
+    with Deployment.running(
+        failed, env_overrides={"INFERQ_SAFETY_POLL_S": str(safety_poll_s)}
+    ) as dep:
         _report, notes = run_load(dep, tmp_path, cut_listeners)
         assert notes["listeners_terminated"] >= dep.replicas
         history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
@@ -283,8 +279,8 @@ def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
     assert report.figures["tasks_lost"] == 0
 
 
-def test_through_pgbouncer(tmp_path: Path) -> None:
-    with Deployment.running(pgbouncer=True) as dep:
+def test_through_pgbouncer(tmp_path: Path, failed: Callable[[], bool]) -> None:
+    with Deployment.running(failed, pgbouncer=True) as dep:
 
         async def faults(gen: Load, d: Deployment, notes: dict[str, Any]) -> None:
             await kill_replica(_Scaled(gen, kill_replica, 0), d, notes)

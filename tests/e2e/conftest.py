@@ -1,0 +1,36 @@
+"""e2e fixtures: a fresh Deployment per test, whose logs are kept when the test fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import Deployment
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture
+def failed(request: pytest.FixtureRequest) -> Callable[[], bool]:
+    """Whether the current test has failed (read at teardown)."""
+    return lambda: request.node.stash.get(_FAILED, True)
+
+
+@pytest.fixture
+def deployment(failed: Callable[[], bool]) -> Iterator[Deployment]:
+    """PostgreSQL, three replicas behind nginx and four echo workers, all started and ready."""
+    with Deployment.running(failed) as dep:
+        yield dep
