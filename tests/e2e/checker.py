@@ -279,12 +279,8 @@ def _figures(
                 1 for t in acked if tasks.get(t, {}).get("status") not in ("completed",)
             ),
             "database_statuses": dict(statuses),
-            "client_retries": sum(max(0, r["http_attempts"] - 1) for r in results),
-            "operations_retried": sum(
-                1
-                for r in results
-                if len(r.get("task_ids", [])) > 1 or r["http_attempts"] > _expected_exchanges(r)
-            ),
+            "client_retries": sum(1 for h in history if _retryable(h)),
+            "operations_retried": len({h["lid"] for h in history if _retryable(h)}),
             "tasks_rerun": sum(1 for row in tasks.values() if (row["attempt"] or 0) > 1),
             "stream_resumes": sum(max(0, r.get("segments", 1) - 1) for r in ok),
             "stream_resets_seen": sum(len(r.get("resets", [])) for r in ok),
@@ -298,6 +294,14 @@ def _figures(
     )
 
 
-def _expected_exchanges(result: dict[str, Any]) -> int:
-    """HTTP exchanges a logical operation needs when nothing fails (waits may time out)."""
-    return {"chat": 1, "chat_stream": 1}.get(result["kind"], 10**6)
+def _retryable(record: dict[str, Any]) -> bool:
+    """An HTTP exchange that failed in a way its client retried."""
+    if record["op"] == "result":
+        return False
+    outcome = str(record["outcome"])
+    return outcome.startswith(("conn_", "hung_", "stream_error_", "eof_")) or outcome in (
+        "http_429",
+        "http_502",
+        "http_503",
+        "http_504",
+    )

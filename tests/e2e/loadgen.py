@@ -81,6 +81,7 @@ class Profile:
     wait_timeout_s: float = 4.0  # short long-polls, so deadlines (I3) are exercised often
     op_deadline_s: float = 180.0
     hang_slack_s: float = 15.0  # a request open this long past its own deadline is hung
+    kinds: tuple[str, ...] = KINDS
 
 
 @dataclass
@@ -134,7 +135,8 @@ class LoadGenerator:
                 self._progress.notify_all()
 
     async def _one(self, n: int) -> None:
-        kind = KINDS[n % len(KINDS)]
+        kinds = self.profile.kinds
+        kind = kinds[n % len(kinds)]
         lid = f"{n:06d}-{random.getrandbits(32):08x}"
         prompt = prompt_for(lid, self.profile.words)
         op = Op(self, kind, lid, prompt)

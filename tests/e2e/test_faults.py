@@ -25,11 +25,14 @@ import pytest
 
 from tests.e2e.checker import Report, check, read_database
 from tests.e2e.harness import Deployment, wait_until
+from tests.e2e.loadgen import KINDS as KINDS_ALL
 from tests.e2e.loadgen import History, LoadGenerator, Profile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 TASKS = int(os.environ.get("INFERQ_E2E_TASKS", "300"))
+# Debugging aid: INFERQ_E2E_KINDS=native_wait,chat restricts the mix.
+KINDS = tuple(k for k in os.environ.get("INFERQ_E2E_KINDS", "").split(",") if k) or KINDS_ALL
 
 
 class Load(Protocol):
@@ -54,7 +57,7 @@ def run_load(
 ) -> tuple[Report, dict[str, Any]]:
     """Drive the load with ``fault`` running beside it, settle, check; fail on any violation."""
     history = History(tmp_path / "history.jsonl")
-    profile = profile or Profile(tasks=tasks)
+    profile = profile or Profile(tasks=tasks, kinds=KINDS)
     gen = LoadGenerator(dep.url, dep.tokens["client"], history, profile)
     notes: dict[str, Any] = {}
 
