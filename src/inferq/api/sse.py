@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import structlog
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from inferq.api.render import task_json
@@ -122,8 +123,10 @@ async def _openai(
             return
 
 
-class EventStream:
+class EventStream(Response):
     """An ASGI response that relays ``frames`` as ``text/event-stream``."""
+
+    media_type = "text/event-stream"
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class EventStream:
         on_close: Callable[[], None] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(status_code=200)
         self.frames = frames
         self.heartbeat_s = heartbeat_s
         self.drain = drain
@@ -144,7 +148,7 @@ class EventStream:
         self.on_disconnect = on_disconnect
         self.on_drain = on_drain
         self.on_close = on_close
-        self.headers = headers or {}
+        self.extra_headers = headers or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -158,7 +162,7 @@ class EventStream:
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-            *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
+            *((k.lower().encode(), v.encode()) for k, v in self.extra_headers.items()),
         ]
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         pump = asyncio.create_task(self._pump(queue))
