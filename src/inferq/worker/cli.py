@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ log = structlog.get_logger("inferq.worker")
 def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run until signalled; 0 after a clean shutdown, 2 when the daemon refuses the token,
     1 when it stays unreachable."""
+    # One line per worker request would drown the claim and outcome events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         asyncio.run(_serve(args, settings.shutdown_grace_s))
     except AuthenticationError as exc:

@@ -234,7 +234,10 @@ class Worker:
             if held.dropped != "released":  # _drain logs it once the daemon took it back
                 log.info(f"task_{held.dropped}", **ids)
         except LeaseLostError as exc:
-            log.warning("task_lost", status=exc.status, error=exc.message, **ids)
+            if (exc.task or {}).get("status") == "cancelled":  # a 409 beat the heartbeat to it
+                log.info("task_cancelled", **ids)
+            else:
+                log.warning("task_lost", status=exc.status, error=exc.message, **ids)
         except WorkerApiError as exc:
             log.error("task_abandoned", error=str(exc), **ids)
         finally:
