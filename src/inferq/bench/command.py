@@ -1,0 +1,400 @@
+"""`inferq bench`: every scenario --runs times, a table of median/min/max, and --json figures.
+
+Design decisions:
+
+- The database is ``INFERQ_DATABASE_URL``'s server when set, else a private PostgreSQL started
+  for the run with the settings a real deployment has (``fsync`` and ``synchronous_commit``
+  on). Either way the scenarios run in a scratch database created for the run and dropped
+  after it, so a benchmark never leaves 100,000 tasks in someone's queue; when the role may
+  not create databases the configured database itself is used (migrated first).
+- Each scenario returns plain figures for one run; this module repeats them, keeps every run's
+  value in the JSON, and reports the median with min and max. Progress goes to stderr while
+  it runs, the table to stdout at the end.
+- A scenario that fails is reported as failed (its figures absent, the error in the JSON) and
+  the others still run; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from inferq.bench import ceiling, http, latency, pipeline
+from inferq.db.cluster import PrivateCluster
+from inferq.db.migrations import Migrator
+from inferq.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One reported quantity; ``target`` is (">=" | "<=", value) when the issue sets one."""
+
+    key: str
+    label: str
+    unit: str
+    target: tuple[str, float] | None = None
+
+
+FIGURES = [
+    Figure("ceiling.insert_commits_per_s", "PostgreSQL insert commits (8 conns)", "/s"),
+    Figure("ceiling.insert_notify_commits_per_s", "PostgreSQL insert+notify commits", "/s"),
+    Figure("ceiling.commit_p50_ms", "one commit, one connection, p50", "ms"),
+    Figure("pipeline.p1_tasks_per_s", "pipeline, 1 producer", "tasks/s", (">=", 4000)),
+    Figure("pipeline.p4_tasks_per_s", "pipeline, 4 producers", "tasks/s", (">=", 4000)),
+    Figure("pipeline.p16_tasks_per_s", "pipeline, 16 producers", "tasks/s", (">=", 4000)),
+    Figure("pipeline.fraction_of_notify_ceiling", "best pipeline / notify commits", "x"),
+    Figure("claim.p50_ms", "enqueue -> idle worker's claim, p50", "ms", ("<=", 3)),
+    Figure("claim.p99_ms", "enqueue -> idle worker's claim, p99", "ms"),
+    Figure("claim.max_ms", "enqueue -> idle worker's claim, max", "ms"),
+    Figure("claim.enqueue_p50_ms", "  of which the enqueue commit, p50", "ms"),
+    Figure("wake.p50_ms", "complete on B -> waiter on A, p50", "ms", ("<=", 2)),
+    Figure("wake.p99_ms", "complete on B -> waiter on A, p99", "ms", ("<=", 10)),
+    Figure("relay.chunks_per_s", "relay, 200 streams", "chunks/s", (">=", 20000)),
+    Figure("relay.p50_ms", "relay chunk latency, p50", "ms"),
+    Figure("relay.p99_ms", "relay chunk latency, p99", "ms", ("<=", 50)),
+    Figure("waiters.bytes_per_waiter", "in-process memory per parked waiter", "B"),
+    Figure("http.tasks_per_s", "HTTP sync chat completions, 2 replicas", "tasks/s", (">=", 500)),
+    Figure("http.p50_ms", "HTTP sync chat completion, p50", "ms", ("<=", 15)),
+    Figure("http.p99_ms", "HTTP sync chat completion, p99", "ms"),
+    Figure("memory.rss_idle_mib", "replica RSS, idle", "MiB"),
+    Figure("memory.rss_waits_mib", "replica RSS with the open waits", "MiB"),
+    Figure("memory.bytes_per_open_wait", "RSS per open HTTP wait", "B", ("<=", 10240)),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each scenario does in one run."""
+
+    ceiling_s: float
+    pipeline_tasks: int
+    claim_tasks: int
+    wake_tasks: int
+    relay_streams: int
+    relay_chunks: int
+    waiter_memory: int
+    http_requests: int
+    http_clients: int
+    open_waits: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200)
+        return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 5000, 32, 10_000)
+
+
+Progress = Callable[[str], None]
+
+
+def bench_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run every scenario ``args.runs`` times (1 with --quick), print the table, write --json.
+
+    Returns 0 when every scenario ran (targets missed or not), 1 when one failed.
+    """
+    runs = 1 if args.quick else max(1, args.runs)
+    sizes = Sizes.for_mode(args.quick)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    with _database(settings, progress) as (dsn, cluster_note):
+        machine = _machine(dsn, cluster_note)
+        progress(
+            f"{machine['cores']} cores, PostgreSQL {machine['postgresql']}, "
+            f"synchronous_commit={machine['synchronous_commit']}, fsync={machine['fsync']}"
+        )
+        values: dict[str, list[float]] = {f.key: [] for f in FIGURES}
+        errors: dict[str, str] = {}
+        for run in range(1, runs + 1):
+            progress(f"run {run} of {runs}")
+            for name, scenario in _scenarios(dsn, sizes, progress):
+                progress(f"  {name} ...")
+                t0 = time.monotonic()
+                try:
+                    figures = scenario()
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    progress(f"  {name} FAILED: {errors[name]}")
+                    traceback.print_exc(file=sys.stderr)
+                    continue
+                for key, value in figures.items():
+                    values[key].append(value)
+                shown = ", ".join(f"{k.split('.', 1)[1]}={v:,.2f}" for k, v in figures.items())
+                progress(f"  {name} done in {time.monotonic() - t0:.1f}s: {shown}")
+            best = max(
+                (values[k][-1] for k in _PIPELINE_KEYS if len(values[k]) == run), default=None
+            )
+            notify = values["ceiling.insert_notify_commits_per_s"]
+            if best is not None and len(notify) == run:
+                values["pipeline.fraction_of_notify_ceiling"].append(best / notify[-1])
+
+    report = _report(machine, values, errors, runs, args.quick, time.monotonic() - started)
+    print(render_table(report))
+    if args.json_path:
+        Path(args.json_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        progress(f"figures written to {args.json_path}")
+    return 1 if errors else 0
+
+
+_PIPELINE_KEYS = ("pipeline.p1_tasks_per_s", "pipeline.p4_tasks_per_s", "pipeline.p16_tasks_per_s")
+
+
+def _scenarios(
+    dsn: str, sizes: Sizes, progress: Progress
+) -> Iterator[tuple[str, Callable[[], dict[str, float]]]]:
+    """(name, one run) in the order they run; each returns {figure key: value}."""
+    yield "ceiling", lambda: _ceiling(dsn, sizes)
+    yield "pipeline", lambda: _run_async(_pipeline(dsn, sizes, progress))
+    yield "claim latency", lambda: _run_async(_claim(dsn, sizes))
+    yield "wake latency", lambda: _run_async(_wake(dsn, sizes))
+    yield "chunk relay", lambda: _run_async(_relay(dsn, sizes))
+    yield "waiter memory", lambda: _run_async(_waiter_memory(dsn, sizes))
+    yield (
+        "http",
+        lambda: http.measure_http(
+            dsn,
+            requests=sizes.http_requests,
+            clients=sizes.http_clients,
+            open_waits=sizes.open_waits,
+            progress=progress,
+        ),
+    )
+
+
+def _run_async(coro: Awaitable[dict[str, float]]) -> dict[str, float]:
+    async def main() -> dict[str, float]:
+        return await coro
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:
+    figures, _client = ceiling.measure_ceiling(dsn, duration_s=sizes.ceiling_s)
+    commits = ceiling.measure_commit_latency(dsn, commits=50 if sizes.ceiling_s < 2 else 300)
+    return {
+        "ceiling.insert_commits_per_s": figures["insert_commits_per_s"],
+        "ceiling.insert_notify_commits_per_s": figures["insert_notify_commits_per_s"],
+        "ceiling.commit_p50_ms": statistics.median(commits) * 1000,
+    }
+
+
+async def _pipeline(dsn: str, sizes: Sizes, progress: Progress) -> dict[str, float]:
+    out = {}
+    for producers, key in zip((1, 4, 16), _PIPELINE_KEYS, strict=True):
+        rate = await pipeline.measure_pipeline(dsn, producers=producers, tasks=sizes.pipeline_tasks)
+        progress(f"    {producers} producer(s): {rate:,.0f} tasks/s")
+        out[key] = rate
+    return out
+
+
+async def _claim(dsn: str, sizes: Sizes) -> dict[str, float]:
+    samples = await latency.measure_claim_latency(dsn, tasks=sizes.claim_tasks)
+    claims = sorted(s.claimed for s in samples)
+    enqueues = [s.enqueued for s in samples]
+    return {
+        "claim.p50_ms": statistics.median(claims) * 1000,
+        "claim.p99_ms": percentile(claims, 0.99) * 1000,
+        "claim.max_ms": claims[-1] * 1000,
+        "claim.enqueue_p50_ms": statistics.median(enqueues) * 1000,
+    }
+
+
+async def _wake(dsn: str, sizes: Sizes) -> dict[str, float]:
+    from inferq.bench import wakeups
+
+    result = await wakeups.measure_wake_latency(dsn, tasks=sizes.wake_tasks)
+    return {"wake.p50_ms": result.p50_ms, "wake.p99_ms": result.p99_ms}
+
+
+async def _relay(dsn: str, sizes: Sizes) -> dict[str, float]:
+    from inferq.bench import wakeups
+
+    result = await wakeups.measure_relay(
+        dsn, streams=sizes.relay_streams, chunks_per_stream=sizes.relay_chunks
+    )
+    return {
+        "relay.chunks_per_s": result.chunks_per_s,
+        "relay.p50_ms": result.latency.p50_ms,
+        "relay.p99_ms": result.latency.p99_ms,
+    }
+
+
+async def _waiter_memory(dsn: str, sizes: Sizes) -> dict[str, float]:
+    from inferq.bench import wakeups
+
+    result = await wakeups.measure_waiter_memory(dsn, waiters=sizes.waiter_memory)
+    return {"waiters.bytes_per_waiter": result.per_waiter_bytes}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of already sorted values."""
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- database -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _database(settings: Settings, progress: Progress) -> Iterator[tuple[str, str]]:
+    """A migrated scratch database DSN for the run, and where it lives."""
+    cluster: PrivateCluster | None = None
+    server_dsn = settings.database_url
+    note = "INFERQ_DATABASE_URL"
+    if not server_dsn:
+        progress("starting a private PostgreSQL (fsync on, synchronous_commit on)")
+        cluster = PrivateCluster(
+            Path(tempfile.mkdtemp(prefix="inferq-bench-pg-")),
+            settings={"fsync": "on", "synchronous_commit": "on", "shared_buffers": "256MB"},
+        )
+        cluster.start()
+        server_dsn = cluster.dsn
+        note = "private cluster started for the run"
+    try:
+        with _scratch_database(server_dsn, progress) as dsn:
+            progress("migrating the scratch database")
+            Migrator(dsn).migrate()
+            yield dsn, note
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+
+
+@contextmanager
+def _scratch_database(server_dsn: str, progress: Progress) -> Iterator[str]:
+    name = f"inferq_bench_{uuid.uuid4().hex[:10]}"
+    ident = sql.Identifier(name)
+    try:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    except psycopg.errors.InsufficientPrivilege:
+        progress("no CREATEDB privilege: benchmarking in the configured database itself")
+        yield server_dsn
+        return
+    try:
+        yield psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def _machine(dsn: str, cluster_note: str) -> dict[str, Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'), "
+            "current_setting('fsync'), current_setting('wal_sync_method')"
+        ).fetchone()
+    assert row is not None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cores": os.cpu_count(),
+        "postgresql": row[0],
+        "synchronous_commit": row[1],
+        "fsync": row[2],
+        "wal_sync_method": row[3],
+        "database": cluster_note,
+        "ceiling_client": "pgbench" if ceiling.pgbench_path() else "psycopg threads",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1m_at_start": load,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _report(
+    machine: dict[str, Any],
+    values: dict[str, list[float]],
+    errors: dict[str, str],
+    runs: int,
+    quick: bool,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for f in FIGURES:
+        vals = values[f.key]
+        if not vals:
+            continue
+        entry: dict[str, Any] = {
+            "label": f.label,
+            "unit": f.unit,
+            "median": statistics.median(vals),
+            "min": min(vals),
+            "max": max(vals),
+            "runs": vals,
+        }
+        if f.target is not None:
+            op, bound = f.target
+            med = entry["median"]
+            entry["target"] = f"{op} {bound:g}"
+            entry["met"] = med >= bound if op == ">=" else med <= bound
+        figures[f.key] = entry
+    return {
+        "machine": machine,
+        "runs": runs,
+        "quick": quick,
+        "elapsed_s": round(elapsed_s, 1),
+        "figures": figures,
+        "errors": errors,
+    }
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width text table (also valid Markdown)."""
+    m = report["machine"]
+    lines = [
+        f"inferq bench: {m['cores']} cores, PostgreSQL {m['postgresql']}, "
+        f"synchronous_commit={m['synchronous_commit']}, fsync={m['fsync']}, "
+        f"{report['runs']} run(s){' (--quick)' if report['quick'] else ''}, "
+        f"load {m['load_average_1m_at_start']:.2f} at start",
+        "",
+        f"| {'figure':42} | {'median':>10} | {'min':>10} | {'max':>10} | {'unit':8} | target |",
+        f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|--------|",
+    ]
+    for f in FIGURES:
+        e = report["figures"].get(f.key)
+        if e is None:
+            lines.append(f"| {f.label:42} | {'n/a':>10} | {'':>10} | {'':>10} | {f.unit:8} | |")
+            continue
+        target = ""
+        if "target" in e:
+            target = f"{e['target']} {'ok' if e['met'] else 'MISSED'}"
+        lines.append(
+            f"| {f.label:42} | {_fmt(e['median']):>10} | {_fmt(e['min']):>10} | "
+            f"{_fmt(e['max']):>10} | {f.unit:8} | {target} |"
+        )
+    for name, error in report["errors"].items():
+        lines.append(f"\n{name} FAILED: {error}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"

@@ -1,0 +1,407 @@
+"""HTTP end to end: two `inferq serve` replicas, echo workers, sync chat completions, memory.
+
+Design decisions:
+
+- Everything is a real process started from the installed `inferq` command, as a user would
+  run it: `inferq migrate`, two `inferq serve` replicas on free loopback ports against the
+  same database, and `inferq worker --backend echo` processes (no delay), one per replica.
+  Tokens and the LLM entry are created through the repositories before the replicas start.
+- The load generator is this process: ``clients`` concurrent httpx clients alternating
+  between the replicas, each sending sync ``POST /v1/chat/completions`` one after another.
+  A few requests per client warm the connections up before the clock starts.
+- Memory: replica A's resident set (VmRSS from /proc) is read idle, then with ``open_waits``
+  native ``GET /v1/tasks/{id}/wait`` long-polls parked on pending tasks of a pool no worker
+  serves. The long-polls are raw sockets (a request written, the answer never read), so the
+  load generator stays small; the replica's ``inferq_open_waits`` gauge says when all of them
+  are parked. The difference divided by the count is the cost of one open wait, including
+  its socket, its ASGI request and its waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from inferq.db.llms import LlmRepository
+from inferq.db.pool import create_pool
+from inferq.db.tasks import NewTask, TaskRepository
+from inferq.db.tokens import TokenRepository
+from inferq.settings import Settings
+
+WORKER_CAPACITY = 32
+WARMUP_PER_CLIENT = 5
+READY_TIMEOUT_S = 60.0
+BODY = {"model": "", "messages": [{"role": "user", "content": "hello from the benchmark"}]}
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Any = field(repr=False)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self.log.close()
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(self.log.name, "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+
+@dataclass
+class _Setup:
+    pool_name: str
+    idle_pool: str
+    model: str
+    client_token: str
+    worker_token: str
+
+
+def measure_http(
+    dsn: str,
+    *,
+    requests: int,
+    clients: int,
+    open_waits: int,
+    progress: Callable[[str], None],
+) -> dict[str, float]:
+    """One run: throughput and latency of sync chat completions, then RSS per open wait.
+
+    Starts and stops every process it needs; raises RuntimeError with a process's log tail
+    when one does not come up.
+    """
+    _raise_fd_limit(open_waits + 1000)
+    env = {**os.environ, "INFERQ_DATABASE_URL": dsn, "INFERQ_LOG_LEVEL": "warning"}
+    _inferq(["migrate"], env)
+    setup = _run_async(_prepare(dsn, open_waits))
+    serve_env = {
+        **env,
+        "INFERQ_MAX_WAITS_PER_TOKEN": str(open_waits + 100),
+        "INFERQ_MAX_PENDING_PER_TOKEN": str(open_waits + requests + 1000),
+        "INFERQ_POOL_MAX_SIZE": "16",
+    }
+    with _processes() as procs:
+        urls = []
+        for i in range(2):
+            port = _free_port()
+            procs.append(
+                _spawn(
+                    f"serve{i}", ["serve", "--host", "127.0.0.1", "--port", str(port)], serve_env
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, procs, strict=True):
+            _wait_ready(url, proc)
+        for i, url in enumerate(urls):
+            procs.append(
+                _spawn(
+                    f"worker{i}",
+                    [
+                        "worker",
+                        "--url",
+                        url,
+                        "--token",
+                        setup.worker_token,
+                        "--pool",
+                        setup.pool_name,
+                        "--capacity",
+                        str(WORKER_CAPACITY),
+                        "--backend",
+                        "echo",
+                        "--name",
+                        f"bench-{i}",
+                    ],
+                    env,
+                )
+            )
+        progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
+        figures: dict[str, float] = _run_async(
+            _load(urls, setup, requests=requests, clients=clients)
+        )
+        progress(
+            f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms"
+        )
+        for proc in procs[2:]:
+            proc.stop()
+        del procs[2:]
+        pid = procs[0].popen.pid
+        figures.update(_run_async(_memory(dsn, urls[0], pid, setup, open_waits, progress)))
+    return figures
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Each open wait is a socket at both ends; children inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _inferq(args: list[str], env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "inferq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"inferq {' '.join(args)} failed: {out.stderr[-1000:]}")
+    return out.stdout
+
+
+async def _prepare(dsn: str, open_waits: int) -> _Setup:
+    """Tokens, the LLM entry, and the pending tasks the open waits will park on."""
+    suffix = uuid.uuid4().hex[:8]
+    setup = _Setup(
+        pool_name=f"bench-http-{suffix}",
+        idle_pool=f"bench-idle-{suffix}",
+        model=f"bench-echo-{suffix}",
+        client_token="",
+        worker_token="",
+    )
+    pool = create_pool(Settings(database_url=dsn, pool_min_size=1, pool_max_size=2))
+    await pool.open(wait=True)
+    try:
+        tokens = TokenRepository(pool)
+        _, setup.client_token = await tokens.create("bench", "client", label="inferq bench")
+        _, setup.worker_token = await tokens.create(
+            "bench", "worker", pools=[setup.pool_name], label="inferq bench"
+        )
+        await LlmRepository(pool).put(setup.model, setup.pool_name)
+        return setup
+    finally:
+        await pool.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[list[_Proc]]:
+    procs: list[_Proc] = []
+    try:
+        yield procs
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str]) -> _Proc:
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile(prefix=f"inferq-bench-{name}-", suffix=".log")  # noqa: SIM115
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "inferq", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    return _Proc(name, popen, log)
+
+
+def _wait_ready(url: str, proc: _Proc) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} was not ready in {READY_TIMEOUT_S:g}s: {proc.tail()}")
+
+
+# -- throughput -----------------------------------------------------------------------------
+
+
+async def _load(urls: list[str], setup: _Setup, *, requests: int, clients: int) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {setup.client_token}"}
+    body = {**BODY, "model": setup.model}
+    samples: list[float] = []
+    remaining = requests
+
+    async def client(i: int) -> None:
+        nonlocal remaining
+        url = urls[i % len(urls)] + "/v1/chat/completions"
+        async with httpx.AsyncClient(headers=headers, timeout=60) as http:
+            for _ in range(WARMUP_PER_CLIENT):
+                (await http.post(url, json=body)).raise_for_status()
+            await start.wait()
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                response = await http.post(url, json=body)
+                samples.append(time.perf_counter() - t0)
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    # Every client has warmed up when the number of parked clients stops mattering: the
+    # warm-up is part of each client task, so start the clock once they all reach start.
+    await _until_waiting(start, tasks, clients)
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - t0
+    samples.sort()
+    return {
+        "http.tasks_per_s": len(samples) / elapsed,
+        "http.p50_ms": samples[len(samples) // 2] * 1000,
+        "http.p99_ms": samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))] * 1000,
+    }
+
+
+async def _until_waiting(start: asyncio.Event, tasks: list[asyncio.Task[None]], n: int) -> None:
+    """Return once every client task is parked on ``start`` (or one failed)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        failed = [t for t in tasks if t.done()]
+        if failed:
+            await failed[0]  # raises the client's error
+        parked = sum(1 for t in tasks if _parked_on(t, start))
+        if parked >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the HTTP clients did not warm up in 120 s")
+
+
+def _parked_on(task: asyncio.Task[None], event: asyncio.Event) -> bool:
+    waiter = getattr(task, "_fut_waiter", None)
+    return waiter is not None and waiter in getattr(event, "_waiters", ())
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc/PID/status VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+    if match is None:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return int(match.group(1)) * 1024
+
+
+async def _memory(
+    dsn: str,
+    url: str,
+    pid: int,
+    setup: _Setup,
+    open_waits: int,
+    progress: Callable[[str], None],
+) -> dict[str, float]:
+    ids = await _pending_tasks(dsn, setup, open_waits)
+    await asyncio.sleep(1.0)  # let the replica settle after the load phase
+    idle = rss_bytes(pid)
+    host, port = url.removeprefix("http://").split(":")
+    async with _open_waits(host, int(port), ids, setup.client_token) as writers:
+        await _until_parked(url, setup, open_waits)
+        loaded = rss_bytes(pid)
+        progress(
+            f"    {len(writers):,} open waits parked; RSS {idle / 2**20:.1f} -> "
+            f"{loaded / 2**20:.1f} MiB"
+        )
+    return {
+        "memory.rss_idle_mib": idle / 2**20,
+        "memory.rss_waits_mib": loaded / 2**20,
+        "memory.bytes_per_open_wait": (loaded - idle) / open_waits,
+    }
+
+
+async def _pending_tasks(dsn: str, setup: _Setup, count: int) -> list[str]:
+    """``count`` pending tasks of a pool no worker serves, inserted in batches."""
+    pool = create_pool(Settings(database_url=dsn, pool_min_size=1, pool_max_size=2))
+    await pool.open(wait=True)
+    try:
+        repo = TaskRepository(pool)
+        ids: list[str] = []
+        item = NewTask(owner_id="bench", pool_name=setup.idle_pool, request_body=BODY)
+        while len(ids) < count:
+            n = min(1000, count - len(ids))
+            ids += [str(t.id) for t in await repo.enqueue_many([item] * n)]
+        return ids
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _open_waits(
+    host: str, port: int, ids: list[str], token: str
+) -> AsyncIterator[list[asyncio.StreamWriter]]:
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for chunk in range(0, len(ids), 500):
+            opened = await asyncio.gather(
+                *(_open_wait(host, port, i, token) for i in ids[chunk : chunk + 500])
+            )
+            writers += opened
+        yield writers
+    finally:
+        for w in writers:
+            w.close()
+
+
+async def _open_wait(host: str, port: int, task_id: str, token: str) -> asyncio.StreamWriter:
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        (
+            f"GET /v1/tasks/{task_id}/wait?timeout=300 HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    return writer
+
+
+async def _until_parked(url: str, setup: _Setup, count: int) -> None:
+    """Poll the replica's open-waits gauge until ``count`` waits are parked."""
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < deadline:
+            text = (await http.get(url + "/metrics")).text
+            match = re.search(r"^inferq_open_waits(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
+            if match and float(match.group(1)) >= count:
+                return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{count} open waits did not park within 120 s")
