@@ -32,6 +32,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+SUBMIT_RTT: list[float] = []
+
+
 async def enqueue_to_start(stack: Stack, n: int) -> list[float]:
     started: dict[str, float] = {}
     arrived = asyncio.Event()
@@ -53,6 +56,8 @@ async def enqueue_to_start(stack: Stack, n: int) -> list[float]:
                 t0 = time.perf_counter()
                 resp = await http.post("/v1/tasks", json=body)
                 task_id = resp.json()["id"]
+                if i >= 10:
+                    SUBMIT_RTT.append(time.perf_counter() - t0)
                 await asyncio.wait_for(arrived.wait(), 30)
                 if i >= 10:  # warm-up
                     lat.append(started[task_id] - t0)
@@ -101,6 +106,9 @@ def main() -> None:
             print(
                 f"enqueue -> handler start, idle worker, n={len(lat)}: "
                 f"p50 {ms['p50']:.1f} ms, p99 {ms['p99']:.1f} ms"
+            )
+            print(
+                f"  (of which the submit round trip: p50 {statistics.median(SUBMIT_RTT) * 1000:.1f} ms)"
             )
             deaths = death_to_rerun(stack, args.deaths)
             print(

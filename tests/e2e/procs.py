@@ -196,13 +196,19 @@ class Stack:
             )
         return secret
 
-    def worker(self, *args: str, capacity: int = 1, name: str | None = None) -> Proc:
+    def worker(
+        self,
+        *args: str,
+        capacity: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         """Start ``inferq worker`` on POOL; ``args`` add e.g. --backend or --echo-delay."""
         name = name or f"worker{len(self.procs)}"
         argv = [sys.executable, "-m", "inferq", "worker", "--url", self.url]
         argv += ["--token", self.worker_token, "--pool", POOL, "--capacity", str(capacity)]
         argv += ["--name", name, *args]
-        return self.spawn(name, argv)
+        return self.spawn(name, argv, self.base_env() | (env or {}))
 
     def upstream(self, mode: str, delay_s: float = 0.01) -> str:
         """Start tests/fake_upstream.py; its base URL."""

@@ -134,3 +134,28 @@ def test_a_task_whose_worker_keeps_dying_ends_in_error(stack: Stack) -> None:
     done = stack.wait_task(task_id)
     assert done["status"] == "error"
     assert done["error"].startswith("the worker was lost 2 times (max_attempts=2)")
+
+
+def test_sigterm_lets_short_tasks_finish_and_releases_long_ones(stack: Stack) -> None:
+    worker = stack.worker(
+        "--backend",
+        "echo",
+        "--echo-delay",
+        "0.1",
+        capacity=2,
+        env={"INFERQ_SHUTDOWN_GRACE_S": "3"},
+    )
+    worker.wait_event("session_bound")
+    short = stack.submit(words(5))["id"]
+    long = stack.submit(words(300))["id"]
+    worker.wait_event("task_claimed", task_id=short)
+    worker.wait_event("task_claimed", task_id=long)
+    worker.signal(signal.SIGTERM)
+    assert worker.popen is not None and worker.popen.wait(30) == 0
+    assert stack.task(short)["status"] == "completed"
+    assert stack.task(long)["status"] == "pending"  # back in the queue, not lost
+    worker.wait_event("task_released", task_id=long)
+    worker.wait_event("session_unbound")
+
+    echo_worker(stack, 0.0)
+    assert stack.wait_task(long)["status"] == "completed"

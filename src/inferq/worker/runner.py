@@ -147,7 +147,13 @@ class Worker:
             log.warning("session_lost", session_id=str(stale), dropped=len(self._held))
             for held in list(self._held.values()):
                 self._drop(held, "lost")
-            await self._bind()
+            try:
+                await self._bind()
+            except AuthenticationError:
+                raise
+            except WorkerApiError as exc:
+                # The loops come back here with the stale id on their next call.
+                log.warning("session_bind_failed", error=str(exc))
 
     async def _unbind(self) -> None:
         if self.session_id is None:
