@@ -1,0 +1,39 @@
+"""`inferq bench --quick` runs every scenario and writes every figure to its JSON file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from inferq.bench.command import FIGURES
+
+
+def test_quick_bench_writes_every_figure(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "INFERQ_DATABASE_URL": dsn, "INFERQ_LOG_LEVEL": "warning"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "inferq", "bench", "--quick", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = orjson.loads(out.read_bytes())
+    assert report["errors"] == {}
+    assert set(report["figures"]) == {f.key for f in FIGURES}
+    for key, figure in report["figures"].items():
+        assert figure["min"] <= figure["median"] <= figure["max"], key
+        assert figure["median"] > 0, key
+    machine = report["machine"]
+    assert machine["cores"] >= 1
+    assert machine["postgresql"]
+    assert machine["synchronous_commit"]
+    # The table on stdout shows the same figures.
+    for f in FIGURES:
+        assert f.label in proc.stdout
