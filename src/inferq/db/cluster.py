@@ -154,7 +154,10 @@ class PrivateCluster:
         return self._run("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
 
     def restart(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "restart")
+        # -l: without a log file the new postmaster inherits pg_ctl's stdout and the captured
+        # output never ends, so the call would hang until its timeout.
+        log_file = str(self.directory / "server.log")
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-l", log_file, "restart")
         self.wait_ready()
 
     def stop(self, mode: str = "fast") -> None:
