@@ -67,7 +67,7 @@ def parse_json(raw: bytes, content_type: str, max_depth: int) -> Any:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         # orjson refuses documents nested past 1024 levels as a decode error.
-        if "recursion" in str(exc).lower():
+        if "depth" in str(exc).lower() or "recursion" in str(exc).lower():
             raise JsonTooDeep(f"the JSON body nests deeper than {max_depth} levels") from None
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
     check_document(doc, max_depth)
