@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 import uvicorn
+from psycopg import sql
 
 from inferq.daemon import DrainingServer, Replica
 from inferq.db.llms import LlmRepository
@@ -59,11 +60,8 @@ async def serve_app(settings: Settings, dsn: str) -> AsyncIterator[Server]:
         )
         server = _QuietServer(config, replica)
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert not task.done(), "the server did not start"
-            assert time.monotonic() < deadline, "the server did not start in time"
-            await asyncio.sleep(0.01)
+        await poll_until(lambda: server.started or task.done())
+        assert not task.done(), "the server did not start"
         try:
             yield Server(f"http://127.0.0.1:{port}", replica, server)
         finally:
@@ -111,10 +109,22 @@ def auth(secret: str) -> dict[str, str]:
 
 
 def count_rows(dsn: str, table: str = "inferq.task") -> int:
+    schema, _, name = table.partition(".")
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+        row = conn.execute(query).fetchone()
         assert row is not None
         return int(row[0])
+
+
+async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Return once ``predicate()`` holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
 
 
 def last_user_text(request: dict[str, Any]) -> str:

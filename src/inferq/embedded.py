@@ -73,8 +73,9 @@ def _prepare(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.geteuid() != 0:
         return
-    # PostgreSQL refuses root: the cluster runs as nobody, which must reach its directory.
-    data_dir.chmod(data_dir.stat().st_mode | stat.S_IXOTH)
+    # PostgreSQL refuses root: the cluster runs as nobody, which must reach its directory
+    # (initdb also reads it while resolving the path). Secrets in it are mode 0600.
+    data_dir.chmod(data_dir.stat().st_mode | 0o055)
     for parent in data_dir.parents:
         if not parent.stat().st_mode & stat.S_IXOTH:
             raise ConfigurationError(

@@ -11,7 +11,17 @@ import httpx
 import pytest
 
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, count_rows, make_tokens, serve_app
+from tests.api_helpers import (
+    MODEL,
+    POOL,
+    Server,
+    Tokens,
+    auth,
+    count_rows,
+    make_tokens,
+    poll_until,
+    serve_app,
+)
 
 pytestmark = pytest.mark.db
 
@@ -344,8 +354,9 @@ async def test_too_many_waits_is_429(settings: Settings, dsn: str) -> None:
         first = asyncio.create_task(
             http.get(f"/v1/tasks/{tid}/wait?timeout=5", headers=auth(tokens.alice), timeout=10)
         )
-        while server.replica.ctx is not None and not server.replica.ctx._waits:
-            await asyncio.sleep(0.01)
+        ctx = server.replica.ctx
+        assert ctx is not None
+        await poll_until(lambda: bool(ctx._waits))
         second = await http.get(f"/v1/tasks/{tid}/wait?timeout=5", headers=auth(tokens.alice))
         other = await http.get(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))
         await http.post(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))
