@@ -1,0 +1,88 @@
+"""Operations: health, readiness, metrics, OpenAPI, request ids, and the drain switch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from inferq.settings import Settings
+from tests.api_helpers import MODEL, Server, Tokens, auth, make_tokens, poll_until, serve_app
+
+pytestmark = pytest.mark.db
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def app(settings: Settings, dsn: str) -> AsyncIterator[tuple[Server, Tokens]]:
+    fast = settings.model_copy(update={"sse_heartbeat_s": 0.2})
+    tokens = await make_tokens(fast, dsn)
+    async with serve_app(fast, dsn) as server:
+        yield server, tokens
+
+
+async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        await http.post(
+            "/v1/tasks", json={"model": MODEL, "request": CHAT}, headers=auth(tokens.alice)
+        )
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        metrics = (await http.get("/metrics")).text
+        spec = (await http.get("/openapi.json")).json()
+        tagged = await http.get("/healthz", headers={"X-Request-Id": "req-123"})
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"draining": "no", "listener": "ok", "database": "ok"}
+    assert 'inferq_tasks{pool="gpu-a",status="pending"} 1.0' in metrics
+    assert 'inferq_queue_depth{pool="gpu-a"} 1.0' in metrics
+    for name in (
+        "inferq_wait_seconds",
+        "inferq_claim_seconds",
+        "inferq_claim_latency_seconds",
+        "inferq_listener_reconnects",
+        "inferq_listener_notifications",
+        "inferq_http_requests_total",
+    ):
+        assert name in metrics
+    for path in ("/v1/chat/completions", "/v1/tasks/{task_id}/events", "/v1/worker/sessions"):
+        assert path in spec["paths"]
+    assert tagged.headers["x-request-id"] == "req-123"
+
+
+async def test_drain_turns_ready_red_and_ends_waits_and_streams(
+    app: tuple[Server, Tokens],
+) -> None:
+    server, tokens = app
+    ctx = server.replica.ctx
+    assert ctx is not None
+    async with httpx.AsyncClient(
+        base_url=server.url, headers=auth(tokens.alice), timeout=30
+    ) as http:
+        tid = (await http.post("/v1/tasks", json={"model": MODEL, "request": CHAT})).json()["id"]
+        wait = asyncio.create_task(http.get(f"/v1/tasks/{tid}/wait", params={"timeout": 20}))
+        sync = asyncio.create_task(http.post("/v1/chat/completions", json={"model": MODEL, **CHAT}))
+        async with http.stream(
+            "POST", "/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT}
+        ) as stream:
+            await poll_until(lambda: ctx.metrics.open_waits._value.get() == 3)
+            ctx.drain.start()
+            body = (await stream.aread()).decode()
+        waited, synced = await wait, await sync
+        ready = await http.get("/readyz")
+        refused = await http.post("/v1/tasks", json={"model": MODEL, "request": CHAT})
+        listed = await http.get("/v1/tasks")
+    assert ready.status_code == 503
+    assert waited.status_code == 503 and waited.headers["retry-after"]
+    assert waited.json()["error"]["code"] == "shutting_down"
+    assert synced.status_code == 503
+    assert '"code":"shutting_down"' in body
+    assert "[DONE]" not in body
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert listed.status_code == 200  # reads still work while draining
+    # The abandoned OpenAI calls were cancelled; the native task was left for its client.
+    statuses = {t["status"] for t in listed.json()["data"] if t["id"] != tid}
+    assert statuses == {"cancelled"}

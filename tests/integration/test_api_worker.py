@@ -1,0 +1,137 @@
+"""The worker API over HTTP: bind drains pending work, claim long-poll, heartbeat, unbind,
+guarded writes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from inferq.settings import Settings
+from tests.api_helpers import POOL, Server, Tokens, auth, make_tokens, serve_app
+
+pytestmark = pytest.mark.db
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def app(settings: Settings, dsn: str) -> AsyncIterator[tuple[Server, Tokens]]:
+    tokens = await make_tokens(settings, dsn)
+    async with serve_app(settings, dsn) as server:
+        yield server, tokens
+
+
+async def submit(http: httpx.AsyncClient, tokens: Tokens, n: int = 1) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = await http.post(
+            "/v1/tasks", json={"pool": POOL, "request": CHAT}, headers=auth(tokens.alice)
+        )
+        assert r.status_code == 201
+        ids.append(r.json()["id"])
+    return ids
+
+
+async def test_bind_drains_pending_up_to_capacity(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        ids = await submit(http, tokens, 3)
+        r = await http.post("/v1/worker/sessions", json={"pools": [POOL], "capacity": 2})
+        assert r.status_code == 201
+        bound = r.json()
+        assert [t["id"] for t in bound["tasks"]] == ids[:2]  # FIFO
+        assert all(t["attempt"] == 1 and t["request"] == CHAT for t in bound["tasks"])
+        assert bound["lease_s"] > 0 and bound["heartbeat_s"] > 0
+        left = await http.get(f"/v1/tasks/{ids[2]}", headers=auth(tokens.alice))
+        assert left.json()["status"] == "pending"
+
+
+async def test_claim_long_poll_is_woken_by_a_submit(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(
+        base_url=server.url, headers=auth(tokens.worker), timeout=60
+    ) as http:
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        claim = asyncio.create_task(
+            http.post(f"/v1/worker/sessions/{sid}/claim", json={"max_tasks": 4, "wait_s": 30})
+        )
+        [tid] = await submit(http, tokens)
+        r = await claim
+    assert r.status_code == 200
+    assert [t["id"] for t in r.json()["tasks"]] == [tid]
+
+
+async def test_claim_answers_empty_at_the_deadline(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        r = await http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 0.1})
+    assert r.status_code == 200
+    assert r.json() == {"tasks": []}
+
+
+async def test_heartbeat_unbind_and_guarded_writes(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        cancelled, kept = await submit(http, tokens, 2)
+        bound = (
+            await http.post("/v1/worker/sessions", json={"pools": [POOL], "capacity": 2})
+        ).json()
+        sid = bound["session_id"]
+        await http.post(f"/v1/tasks/{cancelled}/cancel", headers=auth(tokens.alice))
+        r = await http.post(
+            f"/v1/worker/sessions/{sid}/heartbeat", json={"tasks": [cancelled, kept]}
+        )
+        assert r.status_code == 200
+        assert r.json()["cancelled"] == [cancelled]
+        holder = {"session_id": sid, "attempt": 1}
+        # A write for the cancelled task is refused with its current state.
+        r = await http.post(
+            f"/v1/worker/tasks/{cancelled}/complete", json={**holder, "response": {}}
+        )
+        assert r.status_code == 409
+        assert r.json()["error"]["task"]["status"] == "cancelled"
+        # A stale attempt is lease_lost.
+        r = await http.post(f"/v1/worker/tasks/{kept}/start", json={**holder, "attempt": 7})
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "lease_lost"
+        # Unbinding gives the held task back.
+        r = await http.delete(f"/v1/worker/sessions/{sid}")
+        assert r.json() == {"released": 1}
+        task = (await http.get(f"/v1/tasks/{kept}", headers=auth(tokens.alice))).json()
+        assert task["status"] == "pending"
+        r = await http.post(f"/v1/worker/sessions/{sid}/heartbeat", json={"tasks": []})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "session_not_found"
+
+
+async def test_complete_is_idempotent(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        [tid] = await submit(http, tokens)
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        body = {"session_id": sid, "attempt": 1, "response": {"ok": True}}
+        first = await http.post(f"/v1/worker/tasks/{tid}/complete", json=body)
+        again = await http.post(f"/v1/worker/tasks/{tid}/complete", json=body)
+        other = await http.post(f"/v1/worker/tasks/{tid}/complete", json={**body, "response": {}})
+    assert first.status_code == again.status_code == 200
+    assert again.json()["response"] == {"ok": True}
+    assert other.status_code == 409
+
+
+async def test_another_owners_session_is_not_found(app: tuple[Server, Tokens], dsn: str) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        sid = (
+            await http.post(
+                "/v1/worker/sessions", json={"pools": [POOL]}, headers=auth(tokens.worker)
+            )
+        ).json()["session_id"]
+        r = await http.post(
+            f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 0}, headers=auth(tokens.admin)
+        )
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "session_not_found"
