@@ -340,3 +340,23 @@ async def test_a_reaped_session_binds_again(daemon: FakeDaemon, client: WorkerCl
     worker.stop()
     await run
     assert worker.session_id != first
+
+
+async def test_a_worker_started_before_the_daemon_binds_once_it_answers(
+    daemon: FakeDaemon,
+) -> None:
+    daemon.unavailable = 30
+    transport = httpx.MockTransport(daemon.handle)
+    async with WorkerClient(
+        "http://inferq", "t", transport=transport, retry_budget_s=0.02, backoff_max_s=0.001
+    ) as client:
+
+        async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+            return "ok"
+
+        worker, run = await start(client, handler)
+        (task_id,) = daemon.add()
+        await daemon.until(lambda: task_id in daemon.outcomes)
+        worker.stop()
+        await run
+    assert daemon.calls.count("POST sessions") == 31  # 30 refused, then bound once

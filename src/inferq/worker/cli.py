@@ -28,7 +28,7 @@ log = structlog.get_logger("inferq.worker")
 
 def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run until signalled; 0 after a clean shutdown, 2 when the daemon refuses the token,
-    1 when it stays unreachable."""
+    1 on any other daemon error. An unreachable daemon is waited for, with warnings."""
     # One line per worker request would drown the claim and outcome events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

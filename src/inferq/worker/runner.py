@@ -31,6 +31,7 @@ from inferq.worker.errors import (
     AuthenticationError,
     LeaseLostError,
     SessionNotFoundError,
+    UnavailableError,
     WorkerApiError,
 )
 from inferq.worker.stream import ChunkStream
@@ -106,8 +107,16 @@ class Worker:
 
     async def run(self) -> None:
         """Bind, serve until :meth:`stop`, then drain and unbind. Raises AuthenticationError
-        and UnavailableError when the daemon refuses or stays unreachable at bind."""
-        await self._bind()
+        when the daemon refuses the token; an unreachable daemon is retried until stop()."""
+        while True:
+            try:
+                await self._bind()
+                break
+            except UnavailableError as exc:
+                # A worker may start before the daemon (compose, systemd): keep trying.
+                log.warning("session_bind_failed", error=str(exc))
+                if self._stopping.is_set():
+                    return
         claimer = asyncio.create_task(self._claim_loop(), name="inferq-claim")
         beater = asyncio.create_task(self._heartbeat_loop(), name="inferq-heartbeat")
         stopper = asyncio.create_task(self._stopping.wait())
