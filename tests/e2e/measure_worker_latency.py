@@ -108,7 +108,8 @@ def main() -> None:
                 f"p50 {ms['p50']:.1f} ms, p99 {ms['p99']:.1f} ms"
             )
             print(
-                f"  (of which the submit round trip: p50 {statistics.median(SUBMIT_RTT) * 1000:.1f} ms)"
+                "  (of which the submit round trip: "
+                f"p50 {statistics.median(SUBMIT_RTT) * 1000:.1f} ms)"
             )
             deaths = death_to_rerun(stack, args.deaths)
             print(
