@@ -86,3 +86,37 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
     # The abandoned OpenAI calls were cancelled; the native task was left for its client.
     statuses = {t["status"] for t in listed.json()["data"] if t["id"] != tid}
     assert statuses == {"cancelled"}
+
+
+async def test_startup_refuses_a_database_that_is_behind(
+    settings: Settings, empty_dsn: str
+) -> None:
+    from inferq.daemon import Replica
+    from inferq.errors import DatabaseBehind
+
+    with pytest.raises(DatabaseBehind, match="inferq migrate"):
+        async with Replica(settings, empty_dsn):
+            pass
+
+
+def test_admin_cli(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferq.cli import main
+
+    monkeypatch.setenv("INFERQ_DATABASE_URL", dsn)
+    assert main(["token", "create", "--owner", "ops", "--role", "worker", "--pools", "gpu-a"]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("iq_")
+    assert main(["token", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "ops" in listed and "gpu-a" in listed and secret not in listed
+    assert main(["llm", "add", "llama3", "--pool", "gpu-a", "--model", "meta/llama3"]) == 0
+    assert main(["llm", "list"]) == 0
+    assert "meta/llama3" in capsys.readouterr().out
+    assert main(["status", "--json"]) == 0
+    assert '"sessions"' in capsys.readouterr().out
+    token_id = listed.split()[0]
+    assert main(["token", "revoke", token_id]) == 0
+    assert main(["token", "revoke", token_id]) == 1
+    assert main(["llm", "remove", "llama3"]) == 0
