@@ -75,6 +75,8 @@ CREATE TABLE inferq.task (
     owner_id           text NOT NULL,
     agent_id           text,
     attempt            integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+    -- Claims given back on purpose (worker shutdown): they do not count as lost attempts.
+    releases           integer NOT NULL DEFAULT 0 CHECK (releases >= 0),
     max_attempts       integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
     lease_expires_at   timestamptz,
     priority           integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),

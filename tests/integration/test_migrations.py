@@ -29,7 +29,9 @@ def tool(name: str) -> str:
 def schema_dump(dsn: str) -> str:
     out = subprocess.run(
         [tool("pg_dump"), "--schema-only", "--no-owner", "--schema=inferq", dsn],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     # Drop the header and the per-run random \\restrict keys of newer pg_dump releases.
     noise = ("-- Dumped", "\\restrict", "\\unrestrict")
@@ -46,14 +48,32 @@ def applied(dsn: str) -> list[tuple[int, str, bool]]:
 
 
 def inferq_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "inferq", *args], capture_output=True,
-                          text=True, check=False, env={**os.environ, "INFERQ_LOG_LEVEL": "warning"})
+    return subprocess.run(
+        [sys.executable, "-m", "inferq", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "INFERQ_LOG_LEVEL": "warning"},
+    )
 
 
 def test_psql_and_inferq_migrate_give_the_same_schema(empty_dsn: str, dsn: str) -> None:
     for migration in discover():
-        subprocess.run([tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", empty_dsn,
-                        "-f", str(migration.path)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                tool("psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                empty_dsn,
+                "-f",
+                str(migration.path),
+            ],
+            check=True,
+            capture_output=True,
+        )
     assert schema_dump(empty_dsn) == schema_dump(dsn)
     # The files recorded themselves; inferq migrate then adopts their checksums.
     assert [v for v, _, _ in applied(empty_dsn)] == [m.version for m in discover()]

@@ -39,8 +39,9 @@ def test_one_notification_per_status_change_with_the_documented_payload(
         task_id = row[0]
         assert drain(listener) == [[[task_id, "pending", "gpu-a", 0]]]
 
-        conn.execute("UPDATE inferq.task SET status = 'claimed', attempt = 1 WHERE id = %s",
-                     (task_id,))
+        conn.execute(
+            "UPDATE inferq.task SET status = 'claimed', attempt = 1 WHERE id = %s", (task_id,)
+        )
         assert drain(listener) == [[[task_id, "claimed", "gpu-a", 1]]]
 
         # Lease extensions and other updates that keep the status send nothing.

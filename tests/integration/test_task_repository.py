@@ -148,7 +148,7 @@ async def test_fail_is_idempotent_with_the_same_message(pool: Pool) -> None:
 async def test_stale_attempt_is_rejected_for_complete_fail_and_chunks(pool: Pool) -> None:
     repo, chunks = TaskRepository(pool), ChunkRepository(pool)
     task, old_session = await claimed(repo)
-    await repo.revert_session(old_session)
+    await repo.revert_session(old_session, graceful=False)
     new_session = uuid.uuid4()
     [again] = await repo.claim(new_session, ["p1"], limit=1, lease_s=30)
     assert again.attempt == task.attempt + 1
@@ -256,6 +256,19 @@ async def test_revert_expired_uses_the_clock_and_ends_in_error_after_max_attempt
     assert dead.status is TaskStatus.ERROR
     assert dead.error_message is not None
     assert "worker was lost 2 times (max_attempts=2)" in dead.error_message
+
+
+async def test_a_graceful_release_does_not_use_up_an_attempt(pool: Pool) -> None:
+    repo = TaskRepository(pool)
+    task, session = await claimed(repo, max_attempts=1)
+    released = await repo.release(task.id, session, task.attempt)
+    assert released.status is TaskStatus.PENDING and released.releases == 1
+    [again] = await repo.claim(uuid.uuid4(), ["p1"], limit=1, lease_s=30)
+    assert again.attempt == 2
+    [lost] = await repo.revert_expired(now=datetime.now(UTC) + timedelta(minutes=5))
+    assert lost.status is TaskStatus.ERROR
+    assert lost.error_message is not None
+    assert "the worker was lost 1 times (max_attempts=1)" in lost.error_message
 
 
 async def test_gc_with_a_fixed_clock(pool: Pool) -> None:

@@ -186,5 +186,8 @@ class WorkerSessionRepository:
         """Delete sessions that stopped heartbeating and revert the tasks they held."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=task_row)
-            await cur.execute(REAP, {"now": now, "reason": "its worker stopped heartbeating"})
+            await cur.execute(
+                REAP,
+                {"now": now, "reason": "its worker stopped heartbeating", "graceful": False},
+            )
             return await cur.fetchall()

@@ -137,19 +137,21 @@ RETURNING {task_select}
 """
 ).format(task_select=TASK_SELECT)
 
-# A task whose attempts are used up ends in error instead of going back to pending.
+# A lost claim (lease expired, session reaped) counts against max_attempts: once the task was
+# lost that often it ends in error. A graceful release (worker shutdown, unbind) never does.
+_LOST_FOR_GOOD = sql.SQL("(NOT %(graceful)s::boolean AND t.attempt - t.releases >= t.max_attempts)")
 _REVERT_SET = sql.SQL(
     """
-SET status = (CASE WHEN t.attempt >= t.max_attempts THEN 'error' ELSE 'pending' END
-              )::inferq.task_status,
-    error_message = CASE WHEN t.attempt >= t.max_attempts
-        THEN format('the worker was lost %%s times (max_attempts=%%s): %%s',
-                    t.attempt, t.max_attempts, %(reason)s::text)
+SET status = (CASE WHEN {lost} THEN 'error' ELSE 'pending' END)::inferq.task_status,
+    error_message = CASE WHEN {lost}
+        THEN format('the worker was lost %%s times (max_attempts=%%s); last time %%s',
+                    t.attempt - t.releases, t.max_attempts, %(reason)s::text)
         ELSE t.error_message END,
-    completed_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+    completed_at = CASE WHEN {lost} THEN now() END,
+    releases = t.releases + CASE WHEN %(graceful)s::boolean THEN 1 ELSE 0 END,
     claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, stream_started_at = NULL
 """
-)
+).format(lost=_LOST_FOR_GOOD)
 
 REVERT_SESSION = sql.SQL(
     """
@@ -539,8 +541,14 @@ class TaskRepository:
     async def release(
         self, task_id: UUID, session_id: UUID, attempt: int, reason: str = "released"
     ) -> Task:
-        """Give one held task back: pending again, or error when its attempts are used up."""
-        params = {"id": task_id, "session": session_id, "attempt": attempt, "reason": reason}
+        """Give one held task back to pending on purpose; it does not count as a lost attempt."""
+        params = {
+            "id": task_id,
+            "session": session_id,
+            "attempt": attempt,
+            "reason": reason,
+            "graceful": True,
+        }
         task = await self._one(REVERT_ONE, params)
         if task is not None:
             return task
@@ -564,15 +572,22 @@ class TaskRepository:
             cur = await conn.execute(EXTEND_LEASES, {"session": session_id, "lease_s": lease_s})
             return {row[0]: row[1] for row in await cur.fetchall()}
 
-    async def revert_session(self, session_id: UUID, reason: str = "worker unbound") -> list[Task]:
-        """Give back everything a session holds (pending again, or error past max_attempts)."""
-        return await self._all(REVERT_SESSION, {"session": session_id, "reason": reason})
+    async def revert_session(
+        self, session_id: UUID, reason: str = "worker unbound", *, graceful: bool = True
+    ) -> list[Task]:
+        """Give back everything a session holds. Graceful (an unbind): back to pending. Not
+        graceful (the worker was lost): pending, or error once max_attempts were lost."""
+        return await self._all(
+            REVERT_SESSION, {"session": session_id, "reason": reason, "graceful": graceful}
+        )
 
     # -- maintenance ------------------------------------------------------------------------
 
     async def revert_expired(self, now: datetime | None = None) -> list[Task]:
         """Revert tasks whose lease ran out (database time unless ``now`` is given)."""
-        return await self._all(REVERT_EXPIRED, {"now": now, "reason": "its lease expired"})
+        return await self._all(
+            REVERT_EXPIRED, {"now": now, "reason": "its lease expired", "graceful": False}
+        )
 
     async def gc(
         self, *, pending_timeout_s: float, retention_s: float, now: datetime | None = None

@@ -77,6 +77,7 @@ class Task:
     lease_expires_at: datetime | None
     priority: int
     idempotency_key: str | None
+    releases: int = 0
 
     @property
     def terminal(self) -> bool:
