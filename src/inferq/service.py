@@ -159,6 +159,14 @@ class TaskService:
             found.setdefault(keys[i - 1], []).append(Chunk(seq, data))
         return found
 
+    async def _first_read(self, task_id: UUID, owner_id: str | None) -> Task:
+        """The row right after registering the waiter; batched too, so 10,000 waits that start
+        together cost a few statements and never queue for the pool."""
+        task = await self._task_loader.load(task_id)
+        if task is None or (owner_id is not None and task.owner_id != owner_id):
+            raise TaskNotFound(f"task {task_id} not found")
+        return task
+
     async def _reload(self, task_id: UUID) -> Task:
         task = await self._task_loader.load(task_id)
         if task is None:
@@ -188,7 +196,7 @@ class TaskService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         with self.hub.watch_task(task_id) as waiter:
-            task = await self.tasks.get(task_id, owner_id)
+            task = await self._first_read(task_id, owner_id)
             while not task.terminal:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -228,7 +236,7 @@ class TaskService:
         self, task_id: UUID, owner_id: str | None, after: tuple[int, int] | None
     ) -> AsyncIterator[Event]:
         with self.hub.watch_task(task_id) as waiter:
-            task = await self.tasks.get(task_id, owner_id)
+            task = await self._first_read(task_id, owner_id)
             attempt, last_seq = after if after is not None else (_live_attempt(task), 0)
             shown: tuple[TaskStatus, int] | None = None
             while True:
