@@ -60,6 +60,7 @@ FIGURES = [
     Figure("pipeline.p4_tasks_per_s", "pipeline, 4 producers", "tasks/s", (">=", 4000)),
     Figure("pipeline.p16_tasks_per_s", "pipeline, 16 producers", "tasks/s", (">=", 4000)),
     Figure("pipeline.fraction_of_notify_ceiling", "best pipeline / notify commits", "x"),
+    Figure("pipeline.python_cpu_us_per_task", "pipeline Python CPU per task", "us"),
     Figure("claim.p50_ms", "enqueue -> idle worker's claim, p50", "ms", ("<=", 3)),
     Figure("claim.p99_ms", "enqueue -> idle worker's claim, p99", "ms"),
     Figure("claim.max_ms", "enqueue -> idle worker's claim, max", "ms"),

@@ -12,14 +12,22 @@ Design decisions:
   round trip and the batched re-reads, not just the writes.
 - Producers enqueue ``BATCH`` tasks per statement; ``WORKERS`` workers each claim up to
   ``BATCH``. The clock runs from the first enqueue to the last waiter's return.
+- Two processes, as in a deployment: producers and waiters in this one (a replica serving
+  sync clients), the workers in a spawned child with its own pool and listener (worker
+  traffic). Both report their CPU time, so the figure also tells the Python CPU per task,
+  which is what bounds the rate on a machine as small as this one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from inferq.db.listener import Listener
 from inferq.db.pool import create_pool
@@ -36,14 +44,46 @@ RESPONSE = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
 REQUEST = {"messages": [{"role": "user", "content": "hello"}]}
 
 
-async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> float:
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    tasks_per_s: float
+    cpu_s_per_task: float  # Python CPU of both processes (not PostgreSQL's) per task
+
+
+async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> PipelineResult:
     """Tasks/s for ``tasks`` tasks enqueued by ``producers`` concurrent producers.
 
     Raises RuntimeError when a task did not complete (the figure would be meaningless).
     """
-    settings = Settings(
-        database_url=dsn, pool_min_size=producers + WORKERS + 2, pool_max_size=producers + 16
+    pool_name = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    worker = ctx.Process(
+        target=_worker_process, args=(dsn, pool_name, tasks, child_end), daemon=True
     )
+    worker.start()
+    try:
+        if not await asyncio.to_thread(parent_end.poll, 60) or parent_end.recv() != "ready":
+            raise RuntimeError("pipeline: the worker process did not start")
+        async with _stack(dsn, producers + 2) as service:
+            cpu0 = time.process_time()
+            rate = await _produce_and_wait(service, pool_name, producers=producers, tasks=tasks)
+            cpu = time.process_time() - cpu0
+        if not await asyncio.to_thread(parent_end.poll, 60):
+            raise RuntimeError("pipeline: the worker process did not finish")
+        worker_cpu = float(parent_end.recv())
+        return PipelineResult(rate, (cpu + worker_cpu) / tasks)
+    finally:
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+@asynccontextmanager
+async def _stack(dsn: str, connections: int) -> AsyncIterator[TaskService]:
+    """A replica's wakeup machinery: pool, hub, Listener, TaskService."""
+    settings = Settings(database_url=dsn, pool_min_size=connections, pool_max_size=connections + 4)
     pool = create_pool(settings)
     await pool.open(wait=True)
     hub = Hub()
@@ -51,19 +91,18 @@ async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> float:
     await listener.start()
     service = TaskService(pool, settings, hub=hub)
     try:
-        return await _run(service, producers=producers, tasks=tasks)
+        yield service
     finally:
         await service.stop()
         await listener.stop()
         await pool.close()
 
 
-async def _run(service: TaskService, *, producers: int, tasks: int) -> float:
-    pool_name = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
+async def _produce_and_wait(
+    service: TaskService, pool_name: str, *, producers: int, tasks: int
+) -> float:
     repo = service.tasks
     waits: list[asyncio.Task[Task]] = []
-    done = asyncio.Event()
-    completed = 0
 
     async def produce(count: int) -> None:
         while count > 0:
@@ -73,8 +112,34 @@ async def _run(service: TaskService, *, producers: int, tasks: int) -> float:
             for task in await repo.enqueue_many(items):
                 waits.append(asyncio.create_task(service.wait_terminal(task.id, WAIT_S)))
 
-    async def work() -> None:
+    shares = [tasks // producers + (1 if i < tasks % producers else 0) for i in range(producers)]
+    started_at = time.perf_counter()
+    await asyncio.gather(*(produce(n) for n in shares))
+    finished = await asyncio.gather(*waits)
+    elapsed = time.perf_counter() - started_at
+    bad = [t for t in finished if t.status is not TaskStatus.COMPLETED]
+    if bad or len(finished) != tasks:
+        raise RuntimeError(f"pipeline: {len(bad)} of {len(finished)} tasks did not complete")
+    return tasks / elapsed
+
+
+def _worker_process(dsn: str, pool_name: str, tasks: int, conn: Connection) -> None:
+    """The worker side in its own process: claim, start and complete ``tasks`` tasks."""
+    try:
+        import uvloop
+
+        uvloop.run(_work(dsn, pool_name, tasks, conn))
+    except ImportError:
+        asyncio.run(_work(dsn, pool_name, tasks, conn))
+
+
+async def _work(dsn: str, pool_name: str, tasks: int, conn: Connection) -> None:
+    completed = 0
+    done = asyncio.Event()
+
+    async def work(service: TaskService) -> None:
         nonlocal completed
+        repo = service.tasks
         session = uuid.uuid4()
         async with service.pool_waiter([pool_name]) as waiter:
             while not done.is_set():
@@ -84,22 +149,21 @@ async def _run(service: TaskService, *, producers: int, tasks: int) -> float:
                     continue
                 started = await repo.start_many([(t.id, session, t.attempt) for t in claimed])
                 results = [(t.id, session, t.attempt, RESPONSE) for t in started]
-                completed += len(await repo.complete_many(results))
+                # Read the counter after the await: `completed += len(await ...)` would load it
+                # before and lose the other workers' updates.
+                done_now = await repo.complete_many(results)
+                completed += len(done_now)
                 if completed >= tasks:
                     done.set()
 
-    shares = [tasks // producers + (1 if i < tasks % producers else 0) for i in range(producers)]
-    started_at = time.perf_counter()
-    workers = [asyncio.create_task(work()) for _ in range(WORKERS)]
-    await asyncio.gather(*(produce(n) for n in shares))
-    finished = await asyncio.gather(*waits)
-    elapsed = time.perf_counter() - started_at
-    done.set()
-    await asyncio.gather(*workers)
-    bad = [t for t in finished if t.status is not TaskStatus.COMPLETED]
-    if bad or len(finished) != tasks:
-        raise RuntimeError(f"pipeline: {len(bad)} of {len(finished)} tasks did not complete")
-    return tasks / elapsed
+    async with _stack(dsn, WORKERS + 1) as service:
+        workers = [asyncio.create_task(work(service)) for _ in range(WORKERS)]
+        conn.send("ready")
+        cpu0 = time.process_time()
+        await asyncio.wait_for(done.wait(), WAIT_S)
+        cpu = time.process_time() - cpu0
+        await asyncio.gather(*workers)
+    conn.send(str(cpu))
 
 
 async def _first(*aws: Awaitable[object]) -> None:
