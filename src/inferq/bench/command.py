@@ -205,10 +205,18 @@ def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:
 
 async def _pipeline(dsn: str, sizes: Sizes, progress: Progress) -> dict[str, float]:
     out = {}
+    cpu = []
     for producers, key in zip((1, 4, 16), _PIPELINE_KEYS, strict=True):
-        rate = await pipeline.measure_pipeline(dsn, producers=producers, tasks=sizes.pipeline_tasks)
-        progress(f"    {producers} producer(s): {rate:,.0f} tasks/s")
-        out[key] = rate
+        result = await pipeline.measure_pipeline(
+            dsn, producers=producers, tasks=sizes.pipeline_tasks
+        )
+        progress(
+            f"    {producers} producer(s): {result.tasks_per_s:,.0f} tasks/s, "
+            f"{result.cpu_s_per_task * 1e6:,.0f} us Python CPU per task"
+        )
+        out[key] = result.tasks_per_s
+        cpu.append(result.cpu_s_per_task)
+    out["pipeline.python_cpu_us_per_task"] = statistics.median(cpu) * 1e6
     return out
 
 
