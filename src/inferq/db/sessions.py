@@ -74,7 +74,10 @@ WITH sess AS (
 ), ext AS (
     UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
     FROM sess
+    -- Only what the worker reports: a task whose claim answer never reached it (the replica
+    -- died mid-response) must not be kept alive forever; its lease lapses and it is rescued.
     WHERE t.claimed_by = sess.id AND t.status IN ('claimed', 'running')
+      AND t.id = ANY(%(reported)s)
     RETURNING t.id, t.attempt
 )
 SELECT 'session' AS kind, id, 0 AS attempt FROM sess
