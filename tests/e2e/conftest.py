@@ -26,7 +26,7 @@ _FAILED = pytest.StashKey[bool]()
 @pytest.fixture
 def failed(request: pytest.FixtureRequest) -> Callable[[], bool]:
     """Whether the current test has failed (read at teardown)."""
-    return lambda: request.node.stash.get(_FAILED, True)
+    return lambda: request.node.stash.get(_FAILED, False)
 
 
 @pytest.fixture

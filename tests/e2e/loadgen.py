@@ -143,7 +143,12 @@ class LoadGenerator:
         start = time.time()
         outcome, extra = "ok", {}
         try:
-            extra = await getattr(op, kind)()
+            # The overall deadline also ends waits that keep timing out and streams that only
+            # ever send heartbeats: a task that never finishes shows up as gave_up.
+            async with asyncio.timeout(self.profile.op_deadline_s + self.profile.hang_slack_s):
+                extra = await getattr(op, kind)()
+        except TimeoutError:
+            outcome, extra = "gave_up", {"error": "the operation never finished"}
         except GaveUp as exc:
             outcome, extra = "gave_up", {"error": str(exc)}
         except Exception as exc:  # recorded, and the checker fails the run on it

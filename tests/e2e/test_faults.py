@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.e2e.checker import Report, check, read_database
+from tests.e2e.checker import TERMINAL, Report, check, read_database
 from tests.e2e.harness import Deployment, wait_until
 from tests.e2e.loadgen import KINDS as KINDS_ALL
 from tests.e2e.loadgen import History, LoadGenerator, Profile
@@ -150,11 +150,23 @@ async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
     return found[0]
 
 
+async def _kill_worker_mid_stream(gen: Load, dep: Deployment) -> tuple[int, str]:
+    """SIGKILL a worker while a watched stream runs on it; retried when the task finished in
+    the instant between choosing it and the kill (then it was not killed mid-stream)."""
+    for _ in range(20):
+        worker, task_id = await _victim(gen, dep)
+        await in_thread(dep.kill_worker, worker)
+        status = dep.query("SELECT status::text FROM inferq.task WHERE id = %s", (task_id,))
+        if status[0][0] not in TERMINAL:
+            return worker, task_id
+        await in_thread(dep.restart_worker, worker)
+    raise AssertionError("no worker could be killed mid-stream")
+
+
 async def kill_worker(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGKILL a worker mid-stream: the task re-runs elsewhere and its stream shows a reset."""
     await gen.reached(0.2)
-    worker, task_id = await _victim(gen, dep)
-    await in_thread(dep.kill_worker, worker)
+    worker, task_id = await _kill_worker_mid_stream(gen, dep)
     notes.setdefault("worker_victims", []).append(task_id)
     await gen.reached(0.6)
     await in_thread(dep.restart_worker, worker)
@@ -173,9 +185,8 @@ async def kill_leader(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None
 
     await in_thread(wait_until, has_leader, 30, "a maintenance leader")
     leader = found[0]
-    worker, task_id = await _victim(gen, dep)
+    worker, task_id = await _kill_worker_mid_stream(gen, dep)
     await in_thread(dep.kill_replica, leader)
-    await in_thread(dep.kill_worker, worker)
     notes["leader_killed"] = leader
     notes.setdefault("worker_victims", []).append(task_id)
 
