@@ -111,7 +111,8 @@ class LoadGenerator:
         self.history = history
         self.profile = profile
         self.done = 0
-        self.streaming_now: set[str] = set()  # task ids with a native SSE reader attached
+        # Task ids whose native SSE reader is attached and has received chunks.
+        self.streaming_now: set[str] = set()
         self._progress = asyncio.Condition()
         self._ids = itertools.count()
 
@@ -300,7 +301,6 @@ class Op:
     async def native_stream(self) -> dict[str, Any]:
         task = await self._submit(streaming=True)
         task_id = task["id"]
-        self.gen.streaming_now.add(task_id)
         try:
             return await self._follow(task_id)
         finally:
@@ -334,6 +334,8 @@ class Op:
                             attempt = int(eid.split(":")[0])
                             texts.setdefault(attempt, []).append(chunk_text(json.loads(data)))
                             last = eid
+                            # Mid-stream from here on: a lost worker must now show a reset.
+                            self.gen.streaming_now.add(task_id)
                         elif event == "reset":
                             resets.append(int(json.loads(data)["attempt"]))
                         elif event == "done":
