@@ -5,8 +5,10 @@ Design decisions:
 - A notifying commit takes a cluster-wide lock, so chunks are never written one post at a time:
   every post of every task that arrives within ``settings.chunk_flush_ms`` of the first one goes
   into ONE ``ChunkRepository.append`` (one transaction, one CHUNK notification per payload).
-- One flush runs at a time; posts arriving during a flush fill the next buffer, so under load the
-  batch grows with the commit latency instead of commits piling up.
+- At most MAX_CONCURRENT_FLUSHES flushes are written at once; posts arriving meanwhile fill the
+  next buffer, so under load the batch grows with the commit latency instead of commits piling
+  up. The window is measured from the first post of a buffer, so a flush that took longer than
+  the window is followed by the next one at once.
 - Each post awaits its flush: the worker's 200 means "stored and announced", which is what makes
   a later ``complete`` safe (its chunks are readable before the terminal status is).
 - A post whose task the worker no longer holds (stale attempt, reverted, cancelled) gets
@@ -33,6 +35,11 @@ from inferq.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+# Flushes written at once. A second transaction inserts while the first waits for its commit;
+# one task's posts are never split across them unsafely, because a reader delivers only the
+# contiguous run of seqs and waits for the next notification at a gap.
+MAX_CONCURRENT_FLUSHES = 1
+
 
 @dataclass(slots=True)
 class _Post:
@@ -53,6 +60,9 @@ class ChunkRelay:
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
+        self._first_post_at = 0.0
+        self._writes = asyncio.Semaphore(MAX_CONCURRENT_FLUSHES)
+        self._in_flight: set[asyncio.Task[None]] = set()
         self.flushes = 0
         self.chunks_stored = 0
 
@@ -74,6 +84,8 @@ class ChunkRelay:
             await self._write([post])
         else:
             self._ensure_flusher()
+            if not self._buffer:
+                self._first_post_at = asyncio.get_running_loop().time()
             self._buffer.append(post)
             self._has_posts.set()
         return await post.done
@@ -90,22 +102,37 @@ class ChunkRelay:
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             await flusher
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight)
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._has_posts.wait()
-            # The window starts at the first buffered post: everything arriving within it
-            # shares one commit.
-            if self.flush_s > 0 and not self._stopped:
+            # The window starts at the first buffered post, which may have arrived while the
+            # previous flush was being written: everything within it shares one commit.
+            delay = self._first_post_at + self.flush_s - loop.time()
+            if delay > 0 and not self._stopped:
                 # stop() cuts the window short.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.flush_s)
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+            await self._writes.acquire()
             batch, self._buffer = self._buffer, []
             self._has_posts.clear()
             if batch:
-                await self._write(batch)
+                task = asyncio.create_task(self._write_and_release(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            else:
+                self._writes.release()
             if self._stopped and not self._buffer:
                 return
+
+    async def _write_and_release(self, batch: list[_Post]) -> None:
+        try:
+            await self._write(batch)
+        finally:
+            self._writes.release()
 
     async def _write(self, batch: list[_Post]) -> None:
         rows = [row for post in batch for row in post.chunks]

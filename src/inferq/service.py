@@ -8,8 +8,9 @@ Design decisions (DESIGN.md "Notifications"):
   woken together go through one ``Batcher`` (one ``WHERE id = ANY(...)`` for task rows, one
   ``unnest ... JOIN LATERAL`` for chunks), so 10,000 waiters woken by a resync cost a few
   statements, not 10,000.
-- The safety poll is each waiter's own wait cap (``settings.safety_poll_s``): even if every
-  notification were lost, a waiter re-reads at least that often. In poll-only mode it is the only
+- The safety poll is each waiter's own wait cap (``settings.safety_poll_s``, jittered down to
+  half so waiters spread out): even if every notification were lost, a waiter re-reads at
+  least that often. In poll-only mode it is the only
   mechanism, so latency is bounded by it.
 - ``events()``: chunks of an attempt are live while the task is held by a worker or ended while
   held (``claimed_by`` is set). The reader delivers only the contiguous run after its last seq:
@@ -26,6 +27,7 @@ Design decisions (DESIGN.md "Notifications"):
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -139,6 +141,11 @@ class TaskService:
         """Flush buffered chunk posts."""
         await self.relay.stop()
 
+    def _safety_poll_s(self) -> float:
+        # Jittered below the setting so waiters that started together do not all re-read in
+        # the same instant; the setting stays the upper bound a lost notification can cost.
+        return self.settings.safety_poll_s * random.uniform(0.5, 1.0)
+
     # -- batched re-reads -------------------------------------------------------------------
 
     async def _fetch_tasks(self, ids: Sequence[UUID]) -> dict[UUID, Task]:
@@ -201,7 +208,7 @@ class TaskService:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                await waiter.wait(min(remaining, self.settings.safety_poll_s))
+                await waiter.wait(min(remaining, self._safety_poll_s()))
                 waiter.take()
                 task = await self._reload(task_id)
             return task
@@ -255,7 +262,7 @@ class TaskService:
                 if task.terminal:
                     yield StatusEvent(task)
                     return
-                await waiter.wait(self.settings.safety_poll_s)
+                await waiter.wait(self._safety_poll_s())
                 flags = waiter.take()
                 # A chunk-only wake needs no row; a status wake, a resync or a poll does.
                 if flags & TASK_CHANGED or not flags:

@@ -36,12 +36,14 @@ class AppendResult:
     rejected: set[UUID]  # tasks whose chunks were refused: not held by that session/attempt
 
 
+# Arrays go in binary (%(x)b): the text format escapes every quote of every JSON chunk in
+# Python, ~40x slower for a flush of 1,600 chunks.
 # Only chunks from the holder of the current attempt are stored; a repeated (task, attempt,
 # seq) is ignored, so a worker may retry a post safely.
 APPEND = """
 WITH input AS (
-    SELECT * FROM unnest(%(task_ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[],
-                         %(seqs)s::int[], %(data)s::text[])
+    SELECT * FROM unnest(%(task_ids)b::uuid[], %(sessions)b::uuid[], %(attempts)b::int[],
+                         %(seqs)b::int[], %(data)b::text[])
         AS c(task_id, session_id, attempt, seq, data)
 ), valid AS (
     SELECT DISTINCT c.task_id, c.attempt FROM input c
