@@ -28,9 +28,9 @@ from tests.e2e.harness import Deployment, wait_until
 from tests.e2e.loadgen import KINDS as KINDS_ALL
 from tests.e2e.loadgen import History, LoadGenerator, Profile
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
 TASKS = int(os.environ.get("INFERQ_E2E_TASKS", "300"))
+# The long profile (INFERQ_E2E_TASKS=5000) needs more than the suite's default timeout.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(900, TASKS // 2))]
 # Debugging aid: INFERQ_E2E_KINDS=native_wait,chat restricts the mix.
 KINDS = tuple(k for k in os.environ.get("INFERQ_E2E_KINDS", "").split(",") if k) or KINDS_ALL
 
