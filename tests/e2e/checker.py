@@ -281,6 +281,9 @@ def _figures(
             "database_statuses": dict(statuses),
             "client_retries": sum(1 for h in history if _retryable(h)),
             "operations_retried": len({h["lid"] for h in history if _retryable(h)}),
+            "retried_exchanges_by_outcome": dict(
+                Counter(str(h["outcome"]) for h in history if _retryable(h))
+            ),
             "tasks_rerun": sum(1 for row in tasks.values() if (row["attempt"] or 0) > 1),
             "stream_resumes": sum(max(0, r.get("segments", 1) - 1) for r in ok),
             "stream_resets_seen": sum(len(r.get("resets", [])) for r in ok),
