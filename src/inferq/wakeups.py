@@ -217,9 +217,13 @@ class Batcher(Generic[K, V]):
             values = await self._fetch(list(batch))
         except BaseException as exc:
             for fut in batch.values():
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(exc, Exception):
                     fut.set_exception(exc)
                     fut.exception()  # retrieved here: a shielded caller may be gone
+                else:
+                    fut.cancel()
             if not isinstance(exc, Exception):
                 raise
             return

@@ -1,9 +1,12 @@
 """Wakeup benchmarks: cross-replica wake latency, chunk relay throughput, memory per waiter.
 
-Each "replica" is a ``Stack`` (its own pool, hub, Listener and TaskService) inside one process;
-the notifications still travel through PostgreSQL, exactly as between processes.
-Run: ``python -m inferq.bench.wakeups --dsn postgresql://...`` (a migrated, disposable database;
-the tasks it creates are left behind).
+Each "replica" is a ``Stack`` (its own pool, hub, Listener and TaskService). The replica that
+writes runs in this process; the one that waits or reads runs in a spawned process, so the two
+do not share a CPU and everything between them travels through PostgreSQL as in production.
+Times are ``time.perf_counter()`` (CLOCK_MONOTONIC, comparable across processes on Linux).
+Run: ``python -m inferq.bench.wakeups [--dsn postgresql://...]`` (a migrated, disposable
+database; the tasks it creates are left behind). Without --dsn it starts a private cluster with
+the default ``synchronous_commit = on``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
+from inferq.logs import configure_logging
 from inferq.service import ChunkEvent, StatusEvent, TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -131,6 +135,7 @@ def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    configure_logging(level="warning")
     try:
         import uvloop
 
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
+    configure_logging(level="warning")
     cluster = None
     dsn = args.dsn
     if dsn is None:
