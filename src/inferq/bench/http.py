@@ -137,9 +137,11 @@ def measure_http(
                 )
             )
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
+        pids = [proc.popen.pid for proc in procs]
         figures: dict[str, float] = _run_async(
-            _load(urls, setup, requests=requests, clients=clients)
+            _load(urls, setup, requests=requests, clients=clients, pids=pids)
         )
+
         progress(
             f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms"
         )
@@ -254,7 +256,9 @@ def _wait_ready(url: str, proc: _Proc) -> None:
 # -- throughput -----------------------------------------------------------------------------
 
 
-async def _load(urls: list[str], setup: _Setup, *, requests: int, clients: int) -> dict[str, float]:
+async def _load(
+    urls: list[str], setup: _Setup, *, requests: int, clients: int, pids: list[int]
+) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {setup.client_token}"}
     body = {**BODY, "model": setup.model}
     samples: list[float] = []
@@ -281,11 +285,14 @@ async def _load(urls: list[str], setup: _Setup, *, requests: int, clients: int) 
     # warm-up is part of each client task, so start the clock once they all reach start.
     await _until_waiting(start, tasks, clients)
     t0 = time.perf_counter()
+    cpu0 = sum(cpu_seconds(pid) for pid in pids)
     start.set()
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
+    cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
     samples.sort()
     return {
+        "http.server_cpu_ms_per_task": cpu / len(samples) * 1000,
         "http.tasks_per_s": len(samples) / elapsed,
         "http.p50_ms": samples[len(samples) // 2] * 1000,
         "http.p99_ms": samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))] * 1000,
@@ -312,6 +319,13 @@ def _parked_on(task: asyncio.Task[None], event: asyncio.Event) -> bool:
 
 
 # -- memory ---------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:
