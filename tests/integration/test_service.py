@@ -336,3 +336,16 @@ async def test_poll_only_mode_resolves_waiters_without_listen(
         )
         assert await cur.fetchone() == (0,)
     assert a.listener.healthy and a.listener.stats.notifications == 0
+
+
+async def test_new_work_wakes_a_claim_long_poll_on_another_replica(
+    make_stack: Callable[..., Awaitable[Stack]],
+) -> None:
+    a = await make_stack(safety_poll_s=3600)
+    b = await make_stack(safety_poll_s=3600)
+    async with a.service.pool_waiter([POOL, "other"]) as waiter:
+        woken = asyncio.create_task(waiter.wait(60))
+        await submit(b.service)
+        assert await asyncio.wait_for(woken, 10) is True
+        assert await waiter.wait(0.01) is False  # nothing new since
+    assert a.hub.waiter_count == 0
