@@ -236,7 +236,12 @@ class TaskService:
     ) -> AsyncIterator[Event]:
         """Status changes and chunks of a task in order, gap-free per attempt, from ``after``
         (attempt, seq) exclusive. Ends after the terminal StatusEvent. Raises TaskNotFound
-        before the first event."""
+        before the first event.
+
+        The first event is a StatusEvent with the state at subscription, except for a task
+        already terminal: its remaining chunks come first and its one terminal StatusEvent
+        last. Exactly one terminal StatusEvent is ever yielded, always as the last event.
+        """
         return self._events(task_id, owner_id, after)
 
     async def _events(
