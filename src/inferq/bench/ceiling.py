@@ -134,20 +134,27 @@ def _threads_rate(dsn: str, statement: str, duration_s: float) -> float:
     return sum(counts) / elapsed
 
 
-def measure_commit_latency(dsn: str, *, commits: int) -> list[float]:
+def measure_commit_latency(dsn: str, *, commits: int, notify: bool = False) -> list[float]:
     """Seconds per single-row insert commit on one idle connection: the WAL flush floor of
-    every latency figure under ``synchronous_commit = on``. Uses its own scratch table."""
+    every latency figure under ``synchronous_commit = on``. With ``notify`` each insert also
+    sends a pg_notify that a second connection LISTENs to, as every inferq transition does.
+    Uses its own scratch table."""
     table = sql.Identifier(f"inferq_bench_commit_{uuid.uuid4().hex[:12]}")
+    template = _INSERT_NOTIFY if notify else _INSERT
+    statement = sql.SQL(template).format(table=table, channel=sql.Literal(CHANNEL))
     samples = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with (
+        psycopg.connect(dsn, autocommit=True) as conn,
+        psycopg.connect(dsn, autocommit=True) as listener,
+    ):
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         conn.execute(
             sql.SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, payload text)").format(table)
         )
         try:
-            insert = sql.SQL("INSERT INTO {} (payload) VALUES ('x')").format(table)
             for _ in range(commits):
                 started = time.perf_counter()
-                conn.execute(insert, prepare=True)
+                conn.execute(statement, prepare=True)
                 samples.append(time.perf_counter() - started)
         finally:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))

@@ -55,7 +55,8 @@ class Figure:
 FIGURES = [
     Figure("ceiling.insert_commits_per_s", "PostgreSQL insert commits (8 conns)", "/s"),
     Figure("ceiling.insert_notify_commits_per_s", "PostgreSQL insert+notify commits", "/s"),
-    Figure("ceiling.commit_p50_ms", "one commit, one connection, p50", "ms"),
+    Figure("ceiling.commit_p50_ms", "one insert commit, one connection, p50", "ms"),
+    Figure("ceiling.notify_commit_p50_ms", "one insert+notify commit, p50", "ms"),
     Figure("pipeline.p1_tasks_per_s", "pipeline, 1 producer", "tasks/s", (">=", 4000)),
     Figure("pipeline.p4_tasks_per_s", "pipeline, 4 producers", "tasks/s", (">=", 4000)),
     Figure("pipeline.p16_tasks_per_s", "pipeline, 16 producers", "tasks/s", (">=", 4000)),
@@ -175,12 +176,12 @@ def _scenarios(
     yield (
         "http",
         lambda: http.measure_http(
-            dsn,
-            requests=sizes.http_requests,
-            clients=sizes.http_clients,
-            open_waits=sizes.open_waits,
-            progress=progress,
+            dsn, requests=sizes.http_requests, clients=sizes.http_clients, progress=progress
         ),
+    )
+    yield (
+        "open-wait memory",
+        lambda: http.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
 
 
@@ -198,8 +199,11 @@ def _run_async(coro: Awaitable[dict[str, float]]) -> dict[str, float]:
 
 def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:
     figures, _client = ceiling.measure_ceiling(dsn, duration_s=sizes.ceiling_s)
-    commits = ceiling.measure_commit_latency(dsn, commits=50 if sizes.ceiling_s < 2 else 300)
+    n = 50 if sizes.ceiling_s < 2 else 300
+    commits = ceiling.measure_commit_latency(dsn, commits=n)
+    notifying = ceiling.measure_commit_latency(dsn, commits=n, notify=True)
     return {
+        "ceiling.notify_commit_p50_ms": statistics.median(notifying) * 1000,
         "ceiling.insert_commits_per_s": figures["insert_commits_per_s"],
         "ceiling.insert_notify_commits_per_s": figures["insert_notify_commits_per_s"],
         "ceiling.commit_p50_ms": statistics.median(commits) * 1000,

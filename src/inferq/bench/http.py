@@ -9,8 +9,8 @@ Design decisions:
 - The load generator is this process: ``clients`` concurrent httpx clients alternating
   between the replicas, each sending sync ``POST /v1/chat/completions`` one after another.
   A few requests per client warm the connections up before the clock starts.
-- Memory: replica A's resident set (VmRSS from /proc) is read idle, then with ``open_waits``
-  native ``GET /v1/tasks/{id}/wait`` long-polls parked on pending tasks of a pool no worker
+- Memory (``measure_wait_memory``, a replica of its own with no worker): its resident set
+  (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait`` long-polls parked on pending tasks of a pool no worker
   serves. The long-polls are raw sockets (a request written, the answer never read), so the
   load generator stays small; the replica's ``inferq_open_waits`` gauge says when all of them
   are parked. The difference divided by the count is the cost of one open wait, including
@@ -45,6 +45,7 @@ from inferq.settings import Settings
 WORKER_CAPACITY = 32
 WARMUP_PER_CLIENT = 5
 READY_TIMEOUT_S = 60.0
+PARK_TIMEOUT_S = 300.0
 BODY = {"model": "", "messages": [{"role": "user", "content": "hello from the benchmark"}]}
 
 
@@ -80,77 +81,79 @@ class _Setup:
 
 
 def measure_http(
-    dsn: str,
-    *,
-    requests: int,
-    clients: int,
-    open_waits: int,
-    progress: Callable[[str], None],
+    dsn: str, *, requests: int, clients: int, progress: Callable[[str], None]
 ) -> dict[str, float]:
-    """One run: throughput and latency of sync chat completions, then RSS per open wait.
+    """One run of sync chat completions through two replicas and two echo workers.
 
     Starts and stops every process it needs; raises RuntimeError with a process's log tail
     when one does not come up.
     """
-    _raise_fd_limit(open_waits + 1000)
-    env = {**os.environ, "INFERQ_DATABASE_URL": dsn, "INFERQ_LOG_LEVEL": "warning"}
-    _inferq(["migrate"], env)
-    setup = _run_async(_prepare(dsn, open_waits))
-    serve_env = {
-        **env,
-        "INFERQ_MAX_WAITS_PER_TOKEN": str(open_waits + 100),
-        "INFERQ_MAX_PENDING_PER_TOKEN": str(open_waits + requests + 1000),
-        "INFERQ_POOL_MAX_SIZE": "16",
-    }
+    env, setup = _setup(dsn, requests)
     with _processes() as procs:
-        urls = []
-        for i in range(2):
-            port = _free_port()
-            procs.append(
-                _spawn(
-                    f"serve{i}", ["serve", "--host", "127.0.0.1", "--port", str(port)], serve_env
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        for url, proc in zip(urls, procs, strict=True):
-            _wait_ready(url, proc)
+        urls = _start_replicas(procs, 2, env)
         for i, url in enumerate(urls):
-            procs.append(
-                _spawn(
-                    f"worker{i}",
-                    [
-                        "worker",
-                        "--url",
-                        url,
-                        "--token",
-                        setup.worker_token,
-                        "--pool",
-                        setup.pool_name,
-                        "--capacity",
-                        str(WORKER_CAPACITY),
-                        "--backend",
-                        "echo",
-                        "--name",
-                        f"bench-{i}",
-                    ],
-                    env,
-                )
-            )
+            procs.append(_spawn(f"worker{i}", _worker_args(url, setup, i), env))
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
         pids = [proc.popen.pid for proc in procs]
         figures: dict[str, float] = _run_async(
             _load(urls, setup, requests=requests, clients=clients, pids=pids)
         )
-
-        progress(
-            f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms"
-        )
-        for proc in procs[2:]:
-            proc.stop()
-        del procs[2:]
-        pid = procs[0].popen.pid
-        figures.update(_run_async(_memory(dsn, urls[0], pid, setup, open_waits, progress)))
+    progress(f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms")
     return figures
+
+
+def measure_wait_memory(
+    dsn: str, *, open_waits: int, progress: Callable[[str], None]
+) -> dict[str, float]:
+    """Resident memory of one replica idle and with ``open_waits`` parked long-polls."""
+    env, setup = _setup(dsn, open_waits)
+    with _processes() as procs:
+        (url,) = _start_replicas(procs, 1, env)
+        return dict(_run_async(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress)))
+
+
+def _setup(dsn: str, load: int) -> tuple[dict[str, str], _Setup]:
+    """The replicas' environment (limits above the load) and a migrated, provisioned database."""
+    _raise_fd_limit(load + 1000)
+    env = {
+        **os.environ,
+        "INFERQ_DATABASE_URL": dsn,
+        "INFERQ_LOG_LEVEL": "warning",
+        "INFERQ_MAX_WAITS_PER_TOKEN": str(load + 100),
+        "INFERQ_MAX_PENDING_PER_TOKEN": str(load + 1000),
+    }
+    _inferq(["migrate"], env)
+    return env, _run_async(_prepare(dsn))
+
+
+def _start_replicas(procs: list[_Proc], count: int, env: dict[str, str]) -> list[str]:
+    urls = []
+    for i in range(count):
+        port = _free_port()
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        procs.append(_spawn(f"serve{i}", args, env))
+        urls.append(f"http://127.0.0.1:{port}")
+    for url, proc in zip(urls, procs[-count:], strict=True):
+        _wait_ready(url, proc)
+    return urls
+
+
+def _worker_args(url: str, setup: _Setup, i: int) -> list[str]:
+    return [
+        "worker",
+        "--url",
+        url,
+        "--token",
+        setup.worker_token,
+        "--pool",
+        setup.pool_name,
+        "--capacity",
+        str(WORKER_CAPACITY),
+        "--backend",
+        "echo",
+        "--name",
+        f"bench-{i}",
+    ]
 
 
 # -- setup ----------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def _inferq(args: list[str], env: dict[str, str]) -> str:
     return out.stdout
 
 
-async def _prepare(dsn: str, open_waits: int) -> _Setup:
+async def _prepare(dsn: str) -> _Setup:
     """Tokens, the LLM entry, and the pending tasks the open waits will park on."""
     suffix = uuid.uuid4().hex[:8]
     setup = _Setup(
@@ -350,7 +353,7 @@ async def _memory(
     idle = rss_bytes(pid)
     host, port = url.removeprefix("http://").split(":")
     async with _open_waits(host, int(port), ids, setup.client_token) as writers:
-        await _until_parked(url, setup, open_waits)
+        await _until_parked(url, open_waits, progress)
         loaded = rss_bytes(pid)
         progress(
             f"    {len(writers):,} open waits parked; RSS {idle / 2**20:.1f} -> "
@@ -408,14 +411,23 @@ async def _open_wait(host: str, port: int, task_id: str, token: str) -> asyncio.
     return writer
 
 
-async def _until_parked(url: str, setup: _Setup, count: int) -> None:
-    """Poll the replica's open-waits gauge until ``count`` waits are parked."""
-    deadline = time.monotonic() + 120
-    async with httpx.AsyncClient(timeout=10) as http:
+async def _until_parked(url: str, count: int, progress: Callable[[str], None]) -> None:
+    """Poll the replica's open-waits gauge until ``count`` waits are parked.
+
+    A replica busy accepting thousands of waits may answer /metrics slowly: a slow or failed
+    scrape is retried until the deadline.
+    """
+    deadline = time.monotonic() + PARK_TIMEOUT_S
+    parked = 0.0
+    async with httpx.AsyncClient(timeout=30) as http:
         while time.monotonic() < deadline:
-            text = (await http.get(url + "/metrics")).text
+            try:
+                text = (await http.get(url + "/metrics")).text
+            except httpx.HTTPError:
+                continue
             match = re.search(r"^inferq_open_waits(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
-            if match and float(match.group(1)) >= count:
+            parked = float(match.group(1)) if match else 0.0
+            if parked >= count:
                 return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{count} open waits did not park within 120 s")
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"only {parked:.0f} of {count} open waits parked in {PARK_TIMEOUT_S:g} s")
