@@ -11,7 +11,7 @@ from starlette.responses import Response
 from inferq.api.auth import admin_token
 from inferq.api.body import json_body
 from inferq.api.context import ApiContext, get_ctx
-from inferq.api.errors import InvalidRequest, TokenNotFound
+from inferq.api.errors import InvalidBody, InvalidRequest, TokenNotFound
 from inferq.api.render import json_response
 from inferq.db.llms import Llm
 from inferq.db.tokens import ApiToken
@@ -62,7 +62,8 @@ async def put_llm(
     return json_response(llm_json(llm), 201)
 
 
-@router.delete("/llms/{name}", summary="Remove a model")
+# `:path`: registry names are often Hugging Face ids such as meta-llama/Llama-3-8B.
+@router.delete("/llms/{name:path}", summary="Remove a model")
 async def delete_llm(ctx: Ctx, admin: Admin, name: str) -> Response:
     if not await ctx.llms.remove(name):
         raise UnknownModel(f"model {name!r} does not exist")
@@ -79,6 +80,12 @@ async def list_tokens(ctx: Ctx, admin: Admin) -> Response:
 async def create_token(
     ctx: Ctx, admin: Admin, body: Annotated[TokenIn, Depends(json_body(TokenIn))]
 ) -> Response:
+    if body.pools is not None and not body.pools:
+        # The repository stores an empty list as NULL, which means every pool.
+        raise InvalidBody(
+            "pools: name at least one pool, or send null for a token that serves every pool",
+            param="pools",
+        )
     token, secret = await ctx.tokens.create(
         body.owner, body.role, pools=body.pools, label=body.label
     )

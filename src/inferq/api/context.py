@@ -19,7 +19,7 @@ from uuid import UUID
 
 from fastapi import Request
 
-from inferq.api.auth import Authenticator
+from inferq.api.auth import Authenticator, check_pools
 from inferq.api.errors import ClientGone, ShuttingDown, TooManyPending, TooManyWaits
 from inferq.db.llms import Llm, LlmRepository
 from inferq.db.pool import Pool
@@ -163,10 +163,13 @@ class ApiContext:
         self._llm_cache.pop(name, None)
 
     async def check_session(self, session_id: UUID, token: ApiToken) -> list[str]:
-        """The pools of a live session of the token's owner; raises SessionNotFound otherwise.
+        """The pools of a session of the token's owner that the token may serve.
 
-        Ownership is remembered per replica; whether the session is still alive is decided by
-        the guarded statement each worker route runs anyway.
+        Raises SessionNotFound for a missing session or another owner's (alike), Forbidden when
+        the token may not serve every pool of the session: a token limited to some pools must
+        not drive a session bound by a wider token of the same owner. Ownership is remembered
+        per replica; whether the session is still alive is decided by the guarded statement
+        each worker route runs anyway.
         """
         known = self._session_owner.get(session_id)
         if known is None:
@@ -177,6 +180,7 @@ class ApiContext:
             raise SessionNotFound(
                 f"worker session {session_id} does not exist or expired; bind again"
             )
+        check_pools(token, known[1])
         return known[1]
 
     def remember_session(self, session_id: UUID, owner_id: str, pools: list[str]) -> None:

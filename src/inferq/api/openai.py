@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from uuid import UUID
 
-import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
@@ -24,7 +23,7 @@ from inferq.api.auth import client_token
 from inferq.api.body import read_document
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidRequest, ShuttingDown
-from inferq.api.render import json_response
+from inferq.api.render import dumps, json_response
 from inferq.api.sse import EventStream, openai_error_frame, openai_frames
 from inferq.api.tasks import prepend, submit_task
 from inferq.db.tokens import ApiToken
@@ -81,13 +80,18 @@ async def _complete(
 ) -> Any:
     doc = await read_document(request)
     model, stream = _check(doc, required)
-    enqueued = await submit_task(
-        ctx, token, request_body=doc, model=model, streaming=stream, idempotency_key=key
-    )
+    # The wait slot is taken before the task is written: a 429 must leave nothing behind.
+    ctx.acquire_wait(token)
+    try:
+        enqueued = await submit_task(
+            ctx, token, request_body=doc, model=model, streaming=stream, idempotency_key=key
+        )
+    except BaseException:
+        ctx.release_wait(token)
+        raise
     task_id = enqueued.task.id
     headers = {"X-Inferq-Task-Id": str(task_id)}
     abandon = _abandon(ctx, task_id, token.owner_id)
-    ctx.acquire_wait(token)
     if stream:
         return await _stream(ctx, token, task_id, headers, abandon)
     started = time.perf_counter()
@@ -104,9 +108,7 @@ async def _complete(
     finally:
         ctx.release_wait(token)
         ctx.metrics.wait_seconds.labels("sync").observe(time.perf_counter() - started)
-    return Response(
-        orjson.dumps(task.response_body), media_type="application/json", headers=headers
-    )
+    return Response(dumps(task.response_body), media_type="application/json", headers=headers)
 
 
 async def _stream(

@@ -23,7 +23,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from inferq.api.render import task_json
+from inferq.api.render import dumps, task_json
 from inferq.domain.task import TaskStatus
 from inferq.service import ChunkEvent, Event, ResetEvent, StatusEvent
 
@@ -36,7 +36,7 @@ _END = object()
 
 def _frame(event: str, data: Any, event_id: str | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+    return f"{head}event: {event}\n".encode() + b"data: " + dumps(data) + b"\n\n"
 
 
 async def close_quietly(it: AsyncIterator[Any]) -> None:

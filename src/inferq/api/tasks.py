@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -14,7 +15,7 @@ from inferq.api.auth import client_token
 from inferq.api.body import json_body
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidRequest, error_body
-from inferq.api.render import json_response, parse_task_id, task_json
+from inferq.api.render import INT4_MAX, json_response, parse_task_id, task_json
 from inferq.api.sse import EventStream, close_quietly, native_frames
 from inferq.db.tasks import Enqueued
 from inferq.db.tokens import ApiToken
@@ -23,6 +24,8 @@ from inferq.service import Event
 from inferq.wire import SubmitRequest
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+_EVENT_ID = re.compile(r"([0-9]{1,10}):([0-9]{1,10})", re.ASCII)
 
 Ctx = Annotated[ApiContext, Depends(get_ctx)]
 Client = Annotated[ApiToken, Depends(client_token)]
@@ -130,6 +133,7 @@ async def get_task(ctx: Ctx, token: Client, task_id: str) -> Response:
 async def wait_task(
     ctx: Ctx,
     token: Client,
+    request: Request,
     task_id: str,
     timeout: Annotated[float, Query(ge=0)] = 30.0,  # noqa: ASYNC109 (the wire name)
 ) -> Response:
@@ -138,7 +142,10 @@ async def wait_task(
     timeout_s = min(timeout, ctx.settings.max_wait_s)
     started = time.perf_counter()
     async with ctx.wait_slot(token):
-        task = await ctx.guarded(ctx.service.wait_terminal(tid, timeout_s, owner_id=token.owner_id))
+        # A client that left frees its slot at once, not at its timeout.
+        task = await ctx.guarded(
+            ctx.service.wait_terminal(tid, timeout_s, owner_id=token.owner_id), request=request
+        )
     ctx.metrics.wait_seconds.labels("wait").observe(time.perf_counter() - started)
     headers = None if task.terminal else {"X-Inferq-Wait": "timeout"}
     return json_response(task_json(task), headers=headers)
@@ -178,13 +185,16 @@ async def cancel_task(ctx: Ctx, token: Client, task_id: str) -> Response:
 
 
 def _parse_event_id(raw: str) -> tuple[int, int]:
-    attempt, sep, seq = raw.strip().partition(":")
-    if not sep or not attempt.isdigit() or not seq.isdigit():
+    # ASCII digits only (str.isdigit() also accepts '²', which int() refuses), and within the
+    # database's integer range: the chunk read of one stream is batched with everyone else's.
+    match = _EVENT_ID.fullmatch(raw.strip())
+    if match is None or max(int(match[1]), int(match[2])) > INT4_MAX:
         raise InvalidRequest(
-            "Last-Event-ID must be `<attempt>:<seq>` as sent in the `id:` lines",
+            "Last-Event-ID must be `<attempt>:<seq>` as sent in the `id:` lines; "
+            "reconnect without it to start over",
             param="Last-Event-ID",
         )
-    return int(attempt), int(seq)
+    return int(match[1]), int(match[2])
 
 
 async def prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:

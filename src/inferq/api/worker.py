@@ -9,19 +9,26 @@ database by (session, attempt): a stale writer gets 409 ``lease_lost`` with the 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Annotated
 from uuid import UUID
 
-import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferq.api.auth import check_pools, worker_token
 from inferq.api.body import json_body
 from inferq.api.context import ApiContext, get_ctx
-from inferq.api.errors import ShuttingDown
-from inferq.api.render import json_response, parse_task_id, task_json, worker_task_json
+from inferq.api.errors import InvalidBody, ShuttingDown
+from inferq.api.render import (
+    INT4_MAX,
+    dumps,
+    json_response,
+    parse_task_id,
+    task_json,
+    worker_task_json,
+)
 from inferq.db.tokens import ApiToken
 from inferq.domain.task import Task
 from inferq.errors import SessionNotFound
@@ -36,6 +43,9 @@ from inferq.wire import (
 )
 
 router = APIRouter(prefix="/v1/worker", tags=["worker"])
+
+# The inferq.pool_name domain of sql/0001_schema.sql: what a task's pool can be.
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}", re.ASCII)
 
 Ctx = Annotated[ApiContext, Depends(get_ctx)]
 Worker = Annotated[ApiToken, Depends(worker_token)]
@@ -62,6 +72,13 @@ async def bind(
 ) -> Response:
     ctx.drain.check()
     pools = list(dict.fromkeys(body.pools))
+    bad = [p for p in pools if not POOL_NAME.fullmatch(p)]
+    if bad:
+        # No task can ever be queued there: a typo would otherwise bind a session that idles.
+        raise InvalidBody(
+            f"pools: {bad[0][:70]!r} is not a pool name (letters, digits, `_.:-`, at most 63)",
+            param="pools",
+        )
     check_pools(token, pools)
     session = await ctx.sessions.bind(
         token.owner_id, pools, body.capacity, ttl_s=ctx.settings.session_ttl_s, name=body.name
@@ -87,6 +104,7 @@ async def bind(
 async def claim(
     ctx: Ctx,
     token: Worker,
+    request: Request,
     session_id: str,
     body: Annotated[ClaimRequest, Depends(json_body(ClaimRequest))],
 ) -> Response:
@@ -95,6 +113,7 @@ async def claim(
     session = await ctx.sessions.get(sid, touch_ttl_s=ctx.settings.session_ttl_s)
     if session.owner_id != token.owner_id:
         raise SessionNotFound(f"worker session {sid} does not exist or expired; bind again")
+    check_pools(token, session.pools)
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait_s, ctx.settings.max_wait_s)
@@ -109,7 +128,9 @@ async def claim(
             if tasks or remaining <= 0:
                 break
             try:
-                await ctx.guarded(waiter.wait(remaining))
+                # A worker that left must not have work claimed into its closed connection
+                # (the task would sit until its lease expired and count as a lost attempt).
+                await ctx.guarded(waiter.wait(remaining), request=request)
             except ShuttingDown:
                 break  # an empty answer: the worker claims again, from another replica
     ctx.metrics.claim_seconds.observe(time.perf_counter() - started)
@@ -166,8 +187,12 @@ async def chunks(
     body: Annotated[ChunksRequest, Depends(json_body(ChunksRequest))],
 ) -> Response:
     tid = parse_task_id(task_id)
+    if body.attempt > INT4_MAX or any(c.seq > INT4_MAX for c in body.chunks):
+        # Chunk posts of all tasks share one flush: a value the database refuses would fail
+        # every other worker's chunks of that flush.
+        raise InvalidBody(f"attempt and seq must be at most {INT4_MAX}", param="chunks")
     await ctx.check_session(body.session_id, token)
-    items = [(c.seq, orjson.dumps(c.data).decode()) for c in body.chunks]
+    items = [(c.seq, dumps(c.data).decode()) for c in body.chunks]
     last_seq = await ctx.service.post_chunks(tid, body.session_id, body.attempt, items)
     return json_response({"last_seq": last_seq})
 
