@@ -10,11 +10,11 @@ Design decisions:
   between the replicas, each sending sync ``POST /v1/chat/completions`` one after another.
   A few requests per client warm the connections up before the clock starts.
 - Memory (``measure_wait_memory``, a replica of its own with no worker): its resident set
-  (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait`` long-polls parked on pending tasks of a pool no worker
-  serves. The long-polls are raw sockets (a request written, the answer never read), so the
-  load generator stays small; the replica's ``inferq_open_waits`` gauge says when all of them
-  are parked. The difference divided by the count is the cost of one open wait, including
-  its socket, its ASGI request and its waiter.
+  (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait``
+  long-polls parked on pending tasks of a pool no worker serves. The long-polls are raw
+  sockets (a request written, the answer never read), so the load generator stays small; the
+  replica's ``inferq_open_waits`` gauge says when all of them are parked. The difference
+  divided by the count is the cost of one open wait: its socket, its ASGI request, its waiter.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ WORKER_CAPACITY = 32
 WARMUP_PER_CLIENT = 5
 READY_TIMEOUT_S = 60.0
 PARK_TIMEOUT_S = 300.0
+WAIT_S = 3600.0  # longer than any run, so no wait ends while we measure
 BODY = {"model": "", "messages": [{"role": "user", "content": "hello from the benchmark"}]}
 
 
@@ -105,8 +106,14 @@ def measure_http(
 def measure_wait_memory(
     dsn: str, *, open_waits: int, progress: Callable[[str], None]
 ) -> dict[str, float]:
-    """Resident memory of one replica idle and with ``open_waits`` parked long-polls."""
+    """Resident memory of one replica idle and with ``open_waits`` parked long-polls.
+
+    The replica's safety poll is set to an hour: with the default (seconds), every parked wait
+    re-reads its row each period, which keeps a replica with 10,000 waits busy (see
+    docs/performance.md) and is a CPU cost, not a memory one.
+    """
     env, setup = _setup(dsn, open_waits)
+    env["INFERQ_SAFETY_POLL_S"] = "3600"
     with _processes() as procs:
         (url,) = _start_replicas(procs, 1, env)
         return dict(_run_async(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress)))
@@ -121,6 +128,7 @@ def _setup(dsn: str, load: int) -> tuple[dict[str, str], _Setup]:
         "INFERQ_LOG_LEVEL": "warning",
         "INFERQ_MAX_WAITS_PER_TOKEN": str(load + 100),
         "INFERQ_MAX_PENDING_PER_TOKEN": str(load + 1000),
+        "INFERQ_MAX_WAIT_S": str(WAIT_S),
     }
     _inferq(["migrate"], env)
     return env, _run_async(_prepare(dsn))
@@ -403,7 +411,7 @@ async def _open_wait(host: str, port: int, task_id: str, token: str) -> asyncio.
     _, writer = await asyncio.open_connection(host, port)
     writer.write(
         (
-            f"GET /v1/tasks/{task_id}/wait?timeout=300 HTTP/1.1\r\nHost: {host}\r\n"
+            f"GET /v1/tasks/{task_id}/wait?timeout={WAIT_S:g} HTTP/1.1\r\nHost: {host}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n"
         ).encode()
     )
@@ -424,6 +432,7 @@ async def _until_parked(url: str, count: int, progress: Callable[[str], None]) -
             try:
                 text = (await http.get(url + "/metrics")).text
             except httpx.HTTPError:
+                await asyncio.sleep(0.5)
                 continue
             match = re.search(r"^inferq_open_waits(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
             parked = float(match.group(1)) if match else 0.0
