@@ -151,15 +151,16 @@ class ChunkRelay:
     async def _resolve(self, batch: list[_Post], result: AppendResult) -> None:
         current = {}
         if result.rejected:
-            current = {t.id: t for t in await self.tasks.get_many(list(result.rejected))}
+            rejected_ids = list({task_id for task_id, _ in result.rejected})
+            current = {t.id: t for t in await self.tasks.get_many(rejected_ids)}
         for post in batch:
             if post.done.done():
                 continue
-            if post.task_id in result.last_seq:
-                post.done.set_result(result.last_seq[post.task_id])
+            attempt = post.chunks[0].attempt if post.chunks else 0
+            if (post.task_id, attempt) in result.last_seq:
+                post.done.set_result(result.last_seq[post.task_id, attempt])
                 continue
             task = current.get(post.task_id)
-            attempt = post.chunks[0].attempt if post.chunks else 0
             state = f"; the task is {task.status} at attempt {task.attempt}" if task else ""
             post.done.set_exception(
                 LeaseLost(

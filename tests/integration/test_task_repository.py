@@ -160,8 +160,15 @@ async def test_stale_attempt_is_rejected_for_complete_fail_and_chunks(pool: Pool
     # The same session with an old attempt number is stale too.
     with pytest.raises(LeaseLost):
         await repo.complete(task.id, new_session, task.attempt, {"late": True})
-    result = await chunks.append([ChunkIn(task.id, old_session, task.attempt, 1, '"x"')])
-    assert result.rejected == {task.id} and result.last_seq == {}
+    # A stale post and a live one of the same task in one flush: each gets its own answer.
+    result = await chunks.append(
+        [
+            ChunkIn(task.id, old_session, task.attempt, 1, '"stale"'),
+            ChunkIn(task.id, new_session, again.attempt, 1, '"live"'),
+        ]
+    )
+    assert result.last_seq == {(task.id, again.attempt): 1}
+    assert result.rejected == {(task.id, task.attempt)}
     assert await chunks.read(task.id, task.attempt) == []
     current = await repo.get(task.id)
     assert current.status is TaskStatus.CLAIMED and current.claimed_by == new_session
@@ -171,8 +178,9 @@ async def test_chunks_of_the_holder_are_stored_once_in_order(pool: Pool) -> None
     repo, chunks = TaskRepository(pool), ChunkRepository(pool)
     task, session = await claimed(repo)
     batch = [ChunkIn(task.id, session, task.attempt, s, f'{{"n":{s}}}') for s in (1, 2, 3)]
-    assert (await chunks.append(batch)).last_seq == {task.id: 3}
-    assert (await chunks.append(batch[1:])).last_seq == {task.id: 3}  # a retried post
+    key = (task.id, task.attempt)
+    assert (await chunks.append(batch)).last_seq == {key: 3}
+    assert (await chunks.append(batch[1:])).last_seq == {key: 3}  # a retried post
     assert [c.seq for c in await chunks.read(task.id, task.attempt)] == [1, 2, 3]
     assert [c.data for c in await chunks.read(task.id, task.attempt, after_seq=2)] == ['{"n":3}']
 

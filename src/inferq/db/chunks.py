@@ -32,8 +32,9 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
-    last_seq: dict[UUID, int]  # per accepted task: the highest seq stored so far
-    rejected: set[UUID]  # tasks whose chunks were refused: not held by that session/attempt
+    # Keyed by (task id, attempt): a stale post and a live one of the same task may share a flush.
+    last_seq: dict[tuple[UUID, int], int]  # accepted: the highest seq stored so far
+    rejected: set[tuple[UUID, int]]  # refused: that session no longer holds that attempt
 
 
 # Arrays go in binary (%(x)b): the text format escapes every quote of every JSON chunk in
@@ -120,8 +121,8 @@ class ChunkRepository:
             accepted = {(r[0], r[1]): r[2] for r in rows}
             for payload in notification_payloads(accepted):
                 await conn.execute("SELECT pg_notify(%s, %s)", (channels.CHUNK, payload))
-        last_seq = {task_id: seq for (task_id, _), seq in accepted.items()}
-        return AppendResult(last_seq, {c.task_id for c in chunks} - last_seq.keys())
+        posted = {(c.task_id, c.attempt) for c in chunks}
+        return AppendResult(accepted, posted - accepted.keys())
 
     async def read(
         self, task_id: UUID, attempt: int, after_seq: int = 0, limit: int = 1000
