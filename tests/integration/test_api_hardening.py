@@ -278,3 +278,25 @@ async def test_binding_a_pool_name_no_task_can_have_is_refused(
         )
     assert_error(r, 422, "invalid_body")
     assert count_rows(dsn, "inferq.worker_session") == 0
+
+
+async def test_openapi_names_the_request_body_of_every_route_that_takes_one(
+    settings: Settings, dsn: str
+) -> None:
+    async with running(settings, dsn) as (_, _tokens, http):
+        spec = (await http.get("/openapi.json")).json()
+    bodies = {
+        (path, method): op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if "requestBody" in op
+    }
+    assert bodies[("/v1/tasks", "post")] == "#/components/schemas/SubmitRequest"
+    assert bodies[("/v1/worker/tasks/{task_id}/chunks", "post")].endswith("/ChunksRequest")
+    assert bodies[("/v1/admin/tokens", "post")].endswith("/TokenIn")
+    schemas = spec["components"]["schemas"]
+    for ref in bodies.values():
+        assert ref.rsplit("/", 1)[1] in schemas  # every reference resolves
+    assert schemas["ChunksRequest"]["properties"]["chunks"]["items"]["$ref"].endswith("/ChunkItem")
+    assert "ChunkItem" in schemas
+    assert schemas["SubmitRequest"]["properties"]["priority"]["maximum"] == 1000

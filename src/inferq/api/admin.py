@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
 from inferq.api.auth import admin_token
-from inferq.api.body import json_body
+from inferq.api.body import documented, json_body
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidBody, InvalidRequest, TokenNotFound
 from inferq.api.render import json_response
@@ -53,7 +53,9 @@ async def list_llms(ctx: Ctx, admin: Admin) -> Response:
     return json_response({"data": [llm_json(x) for x in await ctx.llms.all()]})
 
 
-@router.post("/llms", status_code=201, summary="Add or replace a model")
+@router.post(
+    "/llms", status_code=201, summary="Add or replace a model", openapi_extra=documented(LlmIn)
+)
 async def put_llm(
     ctx: Ctx, admin: Admin, body: Annotated[LlmIn, Depends(json_body(LlmIn))]
 ) -> Response:
@@ -76,7 +78,12 @@ async def list_tokens(ctx: Ctx, admin: Admin) -> Response:
     return json_response({"data": [token_json(t) for t in await ctx.tokens.all()]})
 
 
-@router.post("/tokens", status_code=201, summary="Create a token; the secret is shown once")
+@router.post(
+    "/tokens",
+    status_code=201,
+    summary="Create a token; the secret is shown once",
+    openapi_extra=documented(TokenIn),
+)
 async def create_token(
     ctx: Ctx, admin: Admin, body: Annotated[TokenIn, Depends(json_body(TokenIn))]
 ) -> Response:

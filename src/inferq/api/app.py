@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from inferq import __version__
 from inferq.api import admin, errors, openai, ops, tasks, worker
+from inferq.api.body import openapi_schemas
 from inferq.api.context import ApiContext
 from inferq.api.middleware import RequestMiddleware
 from inferq.api.render import OrjsonResponse
@@ -30,4 +33,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(
         RequestMiddleware, metrics=ctx.metrics, max_body_bytes=ctx.settings.max_body_bytes
     )
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # Request bodies are parsed by json_body (for the 413/415/400/422 split), so their
+        # schemas are added here rather than found by FastAPI.
+        if app.openapi_schema is None:
+            document = generate()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(
+                openapi_schemas()
+            )
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -92,6 +92,31 @@ async def read_document(request: Request) -> Any:
     return parse_json(raw, request.headers.get("content-type", ""), settings.max_json_depth)
 
 
+# Every model a route reads through json_body, for the OpenAPI document (see app.py).
+BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def documented(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` naming ``model`` as the route's JSON request body.
+
+    The body is parsed by json_body, not by FastAPI, so FastAPI cannot see its schema; the
+    schema itself is added under components.schemas by create_app.
+    """
+    BODY_MODELS[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The JSON schemas of BODY_MODELS and of the models they nest, keyed by name."""
+    schemas: dict[str, Any] = {}
+    for name, model in BODY_MODELS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    return schemas
+
+
 def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     """A FastAPI dependency that returns the request body as a checked ``model``."""
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 
 from inferq.api.auth import client_token
-from inferq.api.body import json_body
+from inferq.api.body import documented, json_body
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidRequest, error_body
 from inferq.api.render import INT4_MAX, json_response, parse_task_id, task_json
@@ -72,7 +72,7 @@ async def submit_task(
     return enqueued
 
 
-@router.post("", status_code=201, summary="Submit a task")
+@router.post("", status_code=201, summary="Submit a task", openapi_extra=documented(SubmitRequest))
 async def submit(
     ctx: Ctx,
     token: Client,

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferq.api.auth import check_pools, worker_token
-from inferq.api.body import json_body
+from inferq.api.body import documented, json_body
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidBody, ShuttingDown
 from inferq.api.render import (
@@ -66,7 +66,12 @@ def _claimed(ctx: ApiContext, tasks: list[Task]) -> list[dict[str, object]]:
     return [worker_task_json(t) for t in tasks]
 
 
-@router.post("/sessions", status_code=201, summary="Bind a worker session; claims pending work")
+@router.post(
+    "/sessions",
+    status_code=201,
+    summary="Bind a worker session; claims pending work",
+    openapi_extra=documented(BindRequest),
+)
 async def bind(
     ctx: Ctx, token: Worker, body: Annotated[BindRequest, Depends(json_body(BindRequest))]
 ) -> Response:
@@ -100,7 +105,11 @@ async def bind(
     )
 
 
-@router.post("/sessions/{session_id}/claim", summary="Claim up to max_tasks (long-poll)")
+@router.post(
+    "/sessions/{session_id}/claim",
+    summary="Claim up to max_tasks (long-poll)",
+    openapi_extra=documented(ClaimRequest),
+)
 async def claim(
     ctx: Ctx,
     token: Worker,
@@ -137,7 +146,11 @@ async def claim(
     return json_response({"tasks": _claimed(ctx, tasks)})
 
 
-@router.post("/sessions/{session_id}/heartbeat", summary="Extend the session and its leases")
+@router.post(
+    "/sessions/{session_id}/heartbeat",
+    summary="Extend the session and its leases",
+    openapi_extra=documented(HeartbeatRequest),
+)
 async def heartbeat(
     ctx: Ctx,
     token: Worker,
@@ -169,7 +182,9 @@ async def unbind(ctx: Ctx, token: Worker, session_id: str) -> Response:
     return json_response({"released": len(released)})
 
 
-@router.post("/tasks/{task_id}/start", summary="claimed -> running")
+@router.post(
+    "/tasks/{task_id}/start", summary="claimed -> running", openapi_extra=documented(Holder)
+)
 async def start(
     ctx: Ctx, token: Worker, task_id: str, body: Annotated[Holder, Depends(json_body(Holder))]
 ) -> Response:
@@ -179,7 +194,11 @@ async def start(
     return json_response(worker_task_json(task))
 
 
-@router.post("/tasks/{task_id}/chunks", summary="Post stream chunks (attempt, seq)")
+@router.post(
+    "/tasks/{task_id}/chunks",
+    summary="Post stream chunks (attempt, seq)",
+    openapi_extra=documented(ChunksRequest),
+)
 async def chunks(
     ctx: Ctx,
     token: Worker,
@@ -197,7 +216,11 @@ async def chunks(
     return json_response({"last_seq": last_seq})
 
 
-@router.post("/tasks/{task_id}/complete", summary="Store the response (idempotent)")
+@router.post(
+    "/tasks/{task_id}/complete",
+    summary="Store the response (idempotent)",
+    openapi_extra=documented(CompleteRequest),
+)
 async def complete(
     ctx: Ctx,
     token: Worker,
@@ -210,7 +233,11 @@ async def complete(
     return json_response(task_json(task))
 
 
-@router.post("/tasks/{task_id}/fail", summary="Fail the task with a message (idempotent)")
+@router.post(
+    "/tasks/{task_id}/fail",
+    summary="Fail the task with a message (idempotent)",
+    openapi_extra=documented(FailRequest),
+)
 async def fail(
     ctx: Ctx,
     token: Worker,
@@ -223,7 +250,11 @@ async def fail(
     return json_response(task_json(task))
 
 
-@router.post("/tasks/{task_id}/release", summary="Give the task back to pending")
+@router.post(
+    "/tasks/{task_id}/release",
+    summary="Give the task back to pending",
+    openapi_extra=documented(Holder),
+)
 async def release(
     ctx: Ctx, token: Worker, task_id: str, body: Annotated[Holder, Depends(json_body(Holder))]
 ) -> Response:
