@@ -131,30 +131,7 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
             f"{machine['cores']} cores, PostgreSQL {machine['postgresql']}, "
             f"synchronous_commit={machine['synchronous_commit']}, fsync={machine['fsync']}"
         )
-        values: dict[str, list[float]] = {f.key: [] for f in FIGURES}
-        errors: dict[str, str] = {}
-        for run in range(1, runs + 1):
-            progress(f"run {run} of {runs}")
-            for name, scenario in _scenarios(dsn, sizes, progress):
-                progress(f"  {name} ...")
-                t0 = time.monotonic()
-                try:
-                    figures = scenario()
-                except Exception as exc:
-                    errors[name] = f"{type(exc).__name__}: {exc}"
-                    progress(f"  {name} FAILED: {errors[name]}")
-                    traceback.print_exc(file=sys.stderr)
-                    continue
-                for key, value in figures.items():
-                    values[key].append(value)
-                shown = ", ".join(f"{k.split('.', 1)[1]}={v:,.2f}" for k, v in figures.items())
-                progress(f"  {name} done in {time.monotonic() - t0:.1f}s: {shown}")
-            best = max(
-                (values[k][-1] for k in _PIPELINE_KEYS if len(values[k]) == run), default=None
-            )
-            notify = values["ceiling.insert_notify_commits_per_s"]
-            if best is not None and len(notify) == run:
-                values["pipeline.fraction_of_notify_ceiling"].append(best / notify[-1])
+        values, errors = _run_all(dsn, sizes, runs, progress)
 
     report = _report(machine, values, errors, runs, args.quick, time.monotonic() - started)
     print(render_table(report))
@@ -162,6 +139,36 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
         Path(args.json_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
         progress(f"figures written to {args.json_path}")
     return 1 if errors else 0
+
+
+def _run_all(
+    dsn: str, sizes: Sizes, runs: int, progress: Progress
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Every scenario ``runs`` times: each figure's value per run, and the failed scenarios."""
+    values: dict[str, list[float]] = {f.key: [] for f in FIGURES}
+    errors: dict[str, str] = {}
+    for run in range(1, runs + 1):
+        progress(f"run {run} of {runs}")
+        for name, scenario in _scenarios(dsn, sizes, progress):
+            progress(f"  {name} ...")
+            t0 = time.monotonic()
+            try:
+                figures = scenario()
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                progress(f"  {name} FAILED: {errors[name]}")
+                traceback.print_exc(file=sys.stderr)
+                continue
+            for key, value in figures.items():
+                values[key].append(value)
+            shown = ", ".join(f"{k.split('.', 1)[1]}={v:,.2f}" for k, v in figures.items())
+            progress(f"  {name} done in {time.monotonic() - t0:.1f}s: {shown}")
+        # The fraction compares the best pipeline rate with the ceiling of the same run.
+        best = max((values[k][-1] for k in _PIPELINE_KEYS if len(values[k]) == run), default=None)
+        notify = values["ceiling.insert_notify_commits_per_s"]
+        if best is not None and len(notify) == run:
+            values["pipeline.fraction_of_notify_ceiling"].append(best / notify[-1])
+    return values, errors
 
 
 def _terminate(signum: int, frame: object) -> None:
