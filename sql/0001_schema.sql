@@ -105,15 +105,18 @@ CREATE INDEX task_agent_listing_idx ON inferq.task (owner_id, agent_id, created_
 CREATE UNIQUE INDEX task_idempotency_idx ON inferq.task (owner_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
--- Token deltas relayed between replicas. UNLOGGED: a crash loses in-flight deltas, never a
--- result, because the final body is stored on the task row at completion.
+-- Token deltas relayed between replicas, one row per run of consecutive chunks a worker posted
+-- (a flush writes a few hundred rows, not thousands). UNLOGGED: a crash loses in-flight deltas,
+-- never a result, because the final body is stored on the task row at completion.
 CREATE UNLOGGED TABLE inferq.task_chunk (
     task_id     uuid NOT NULL,
     attempt     integer NOT NULL,
-    seq         integer NOT NULL CHECK (seq >= 1),
-    data        text NOT NULL,               -- one compact JSON document
+    first_seq   integer NOT NULL CHECK (first_seq >= 1),
+    last_seq    integer NOT NULL,
+    data        text NOT NULL,               -- JSON array: the chunks first_seq..last_seq
     created_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (task_id, attempt, seq)
+    PRIMARY KEY (task_id, attempt, first_seq),
+    CHECK (last_seq >= first_seq)
 );
 
 -- Leadership of maintenance sweeps: one row per sweep, held by one replica at a time.

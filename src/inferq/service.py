@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from inferq.db.chunks import Chunk, ChunkRepository
+from inferq.db.chunks import CHUNKS_AFTER, Chunk, ChunkRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import TaskCancelled, TaskFailed, TaskNotFound, WaitTimeout
@@ -79,19 +80,23 @@ class PoolWaiter(Protocol):
 # How many chunks one reader fetches per round trip; a longer backlog takes more rounds.
 CHUNK_PAGE = 1000
 
-# The chunk reads of every reader woken together, in one statement. Kept here, next to its only
-# caller, until ChunkRepository grows a read_many.
-READ_CHUNKS_MANY = """
+# The chunk reads of every reader woken together, in one statement.
+READ_CHUNKS_MANY = sql.SQL(
+    """
 SELECT r.i, c.seq, c.data
 FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(afters)s::int[])
      WITH ORDINALITY AS r(task_id, attempt, after_seq, i)
-CROSS JOIN LATERAL (
-    SELECT k.seq, k.data FROM inferq.task_chunk k
-    WHERE k.task_id = r.task_id AND k.attempt = r.attempt AND k.seq > r.after_seq
-    ORDER BY k.seq LIMIT %(limit)s
-) c
+CROSS JOIN LATERAL ({chunks}) c
 ORDER BY r.i, c.seq
 """
+).format(
+    chunks=CHUNKS_AFTER.format(
+        task_id=sql.SQL("r.task_id"),
+        attempt=sql.SQL("r.attempt"),
+        after=sql.SQL("r.after_seq"),
+        limit=sql.Placeholder("limit"),
+    )
+)
 
 ChunkKey = tuple[UUID, int, int]  # task id, attempt, after seq
 

@@ -60,22 +60,22 @@ async def test_a_stale_attempt_gets_lease_lost_and_others_still_land(
 
 async def test_a_repeated_post_is_harmless(pool: Any, relay: ChunkRelay) -> None:
     sid, (task,) = await held_tasks(pool, 1)
-    assert await relay.post(task.id, sid, task.attempt, [(1, "a"), (2, "b")]) == 2
-    assert await relay.post(task.id, sid, task.attempt, [(1, "a"), (2, "b")]) == 2
+    assert await relay.post(task.id, sid, task.attempt, [(1, '"a"'), (2, '"b"')]) == 2
+    assert await relay.post(task.id, sid, task.attempt, [(1, '"a"'), (2, '"b"')]) == 2
     stored = await ChunkRepository(pool).read(task.id, task.attempt)
-    assert [(c.seq, c.data) for c in stored] == [(1, "a"), (2, "b")]
+    assert [(c.seq, c.data) for c in stored] == [(1, '"a"'), (2, '"b"')]
 
 
 async def test_stop_flushes_what_is_buffered(pool: Any, settings: Settings) -> None:
     # A window far longer than the test: only stop() can flush it.
     relay = ChunkRelay(pool, settings.model_copy(update={"chunk_flush_ms": 600_000}))
     sid, (task,) = await held_tasks(pool, 1)
-    post = asyncio.create_task(relay.post(task.id, sid, task.attempt, [(1, "x")]))
+    post = asyncio.create_task(relay.post(task.id, sid, task.attempt, [(1, '"x"')]))
     async with asyncio.timeout(10):
         while relay.buffered == 0:  # noqa: ASYNC110 (no event marks a buffered post)
             await asyncio.sleep(0.001)
     await relay.stop()
     assert await post == 1
-    assert [c.data for c in await ChunkRepository(pool).read(task.id, task.attempt)] == ["x"]
+    assert [c.data for c in await ChunkRepository(pool).read(task.id, task.attempt)] == ['"x"']
     # After stop, posts are written directly.
-    assert await relay.post(task.id, sid, task.attempt, [(2, "y")]) == 2
+    assert await relay.post(task.id, sid, task.attempt, [(2, '"y"')]) == 2

@@ -327,3 +327,19 @@ async def test_batched_enqueue_start_and_complete(pool: Pool) -> None:
     assert {t.id for t in done} == {t.id for t in got[1:]}
     assert all(t.response_body == {"echo": t.request_body} for t in done)
     assert (await repo.get(stale.id)).status is TaskStatus.CLAIMED
+
+
+async def test_chunk_runs_survive_any_rebatching_of_a_retried_post(pool: Pool) -> None:
+    repo, chunks = TaskRepository(pool), ChunkRepository(pool)
+    task, session = await claimed(repo)
+
+    def run(*seqs: int) -> list[ChunkIn]:
+        return [ChunkIn(task.id, session, task.attempt, s, f'{{"n": {s}}}') for s in seqs]
+
+    await chunks.append(run(1, 2))
+    await chunks.append(run(1, 2, 3))  # the retry of a post that grew meanwhile
+    await chunks.append(run(3, 4, 6))  # overlaps, and a gap before 6
+    stored = await chunks.read(task.id, task.attempt)
+    assert [c.seq for c in stored] == [1, 2, 3, 4, 6]
+    assert [c.data for c in stored][:2] == ['{"n": 1}', '{"n": 2}']
+    assert [c.seq for c in await chunks.read(task.id, task.attempt, after_seq=3)] == [4, 6]

@@ -8,6 +8,7 @@ from datetime import datetime
 from uuid import UUID
 
 import orjson
+from psycopg import sql
 
 from inferq.db import channels
 from inferq.db.pool import Pool
@@ -39,31 +40,52 @@ class AppendResult:
 
 # Arrays go in binary (%(x)b): the text format escapes every quote of every JSON chunk in
 # Python, ~40x slower for a flush of 1,600 chunks.
-# Only chunks from the holder of the current attempt are stored; a repeated (task, attempt,
-# seq) is ignored, so a worker may retry a post safely.
+# Only runs from the holder of the current attempt are stored. A repeated run is ignored and a
+# longer run with the same first seq replaces the shorter one, so a worker may retry a post
+# however it re-batches it; readers drop the overlaps (DISTINCT ON seq).
 APPEND = """
 WITH input AS (
     SELECT * FROM unnest(%(task_ids)b::uuid[], %(sessions)b::uuid[], %(attempts)b::int[],
-                         %(seqs)b::int[], %(data)b::text[])
-        AS c(task_id, session_id, attempt, seq, data)
+                         %(firsts)b::int[], %(lasts)b::int[], %(data)b::text[])
+        AS c(task_id, session_id, attempt, first_seq, last_seq, data)
 ), valid AS (
     SELECT DISTINCT c.task_id, c.attempt FROM input c
     JOIN inferq.task t ON t.id = c.task_id AND t.claimed_by = c.session_id
         AND t.attempt = c.attempt AND t.status IN ('claimed', 'running')
 ), ins AS (
-    INSERT INTO inferq.task_chunk (task_id, attempt, seq, data)
-    SELECT c.task_id, c.attempt, c.seq, c.data FROM input c JOIN valid USING (task_id, attempt)
-    ON CONFLICT DO NOTHING
+    INSERT INTO inferq.task_chunk AS k (task_id, attempt, first_seq, last_seq, data)
+    SELECT c.task_id, c.attempt, c.first_seq, c.last_seq, c.data
+    FROM input c JOIN valid USING (task_id, attempt)
+    ON CONFLICT (task_id, attempt, first_seq) DO UPDATE
+        SET last_seq = excluded.last_seq, data = excluded.data
+        WHERE excluded.last_seq > k.last_seq
 )
-SELECT v.task_id, v.attempt, max(c.seq) FROM valid v JOIN input c USING (task_id, attempt)
+SELECT v.task_id, v.attempt, max(c.last_seq) FROM valid v JOIN input c USING (task_id, attempt)
 GROUP BY v.task_id, v.attempt
 """
 
-READ = """
-SELECT seq, data FROM inferq.task_chunk
-WHERE task_id = %(id)s AND attempt = %(attempt)s AND seq > %(after)s
-ORDER BY seq LIMIT %(limit)s
+# The chunks of one attempt after a seq, unpacked from their runs, in order, once each.
+CHUNKS_AFTER = sql.SQL(
+    """
+SELECT DISTINCT ON (e.seq) e.seq, e.data
+FROM inferq.task_chunk k
+CROSS JOIN LATERAL (
+    SELECT k.first_seq + x.n::int - 1 AS seq, x.elem::text AS data
+    FROM json_array_elements(k.data::json) WITH ORDINALITY AS x(elem, n)
+) e
+WHERE k.task_id = {task_id} AND k.attempt = {attempt} AND k.last_seq > {after}
+  AND e.seq > {after}
+ORDER BY e.seq
+LIMIT {limit}
 """
+)
+
+READ = CHUNKS_AFTER.format(
+    task_id=sql.Placeholder("id"),
+    attempt=sql.Placeholder("attempt"),
+    after=sql.Placeholder("after"),
+    limit=sql.Placeholder("limit"),
+)
 
 # Chunks of terminal tasks past the retention, of earlier attempts, and of deleted tasks.
 GC = """
@@ -95,6 +117,23 @@ def notification_payloads(last_seq: dict[tuple[UUID, int], int]) -> list[str]:
     return payloads
 
 
+def consecutive_runs(chunks: Sequence[ChunkIn]) -> list[list[ChunkIn]]:
+    """Group chunks, in the order given, into runs of one holder with consecutive seqs."""
+    runs: list[list[ChunkIn]] = []
+    for chunk in chunks:
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None
+            and (last.task_id, last.session_id, last.attempt)
+            == (chunk.task_id, chunk.session_id, chunk.attempt)
+            and chunk.seq == last.seq + 1
+        ):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
+
+
 class ChunkRepository:
     """Appends and reads token deltas."""
 
@@ -108,12 +147,14 @@ class ChunkRepository:
         """
         if not chunks:
             return AppendResult({}, set())
+        runs = consecutive_runs(chunks)
         params = {
-            "task_ids": [c.task_id for c in chunks],
-            "sessions": [c.session_id for c in chunks],
-            "attempts": [c.attempt for c in chunks],
-            "seqs": [c.seq for c in chunks],
-            "data": [c.data for c in chunks],
+            "task_ids": [r[0].task_id for r in runs],
+            "sessions": [r[0].session_id for r in runs],
+            "attempts": [r[0].attempt for r in runs],
+            "firsts": [r[0].seq for r in runs],
+            "lasts": [r[-1].seq for r in runs],
+            "data": ["[" + ",".join(c.data for c in r) + "]" for r in runs],
         }
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(APPEND, params)
