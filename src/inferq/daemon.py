@@ -165,7 +165,7 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
         server = DrainingServer(config, replica)
-        log.info("serving", url=f"http://{host}:{port}")
+        log.info("server_started", url=f"http://{host}:{port}")
         await server.serve()
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from uuid import UUID
 
+import structlog
 from fastapi import Request
 
 from inferq.api.errors import Forbidden, Unauthorized
@@ -87,6 +88,9 @@ def requires(*roles: str) -> Callable[[Request], Awaitable[ApiToken]]:
     async def dependency(request: Request) -> ApiToken:
         auth: Authenticator = request.app.state.ctx.auth
         token = await auth.authenticate(request.headers.get("authorization"))
+        # Every log line of the request names who made it (the task's uvicorn context is
+        # per request, so this cannot leak into another one).
+        structlog.contextvars.bind_contextvars(owner=token.owner_id, token_id=str(token.id))
         if token.role not in allowed:
             raise Forbidden(f"a {token.role} token may not use this route; it needs {names}")
         return token

@@ -207,7 +207,7 @@ def error_response(exc: BaseException) -> Response:
 
 async def _on_error(request: Request, exc: Exception) -> Response:
     if lookup(exc).status >= 500:
-        log.error("request_failed", path=request.url.path, exc_info=exc)
+        log.error("request_failed", method=request.method, path=request.url.path, exc_info=exc)
     return error_response(exc)
 
 

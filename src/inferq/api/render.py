@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+import structlog
 from starlette.responses import Response
 
 from inferq.domain.task import Task
@@ -92,6 +93,8 @@ def worker_task_json(task: Task) -> dict[str, Any]:
 def parse_task_id(raw: str) -> UUID:
     """A task id from the path; anything that is not a UUID is a missing task (404)."""
     try:
-        return UUID(raw)
+        task_id = UUID(raw)
     except ValueError:
-        raise TaskNotFound(f"task {raw[:64]!r} not found") from None
+        raise TaskNotFound(f"task {raw[:64]!r} not found; task ids are UUIDs") from None
+    structlog.contextvars.bind_contextvars(task_id=str(task_id))
+    return task_id
