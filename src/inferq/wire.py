@@ -134,13 +134,17 @@ class UnbindResponse(_Lenient):
     released: int
 
 
+# Attempts and seqs are PostgreSQL integers.
+INT4_MAX = 2**31 - 1
+
+
 class Holder(_Wire):
     session_id: UUID
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=INT4_MAX)
 
 
 class ChunkItem(_Wire):
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT4_MAX)
     data: JsonValue
 
 

@@ -343,3 +343,34 @@ async def test_chunk_runs_survive_any_rebatching_of_a_retried_post(pool: Pool) -
     assert [c.seq for c in stored] == [1, 2, 3, 4, 6]
     assert [c.data for c in stored][:2] == ['{"n": 1}', '{"n": 2}']
     assert [c.seq for c in await chunks.read(task.id, task.attempt, after_seq=3)] == [4, 6]
+
+
+async def test_a_session_never_claims_past_its_capacity(pool: Pool) -> None:
+    from inferq.db.sessions import WorkerSessionRepository
+
+    repo = TaskRepository(pool)
+    for _ in range(5):
+        await enqueue(repo)
+    session = await WorkerSessionRepository(pool).bind("w", ["p1"], 2, ttl_s=30)
+    assert len(await repo.claim(session.id, ["p1"], limit=10, lease_s=30)) == 2
+    assert await repo.claim(session.id, ["p1"], limit=10, lease_s=30) == []
+    [held, _] = await repo.held_by(session.id)
+    await repo.complete(held.id, session.id, held.attempt, {})
+    assert len(await repo.claim(session.id, ["p1"], limit=10, lease_s=30)) == 1
+
+
+async def test_heartbeat_reports_cancelled_only_for_the_sessions_own_tasks(pool: Pool) -> None:
+    from inferq.db.sessions import WorkerSessionRepository
+
+    repo, sessions = TaskRepository(pool), WorkerSessionRepository(pool)
+    mine = await sessions.bind("w", ["p1"], 5, ttl_s=30)
+    other = await sessions.bind("w", ["p1"], 5, ttl_s=30)
+    a = await enqueue(repo)
+    [held] = await repo.claim(mine.id, ["p1"], limit=1, lease_s=30)
+    await enqueue(repo)
+    [foreign] = await repo.claim(other.id, ["p1"], limit=1, lease_s=30)
+    await repo.cancel(a.id, "alice")
+    await repo.cancel(foreign.id, "alice")
+    beat = await sessions.heartbeat(mine.id, [held.id, foreign.id], ttl_s=30, lease_s=30)
+    assert beat.cancelled == [held.id]
+    assert beat.lost == [foreign.id]

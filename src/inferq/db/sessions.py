@@ -84,7 +84,8 @@ SELECT 'session' AS kind, id, 0 AS attempt FROM sess
 UNION ALL
 SELECT 'held', id, attempt FROM ext
 UNION ALL
-SELECT CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'lost' END, t.id, t.attempt
+SELECT CASE WHEN t.status = 'cancelled' AND t.claimed_by = %(id)s THEN 'cancelled' ELSE 'lost' END,
+       t.id, t.attempt
 FROM inferq.task t
 WHERE t.id = ANY(%(reported)s) AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.id = t.id)
 UNION ALL

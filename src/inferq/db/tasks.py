@@ -63,14 +63,21 @@ LIMIT %(limit)s
 """
 ).format(task_select=TASK_SELECT)
 
-# SKIP LOCKED: racing claimers each take different rows and never wait on each other.
+# SKIP LOCKED: racing claimers each take different rows and never wait on each other. A bound
+# session never holds more than its capacity; an id with no session row (tests, tools) is only
+# bounded by the limit.
 CLAIM = sql.SQL(
     """
-WITH picked AS (
+WITH room AS (
+    SELECT greatest(0, s.capacity - (
+        SELECT count(*) FROM inferq.task h
+        WHERE h.claimed_by = s.id AND h.status IN ('claimed', 'running'))) AS n
+    FROM inferq.worker_session s WHERE s.id = %(session)s
+), picked AS (
     SELECT id FROM inferq.task
     WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
     ORDER BY priority DESC, created_at, id
-    LIMIT %(limit)s
+    LIMIT least(%(limit)s, coalesce((SELECT n FROM room), %(limit)s))
     FOR UPDATE SKIP LOCKED
 )
 UPDATE inferq.task t
@@ -354,7 +361,12 @@ class TaskRepository:
                 return Enqueued(task, created=True)
             existing = await self._one(GET_BY_KEY, params)
             if existing is not None:
-                if existing.request_body != request_body or existing.pool_name != pool_name:
+                same = (existing.request_body, existing.pool_name, existing.streaming) == (
+                    request_body,
+                    pool_name,
+                    streaming,
+                )
+                if not same:
                     raise IdempotencyConflict(
                         f"Idempotency-Key {idempotency_key!r} was already used for task "
                         f"{existing.id} with a different request",
