@@ -74,6 +74,8 @@ class _Proc:
 
 @dataclass
 class _Setup:
+    # An owner of its own: the per-owner pending limit must not count other scenarios' tasks.
+    owner: str
     pool_name: str
     idle_pool: str
     model: str
@@ -202,6 +204,7 @@ async def _prepare(dsn: str) -> _Setup:
     """Tokens, the LLM entry, and the pending tasks the open waits will park on."""
     suffix = uuid.uuid4().hex[:8]
     setup = _Setup(
+        owner=f"bench-http-{suffix}",
         pool_name=f"bench-http-{suffix}",
         idle_pool=f"bench-idle-{suffix}",
         model=f"bench-echo-{suffix}",
@@ -212,9 +215,9 @@ async def _prepare(dsn: str) -> _Setup:
     await pool.open(wait=True)
     try:
         tokens = TokenRepository(pool)
-        _, setup.client_token = await tokens.create("bench", "client", label="inferq bench")
+        _, setup.client_token = await tokens.create(setup.owner, "client", label="inferq bench")
         _, setup.worker_token = await tokens.create(
-            "bench", "worker", pools=[setup.pool_name], label="inferq bench"
+            setup.owner, "worker", pools=[setup.pool_name], label="inferq bench"
         )
         await LlmRepository(pool).put(setup.model, setup.pool_name)
         return setup
@@ -381,7 +384,7 @@ async def _pending_tasks(dsn: str, setup: _Setup, count: int) -> list[str]:
     try:
         repo = TaskRepository(pool)
         ids: list[str] = []
-        item = NewTask(owner_id="bench", pool_name=setup.idle_pool, request_body=BODY)
+        item = NewTask(owner_id=setup.owner, pool_name=setup.idle_pool, request_body=BODY)
         while len(ids) < count:
             n = min(1000, count - len(ids))
             ids += [str(t.id) for t in await repo.enqueue_many([item] * n)]
