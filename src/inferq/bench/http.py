@@ -8,6 +8,8 @@ Design decisions:
   Tokens and the LLM entry are created through the repositories before the replicas start.
 - The load generator is this process: ``clients`` concurrent httpx clients alternating
   between the replicas, each sending sync ``POST /v1/chat/completions`` one after another.
+  With that many clients the p50 is mostly queueing (clients / rate), so one client alone is
+  measured first: the latency of a request that waits behind nothing.
   A few requests per client warm the connections up before the clock starts.
 - Memory (``measure_wait_memory``, a replica of its own with no worker): its resident set
   (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait``
@@ -98,10 +100,18 @@ def measure_http(
             procs.append(_spawn(f"worker{i}", _worker_args(url, setup, i), env))
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
         pids = [proc.popen.pid for proc in procs]
+        # One client first: the latency of a request that does not queue behind others.
+        alone = _run_async(
+            _load(urls, setup, requests=max(20, requests // 10), clients=1, pids=pids)
+        )
         figures: dict[str, float] = _run_async(
             _load(urls, setup, requests=requests, clients=clients, pids=pids)
         )
-    progress(f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms")
+    figures["http.p50_1_client_ms"] = alone["http.p50_ms"]
+    progress(
+        f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms; "
+        f"one client alone: p50 {alone['http.p50_ms']:.1f} ms"
+    )
     return figures
 
 
