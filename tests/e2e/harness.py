@@ -418,6 +418,17 @@ class Deployment:
 
         wait_until(ready, timeout_s, f"{proc.name} /readyz")
 
+    def open_waits(self, index: int) -> int:
+        """Client waits and streams open on a replica now (its inferq_open_waits gauge)."""
+        try:
+            text = httpx.get(self.replica_url(index) + "/metrics", timeout=2.0).text
+        except httpx.HTTPError:
+            return 0
+        for line in text.splitlines():
+            if line.startswith("inferq_open_waits "):
+                return int(float(line.split()[1]))
+        return 0
+
     def kill_replica(self, index: int) -> None:
         """SIGKILL: no drain, no cleanup; its connections die with it."""
         self.serve[index].signal(signal.SIGKILL)

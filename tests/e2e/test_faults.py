@@ -100,6 +100,8 @@ async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
 async def kill_replica(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
     """SIGKILL a replica mid-load; clients resume through nginx; restart it later."""
     await gen.reached(0.25)
+    # Kill it while clients are waiting on it, so the fault always hits someone.
+    await in_thread(wait_until, lambda: dep.open_waits(0) > 0, 30, "a client wait on replica0")
     await in_thread(dep.kill_replica, 0)
     notes["replica_killed"] = 0
     await gen.reached(0.6)
