@@ -8,10 +8,12 @@ Design decisions (DESIGN.md "Notifications"):
   woken together go through one ``Batcher`` (one ``WHERE id = ANY(...)`` for task rows, one
   ``unnest ... JOIN LATERAL`` for chunks), so 10,000 waiters woken by a resync cost a few
   statements, not 10,000.
-- The safety poll is each waiter's own wait cap (``settings.safety_poll_s``, jittered down to
-  half so waiters spread out): even if every notification were lost, a waiter re-reads at
-  least that often. In poll-only mode it is the only
-  mechanism, so latency is bounded by it.
+- The safety poll is one sweep per replica, not a timer per waiter: every
+  ``settings.safety_poll_s`` (jittered by up to a fifth) it wakes every waiter, and their
+  re-reads go through the same batched loaders, so 10,000 parked waits cost a few statements
+  per period instead of thousands of scattered ones. Even if every notification were lost, a
+  waiter re-reads at least that often. In poll-only mode it is the only mechanism, so latency
+  is bounded by it. The sweep runs only while someone waits.
 - ``events()``: chunks of an attempt are live while the task is held by a worker or ended while
   held (``claimed_by`` is set). The reader delivers only the contiguous run after its last seq:
   a gap means a flush on another replica has not committed yet, and its notification (or the
@@ -27,6 +29,8 @@ Design decisions (DESIGN.md "Notifications"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -101,18 +105,17 @@ ORDER BY r.i, c.seq
 ChunkKey = tuple[UUID, int, int]  # task id, attempt, after seq
 
 
-class _SafetyPolledWaiter:
-    """A PoolWaiter whose waits are capped by the safety poll."""
+class _PoolWaiter:
+    """A PoolWaiter over a hub waiter; the replica's safety sweep wakes it too."""
 
-    def __init__(self, waiter: Waiter, safety_poll_s: float) -> None:
+    def __init__(self, waiter: Waiter) -> None:
         self._waiter = waiter
-        self._safety_poll_s = safety_poll_s
 
     async def wait(self, timeout_s: float) -> bool:
-        """True when woken, or when the safety poll elapsed first (worth trying to claim)."""
-        woken = await self._waiter.wait(min(timeout_s, self._safety_poll_s))
+        """True when woken (new work, a resync or the safety sweep): worth trying to claim."""
+        woken = await self._waiter.wait(timeout_s)
         self._waiter.take()
-        return woken or timeout_s > self._safety_poll_s
+        return woken
 
 
 class TaskService:
@@ -141,15 +144,30 @@ class TaskService:
         self._chunk_loader: Batcher[ChunkKey, list[Chunk]] = Batcher(
             self._fetch_chunks, window_s=window_s, max_batch=1000
         )
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
-        """Flush buffered chunk posts."""
+        """Stop the safety sweep and flush buffered chunk posts."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self.relay.stop()
 
-    def _safety_poll_s(self) -> float:
-        # Jittered below the setting so waiters that started together do not all re-read in
-        # the same instant; the setting stays the upper bound a lost notification can cost.
-        return self.settings.safety_poll_s * random.uniform(0.5, 1.0)
+    def _ensure_sweeper(self) -> None:
+        """Start the safety sweep when the first waiter arrives (it ends when none is left)."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="inferq-safety-sweep")
+
+    async def _sweep(self) -> None:
+        period_s = self.settings.safety_poll_s
+        while True:
+            # Jittered so replicas started together do not sweep in the same instant; the
+            # setting stays the upper bound a lost notification can cost.
+            await asyncio.sleep(period_s * random.uniform(0.8, 1.0))
+            if self.hub.wake_all() == 0:
+                return
 
     # -- batched re-reads -------------------------------------------------------------------
 
@@ -208,12 +226,13 @@ class TaskService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         with self.hub.watch_task(task_id) as waiter:
+            self._ensure_sweeper()
             task = await self._first_read(task_id, owner_id)
             while not task.terminal:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                await waiter.wait(min(remaining, self._safety_poll_s()))
+                await waiter.wait(remaining)
                 waiter.take()
                 task = await self._reload(task_id)
             return task
@@ -253,6 +272,7 @@ class TaskService:
         self, task_id: UUID, owner_id: str | None, after: tuple[int, int] | None
     ) -> AsyncIterator[Event]:
         with self.hub.watch_task(task_id) as waiter:
+            self._ensure_sweeper()
             task = await self._first_read(task_id, owner_id)
             attempt, last_seq = after if after is not None else (_live_attempt(task), 0)
             shown: tuple[TaskStatus, int] | None = None
@@ -272,7 +292,7 @@ class TaskService:
                 if task.terminal:
                     yield StatusEvent(task)
                     return
-                await waiter.wait(self._safety_poll_s())
+                await waiter.wait(math.inf)
                 flags = waiter.take()
                 # A chunk-only wake needs no row; a status wake, a resync or a poll does.
                 if flags & TASK_CHANGED or not flags:
@@ -289,7 +309,8 @@ class TaskService:
     @asynccontextmanager
     async def _pool_waiter(self, pools: Sequence[str]) -> AsyncIterator[PoolWaiter]:
         with self.hub.watch_pools(pools) as waiter:
-            yield _SafetyPolledWaiter(waiter, self.settings.safety_poll_s)
+            self._ensure_sweeper()
+            yield _PoolWaiter(waiter)
 
     async def post_chunks(
         self, task_id: UUID, session_id: UUID, attempt: int, chunks: Sequence[tuple[int, str]]

@@ -21,6 +21,7 @@ Design decisions (imports no psycopg; the Listener feeds it, the TaskService con
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -69,11 +70,12 @@ class Waiter:
         fut: asyncio.Future[bool] = loop.create_future()
         self._fut = fut
         # call_later plus one future is lighter than asyncio.timeout() for 10,000 waiters.
-        handle = loop.call_later(timeout_s, _expire, fut)
+        handle = loop.call_later(timeout_s, _expire, fut) if math.isfinite(timeout_s) else None
         try:
             return await fut
         finally:
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
             self._fut = None
 
     def take(self) -> int:
@@ -141,12 +143,16 @@ class Hub:
 
     def resync_all(self) -> None:
         """Wake every waiter to re-read everything (after a reconnect or on demand)."""
+        log.info("waiters_resynced", waiters=self.wake_all())
+
+    def wake_all(self) -> int:
+        """Wake every waiter to re-read everything, quietly (the safety poll); how many."""
         count = 0
         for index in (self._by_task, self._by_pool):
             for waiters in list(index.values()):
                 count += len(waiters)
                 self._wake(waiters, EVERYTHING)
-        log.info("waiters_resynced", waiters=count)
+        return count
 
     def _wake(self, waiters: set[Waiter] | None, flags: int) -> None:
         if waiters:
