@@ -231,6 +231,8 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-def get_ctx(request: Request) -> ApiContext:
+async def get_ctx(request: Request) -> ApiContext:
+    """The replica's context. Async on purpose: FastAPI runs a plain ``def`` dependency in its
+    thread pool, a thread hop on every request for an attribute read."""
     ctx: ApiContext = request.app.state.ctx
     return ctx
