@@ -225,7 +225,7 @@ class TaskService:
         timeout). Raises TaskNotFound (also for another owner's task)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        with self.hub.watch_task(task_id) as waiter:
+        with self.hub.watch_task(task_id, terminal_only=True) as waiter:
             self._ensure_sweeper()
             task = await self._first_read(task_id, owner_id)
             while not task.terminal:

@@ -43,14 +43,21 @@ def _expire(fut: asyncio.Future[bool]) -> None:
         fut.set_result(False)
 
 
+# Status names as they arrive in notification payloads (no domain import: this module is
+# plain asyncio).
+TERMINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
+
+
 class Waiter:
     """A level-triggered wake flag for one waiting coroutine."""
 
-    __slots__ = ("_fut", "flags", "key")
+    __slots__ = ("_fut", "flags", "key", "terminal_only")
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, *, terminal_only: bool = False) -> None:
         self.key = key
         self.flags = 0
+        # A waiter for the outcome only: claimed/running changes are not worth a re-read.
+        self.terminal_only = terminal_only
         self._fut: asyncio.Future[bool] | None = None
 
     def wake(self, flags: int = EVERYTHING) -> None:
@@ -99,9 +106,10 @@ class Hub:
         )
 
     @contextmanager
-    def watch_task(self, task_id: UUID) -> Iterator[Waiter]:
-        """Register a waiter for ``task_id`` for the duration of the block."""
-        waiter = Waiter(task_id)
+    def watch_task(self, task_id: UUID, *, terminal_only: bool = False) -> Iterator[Waiter]:
+        """Register a waiter for ``task_id`` for the duration of the block; a ``terminal_only``
+        waiter is not woken by changes to non-terminal statuses (nor by chunks)."""
+        waiter = Waiter(task_id, terminal_only=terminal_only)
         self._by_task.setdefault(task_id, set()).add(waiter)
         try:
             yield waiter
@@ -133,13 +141,18 @@ class Hub:
 
     def task_changed(self, task_id: UUID, status: str, pool: str | None) -> None:
         """A task's status changed: wake its waiters, and its pool's when it became pending."""
-        self._wake(self._by_task.get(task_id), TASK_CHANGED)
+        waiters = self._by_task.get(task_id)
+        if waiters and status not in TERMINAL_STATUSES:
+            waiters = {w for w in waiters if not w.terminal_only}
+        self._wake(waiters, TASK_CHANGED)
         if status == "pending" and pool is not None:
             self._wake(self._by_pool.get(pool), POOL_WORK)
 
     def chunks_added(self, task_id: UUID) -> None:
-        """Chunks were stored for a task: wake its waiters."""
-        self._wake(self._by_task.get(task_id), CHUNKS_ADDED)
+        """Chunks were stored for a task: wake its waiters that read chunks."""
+        waiters = self._by_task.get(task_id)
+        if waiters:
+            self._wake({w for w in waiters if not w.terminal_only}, CHUNKS_ADDED)
 
     def resync_all(self) -> None:
         """Wake every waiter to re-read everything (after a reconnect or on demand)."""

@@ -97,3 +97,18 @@ async def test_a_failing_fetch_fails_its_batch_only() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         await batcher.load(0)
     assert await batcher.load(5) == 5
+
+
+def test_an_outcome_waiter_is_woken_by_terminal_statuses_only() -> None:
+    hub = Hub()
+    task_id = uuid4()
+    with (
+        hub.watch_task(task_id, terminal_only=True) as outcome,
+        hub.watch_task(task_id) as stream,
+    ):
+        hub.task_changed(task_id, "running", "p")
+        hub.chunks_added(task_id)
+        assert outcome.take() == 0
+        assert stream.take() != 0
+        hub.task_changed(task_id, "completed", "p")
+        assert outcome.take() != 0
