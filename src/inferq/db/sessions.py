@@ -11,7 +11,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from inferq.db.pool import Pool
-from inferq.db.rows import TASK_SELECT, task_row
+from inferq.db.rows import TASK_SELECT, render, task_row
 from inferq.db.tasks import _REVERT_SET
 from inferq.domain.task import Task
 from inferq.errors import SessionNotFound
@@ -42,26 +42,32 @@ _SESSION_COLUMNS = sql.SQL(
     "id, owner_id, name, pools, capacity, created_at, last_seen_at, expires_at"
 )
 
-BIND = sql.SQL(
-    """
+BIND = render(
+    sql.SQL(
+        """
 INSERT INTO inferq.worker_session (owner_id, name, pools, capacity, expires_at)
 VALUES (%(owner)s, %(name)s, %(pools)s, %(capacity)s, now() + make_interval(secs => %(ttl_s)s))
 RETURNING {cols}
 """
-).format(cols=_SESSION_COLUMNS)
-
-GET = sql.SQL("SELECT {cols} FROM inferq.worker_session WHERE id = %(id)s").format(
-    cols=_SESSION_COLUMNS
+    ).format(cols=_SESSION_COLUMNS)
 )
 
-TOUCH = sql.SQL(
-    """
+GET = render(
+    sql.SQL("SELECT {cols} FROM inferq.worker_session WHERE id = %(id)s").format(
+        cols=_SESSION_COLUMNS
+    )
+)
+
+TOUCH = render(
+    sql.SQL(
+        """
 UPDATE inferq.worker_session SET last_seen_at = now(),
     expires_at = now() + make_interval(secs => %(ttl_s)s)
 WHERE id = %(id)s AND expires_at > now()
 RETURNING {cols}
 """
-).format(cols=_SESSION_COLUMNS)
+    ).format(cols=_SESSION_COLUMNS)
+)
 
 # One statement: extend the session and its leases, and say what happened to the tasks the
 # worker believes it holds but the database no longer gives it.
@@ -95,8 +101,9 @@ WHERE NOT EXISTS (SELECT 1 FROM inferq.task t WHERE t.id = r.id)
 
 UNBIND = "DELETE FROM inferq.worker_session WHERE id = %(id)s"
 
-REAP = sql.SQL(
-    """
+REAP = render(
+    sql.SQL(
+        """
 WITH dead AS (
     DELETE FROM inferq.worker_session
     WHERE expires_at < coalesce(%(now)s::timestamptz, now())
@@ -107,7 +114,8 @@ FROM dead
 WHERE t.claimed_by = dead.id AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+)
 
 
 class WorkerSessionRepository:

@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from inferq.db.pool import Pool
-from inferq.db.rows import TASK_SELECT, task_row
+from inferq.db.rows import TASK_SELECT, render, task_row
 from inferq.domain.task import HELD, Task, TaskStatus
 from inferq.errors import (
     IdempotencyConflict,
@@ -25,8 +25,9 @@ from inferq.errors import (
 
 _HELD = [s.value for s in HELD]
 
-ENQUEUE = sql.SQL(
-    """
+ENQUEUE = render(
+    sql.SQL(
+        """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
                               owner_id, agent_id, priority, max_attempts, idempotency_key)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
@@ -34,24 +35,31 @@ VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
-GET_BY_KEY = sql.SQL(
-    """
+GET_BY_KEY = render(
+    sql.SQL(
+        """
 SELECT {task_select} FROM inferq.task t WHERE t.owner_id = %(owner)s AND t.idempotency_key = %(key)s
 """
-).format(task_select=TASK_SELECT)
-
-GET = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = %(id)s").format(
-    task_select=TASK_SELECT
-)
-GET_OWNED = GET + sql.SQL(" AND t.owner_id = %(owner)s")
-GET_MANY = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = ANY(%(ids)s)").format(
-    task_select=TASK_SELECT
+    ).format(task_select=TASK_SELECT)
 )
 
-LIST = sql.SQL(
-    """
+_GET = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = %(id)s").format(
+    task_select=TASK_SELECT
+)
+GET = render(_GET)
+GET_OWNED = render(_GET + sql.SQL(" AND t.owner_id = %(owner)s"))
+GET_MANY = render(
+    sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = ANY(%(ids)s)").format(
+        task_select=TASK_SELECT
+    )
+)
+
+LIST = render(
+    sql.SQL(
+        """
 SELECT {task_select} FROM inferq.task t
 WHERE t.owner_id = %(owner)s
   AND (%(status)s::inferq.task_status[] IS NULL OR t.status = ANY(%(status)s))
@@ -61,13 +69,15 @@ WHERE t.owner_id = %(owner)s
 ORDER BY t.created_at DESC, t.id DESC
 LIMIT %(limit)s
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
 # SKIP LOCKED: racing claimers each take different rows and never wait on each other. A bound
 # session never holds more than its capacity; an id with no session row (tests, tools) is only
 # bounded by the limit.
-CLAIM = sql.SQL(
-    """
+CLAIM = render(
+    sql.SQL(
+        """
 WITH room AS (
     SELECT greatest(0, s.capacity - (
         SELECT count(*) FROM inferq.task h
@@ -86,63 +96,76 @@ SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = 
 FROM picked WHERE t.id = picked.id
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
-FIND_PENDING = sql.SQL(
-    """
+FIND_PENDING = render(
+    sql.SQL(
+        """
 SELECT {task_select} FROM inferq.task t
 WHERE t.status = 'pending' AND t.pool_name = ANY(%(pools)s)
 ORDER BY t.priority DESC, t.created_at, t.id
 LIMIT %(limit)s
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
-HELD_BY_SESSION = sql.SQL(
-    """
+HELD_BY_SESSION = render(
+    sql.SQL(
+        """
 SELECT {task_select} FROM inferq.task t
 WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
 ORDER BY t.claimed_at
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
 # The guard every worker write shares: this session holds this attempt of the task.
 _HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s")
 
-START = sql.SQL(
-    """
+START = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t SET status = 'running', stream_started_at = now()
 WHERE {holds} AND t.status = 'claimed'
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS)
+)
 
-COMPLETE = sql.SQL(
-    """
+COMPLETE = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t
 SET status = 'completed', response_body = %(body)s, completed_at = now(), lease_expires_at = NULL
 WHERE {holds} AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS)
+)
 
-FAIL = sql.SQL(
-    """
+FAIL = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t
 SET status = 'error', error_message = %(message)s, completed_at = now(), lease_expires_at = NULL
 WHERE {holds} AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS)
+)
 
-CANCEL = sql.SQL(
-    """
+CANCEL = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t
 SET status = 'cancelled', completed_at = now(), lease_expires_at = NULL,
     error_message = coalesce(%(reason)s, 'cancelled by the client')
 WHERE t.id = %(id)s AND t.owner_id = %(owner)s AND t.status IN ('pending', 'claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
 # A lost claim (lease expired, session reaped) counts against max_attempts: once the task was
 # lost that often it ends in error. A graceful release (worker shutdown, unbind) never does.
@@ -160,30 +183,36 @@ SET status = (CASE WHEN {lost} THEN 'error' ELSE 'pending' END)::inferq.task_sta
 """
 ).format(lost=_LOST_FOR_GOOD)
 
-REVERT_SESSION = sql.SQL(
-    """
+REVERT_SESSION = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t {revert_set}
 WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+)
 
-REVERT_ONE = sql.SQL(
-    """
+REVERT_ONE = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t {revert_set}
 WHERE {holds} AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS, revert_set=_REVERT_SET)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS, revert_set=_REVERT_SET)
+)
 
-REVERT_EXPIRED = sql.SQL(
-    """
+REVERT_EXPIRED = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t {revert_set}
 WHERE t.status IN ('claimed', 'running')
   AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now())
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+)
 
 EXTEND_LEASES = """
 UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
@@ -193,8 +222,9 @@ RETURNING t.id, t.attempt
 
 # Batched forms: one statement (so one notifying commit) for many tasks. The statement-level
 # trigger folds their notifications into a few payloads.
-ENQUEUE_MANY = sql.SQL(
-    """
+ENQUEUE_MANY = render(
+    sql.SQL(
+        """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
                               owner_id, agent_id, priority, max_attempts)
 SELECT * FROM unnest(%(pools)s::text[], %(llms)s::text[], %(models)s::text[], %(tiers)s::text[],
@@ -202,24 +232,28 @@ SELECT * FROM unnest(%(pools)s::text[], %(llms)s::text[], %(models)s::text[], %(
                      %(agents)s::text[], %(priorities)s::int[], %(max_attempts)s::int[])
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
 _HOLDS_MANY = sql.SQL(
     "t.id = c.id AND t.claimed_by = c.session AND t.attempt = c.attempt "
     "AND t.status IN ('claimed', 'running')"
 )
 
-START_MANY = sql.SQL(
-    """
+START_MANY = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t SET status = 'running', stream_started_at = now()
 FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[]) AS c(id, session, attempt)
 WHERE {holds} AND t.status = 'claimed'
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+)
 
-COMPLETE_MANY = sql.SQL(
-    """
+COMPLETE_MANY = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t
 SET status = 'completed', response_body = c.body, completed_at = now(), lease_expires_at = NULL
 FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[], %(bodies)s::jsonb[])
@@ -227,10 +261,12 @@ FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[], %(bodies
 WHERE {holds}
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+    ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
+)
 
-GC_PENDING = sql.SQL(
-    """
+GC_PENDING = render(
+    sql.SQL(
+        """
 UPDATE inferq.task t
 SET status = 'error', completed_at = coalesce(%(now)s::timestamptz, now()),
     error_message = format('not claimed within %%s s (INFERQ_PENDING_TIMEOUT_S): '
@@ -239,7 +275,8 @@ WHERE t.status = 'pending'
   AND t.created_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(timeout_s)s)
 RETURNING {task_select}
 """
-).format(task_select=TASK_SELECT)
+    ).format(task_select=TASK_SELECT)
+)
 
 GC_DELETE = """
 DELETE FROM inferq.task t
