@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import Deployment
+from tests.e2e.procs import Stack
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -34,3 +35,13 @@ def deployment(failed: Callable[[], bool]) -> Iterator[Deployment]:
     """PostgreSQL, three replicas behind nginx and four echo workers, all started and ready."""
     with Deployment.running(failed) as dep:
         yield dep
+
+
+@pytest.fixture
+def stack(dsn: str) -> Iterator[Stack]:
+    """One `inferq serve` on a fresh database, with tokens and a model; workers on demand."""
+    s = Stack(dsn).start()
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from openai import OpenAI
 
 from tests.e2e.procs import MODEL, Stack, wait_until, words
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack(dsn: str) -> Iterator[Stack]:
-    s = Stack(dsn).start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def test_the_openai_client_gets_a_streamed_and_a_plain_answer(stack: Stack) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -15,15 +14,6 @@ from tests.e2e.procs import FAST_LEASES, Proc, Stack, words
 pytestmark = pytest.mark.e2e
 
 HEARTBEAT_S = float(FAST_LEASES["INFERQ_HEARTBEAT_S"])
-
-
-@pytest.fixture
-def stack(dsn: str) -> Iterator[Stack]:
-    s = Stack(dsn).start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def log_time(entry: dict[str, Any]) -> float:

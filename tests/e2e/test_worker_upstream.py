@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 from openai import OpenAI
@@ -14,15 +12,6 @@ from tests.e2e.procs import MODEL, Stack
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [{"role": "user", "content": "say something"}]
-
-
-@pytest.fixture
-def stack(dsn: str) -> Iterator[Stack]:
-    s = Stack(dsn).start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def client_for(stack: Stack) -> OpenAI:
