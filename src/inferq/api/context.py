@@ -23,7 +23,7 @@ from inferq.api.auth import Authenticator, check_pools
 from inferq.api.errors import ClientGone, ShuttingDown, TooManyPending, TooManyWaits
 from inferq.db.llms import Llm, LlmRepository
 from inferq.db.pool import Pool
-from inferq.db.sessions import WorkerSessionRepository
+from inferq.db.sessions import WorkerSession, WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import ApiToken, TokenRepository
 from inferq.errors import SessionNotFound
@@ -110,6 +110,7 @@ class ApiContext:
         self._waits: dict[UUID, int] = {}
         self._llm_cache: dict[str, tuple[Llm, float]] = {}
         self._session_owner: dict[UUID, tuple[str, list[str]]] = {}
+        self._session_touched: dict[UUID, float] = {}
 
     def _listener_generation(self) -> int:
         stats = getattr(self.listener, "stats", None)
@@ -190,6 +191,26 @@ class ApiContext:
 
     def forget_session(self, session_id: UUID) -> None:
         self._session_owner.pop(session_id, None)
+        self._session_touched.pop(session_id, None)
+
+    async def live_session(self, session_id: UUID) -> WorkerSession:
+        """The live session, its lifetime extended; raises SessionNotFound when it is gone.
+
+        A claim extends the session, but a worker claims after every batch it receives: an
+        UPDATE (a commit, an fsync) per claim is costly. The extension is written at most once
+        per tenth of the TTL per replica; in between a plain read still checks the session is
+        alive, and its expiry stays at least 90% of the TTL ahead.
+        """
+        ttl_s = self.settings.session_ttl_s
+        now = time.monotonic()
+        touched = self._session_touched.get(session_id)
+        if touched is not None and now - touched < ttl_s / 10:
+            return await self.sessions.get(session_id)
+        session = await self.sessions.get(session_id, touch_ttl_s=ttl_s)
+        if len(self._session_touched) > 100_000:
+            self._session_touched.clear()
+        self._session_touched[session_id] = now
+        return session
 
     # -- racing a wait against shutdown and disconnect ----------------------------------------
 

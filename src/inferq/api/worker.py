@@ -119,7 +119,7 @@ async def claim(
 ) -> Response:
     sid = _parse_session_id(session_id)
     ctx.drain.check()
-    session = await ctx.sessions.get(sid, touch_ttl_s=ctx.settings.session_ttl_s)
+    session = await ctx.live_session(sid)
     if session.owner_id != token.owner_id:
         raise SessionNotFound(f"worker session {sid} does not exist or expired; bind again")
     check_pools(token, session.pools)
