@@ -9,9 +9,10 @@ Design decisions (DESIGN.md "Notifications"):
   ``unnest ... JOIN LATERAL`` for chunks), so 10,000 waiters woken by a resync cost a few
   statements, not 10,000.
 - The safety poll is one sweep per replica, not a timer per waiter: every
-  ``settings.safety_poll_s`` (jittered by up to a fifth) it wakes every waiter, and their
-  re-reads go through the same batched loaders, so 10,000 parked waits cost a few statements
-  per period instead of thousands of scattered ones. Even if every notification were lost, a
+  ``settings.safety_poll_s`` (jittered by up to a fifth) one statement finds which tasks with
+  an outcome-only waiter ended (or vanished); those waiters, and every stream and pool waiter,
+  are woken into the same batched loaders. 10,000 parked waits cost one small statement per
+  period instead of 10,000 row re-reads. Even if every notification were lost, a
   waiter re-reads at least that often. In poll-only mode it is the only mechanism, so latency
   is bounded by it. The sweep runs only while someone waits.
 - ``events()``: chunks of an attempt are live while the task is held by a worker or ended while
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
+import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -80,6 +82,8 @@ class PoolWaiter(Protocol):
         """Sleep until work may be claimable in the pools, or the timeout; True when woken."""
         ...
 
+
+log = structlog.get_logger(__name__)
 
 # How many chunks one reader fetches per round trip; a longer backlog takes more rounds.
 CHUNK_PAGE = 1000
@@ -166,8 +170,17 @@ class TaskService:
             # Jittered so replicas started together do not sweep in the same instant; the
             # setting stays the upper bound a lost notification can cost.
             await asyncio.sleep(period_s * random.uniform(0.8, 1.0))
-            if self.hub.wake_all() == 0:
+            if self.hub.waiter_count == 0:
                 return
+            # Outcome waiters are the bulk (every parked wait): one statement of small rows
+            # says which of them could see something new, instead of a full re-read each.
+            ids = self.hub.outcome_task_ids()
+            try:
+                finished = await self.tasks.finished_among(ids) if ids else set()
+            except Exception as exc:
+                log.warning("safety_sweep_failed", waiters=len(ids), error=str(exc))
+                finished = set(ids)  # let them re-read and meet the error themselves
+            self.hub.sweep(finished)
 
     # -- batched re-reads -------------------------------------------------------------------
 

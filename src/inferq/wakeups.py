@@ -167,6 +167,26 @@ class Hub:
                 self._wake(waiters, EVERYTHING)
         return count
 
+    def outcome_task_ids(self) -> list[UUID]:
+        """The tasks that have at least one outcome-only waiter."""
+        return [tid for tid, ws in self._by_task.items() if any(w.terminal_only for w in ws)]
+
+    def sweep(self, finished: Iterable[UUID]) -> int:
+        """The safety poll: wake every waiter, except the outcome-only waiters of tasks that
+        are not in ``finished`` (their re-read could only show a non-terminal row). Returns
+        how many waiters are registered."""
+        done = set(finished)
+        count = 0
+        for task_id, waiters in list(self._by_task.items()):
+            count += len(waiters)
+            if task_id not in done:
+                waiters = {w for w in waiters if not w.terminal_only}
+            self._wake(waiters, EVERYTHING)
+        for waiters in list(self._by_pool.values()):
+            count += len(waiters)
+            self._wake(waiters, EVERYTHING)
+        return count
+
     def _wake(self, waiters: set[Waiter] | None, flags: int) -> None:
         if waiters:
             self.wakes += len(waiters)

@@ -112,3 +112,18 @@ def test_an_outcome_waiter_is_woken_by_terminal_statuses_only() -> None:
         assert stream.take() != 0
         hub.task_changed(task_id, "completed", "p")
         assert outcome.take() != 0
+
+
+def test_the_safety_sweep_skips_outcome_waiters_of_unfinished_tasks() -> None:
+    hub = Hub()
+    running, done = uuid4(), uuid4()
+    with (
+        hub.watch_task(running, terminal_only=True) as idle,
+        hub.watch_task(done, terminal_only=True) as finished,
+        hub.watch_task(running) as stream,
+        hub.watch_pools(["p"]) as claimer,
+    ):
+        assert set(hub.outcome_task_ids()) == {running, done}
+        assert hub.sweep({done}) == 4
+        assert idle.take() == 0
+        assert finished.take() and stream.take() and claimer.take()

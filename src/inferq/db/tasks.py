@@ -264,6 +264,13 @@ RETURNING {task_select}
     ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
 )
 
+# Of these tasks, the ones a waiter for the outcome must re-read: ended, or gone.
+FINISHED_AMONG = """
+SELECT u.id FROM unnest(%(ids)s::uuid[]) AS u(id)
+LEFT JOIN inferq.task t ON t.id = u.id
+WHERE t.id IS NULL OR t.status IN ('completed', 'error', 'cancelled')
+"""
+
 GC_PENDING = render(
     sql.SQL(
         """
@@ -441,6 +448,12 @@ class TaskRepository:
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         return task
+
+    async def finished_among(self, task_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of ``task_ids`` are terminal or no longer exist (one small-row statement)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(FINISHED_AMONG, {"ids": list(task_ids)})
+            return {row[0] for row in await cur.fetchall()}
 
     async def get_many(self, task_ids: Sequence[UUID]) -> list[Task]:
         """The tasks among ``task_ids`` that exist, in one statement."""
