@@ -122,7 +122,7 @@ def measure_wait_memory(
 
     The replica's safety poll is set to an hour: with the default (seconds), every parked wait
     re-reads its row each period, which keeps a replica with 10,000 waits busy (see
-    docs/performance.md) and is a CPU cost, not a memory one.
+    the README's Performance section) and is a CPU cost, not a memory one.
     """
     env, setup = _setup(dsn, open_waits)
     env["INFERQ_SAFETY_POLL_S"] = "3600"
