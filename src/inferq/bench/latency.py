@@ -19,11 +19,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from inferq.db.listener import Listener
-from inferq.db.pool import create_pool
+from inferq.bench.wakeups import Stack
 from inferq.service import TaskService
 from inferq.settings import Settings
-from inferq.wakeups import Hub
 
 REQUEST = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -38,19 +36,11 @@ class ClaimSample:
 
 async def measure_claim_latency(dsn: str, *, tasks: int) -> list[ClaimSample]:
     """Enqueue and claim times of ``tasks`` tasks, one at a time, in order."""
-    settings = Settings(database_url=dsn, pool_min_size=4, pool_max_size=8)
-    pool = create_pool(settings)
-    await pool.open(wait=True)
-    hub = Hub()
-    listener = Listener(settings, hub)
-    await listener.start()
-    service = TaskService(pool, settings, hub=hub)
+    stack = await Stack.open(Settings(database_url=dsn, pool_min_size=4, pool_max_size=8))
     try:
-        return await _run(service, tasks)
+        return await _run(stack.service, tasks)
     finally:
-        await service.stop()
-        await listener.stop()
-        await pool.close()
+        await stack.close()
 
 
 async def _run(service: TaskService, tasks: int) -> list[ClaimSample]:

@@ -29,13 +29,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from inferq.db.listener import Listener
-from inferq.db.pool import create_pool
+from inferq.bench.wakeups import Stack
 from inferq.db.tasks import NewTask
 from inferq.domain.task import Task, TaskStatus
 from inferq.service import TaskService
 from inferq.settings import Settings
-from inferq.wakeups import Hub
 
 BATCH = 100
 WORKERS = 4
@@ -83,19 +81,13 @@ async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> PipelineR
 @asynccontextmanager
 async def _stack(dsn: str, connections: int) -> AsyncIterator[TaskService]:
     """A replica's wakeup machinery: pool, hub, Listener, TaskService."""
-    settings = Settings(database_url=dsn, pool_min_size=connections, pool_max_size=connections + 4)
-    pool = create_pool(settings)
-    await pool.open(wait=True)
-    hub = Hub()
-    listener = Listener(settings, hub)
-    await listener.start()
-    service = TaskService(pool, settings, hub=hub)
+    stack = await Stack.open(
+        Settings(database_url=dsn, pool_min_size=connections, pool_max_size=connections + 4)
+    )
     try:
-        yield service
+        yield stack.service
     finally:
-        await service.stop()
-        await listener.stop()
-        await pool.close()
+        await stack.close()
 
 
 async def _produce_and_wait(
