@@ -101,8 +101,15 @@ async def kill_replica(gen: Load, dep: Deployment, notes: dict[str, Any]) -> Non
     """SIGKILL a replica mid-load; clients resume through nginx; restart it later."""
     await gen.reached(0.25)
     # Kill it while clients are waiting on it, so the fault always hits someone.
-    await in_thread(wait_until, lambda: dep.open_waits(0) > 0, 30, "a client wait on replica0")
+    held: list[int] = []
+
+    def clients_waiting() -> bool:
+        held[:] = [dep.open_waits(0)]
+        return held[0] > 0
+
+    await in_thread(wait_until, clients_waiting, 30, "a client wait on replica0")
     await in_thread(dep.kill_replica, 0)
+    notes["waits_open_at_kill"] = held[0]
     notes["replica_killed"] = 0
     await gen.reached(0.6)
     await in_thread(dep.restart_replica, 0)
@@ -228,9 +235,14 @@ def test_load_without_faults(deployment: Deployment, tmp_path: Path) -> None:
 
 
 def test_kill_replica_mid_load(deployment: Deployment, tmp_path: Path) -> None:
-    report, _ = run_load(deployment, tmp_path, kill_replica)
-    # The replica held waits and streams when it died: some clients had to resume elsewhere.
-    assert report.figures["client_retries"] > 0
+    report, notes = run_load(deployment, tmp_path, kill_replica)
+    # The replica held open waits when it died, and every one of them still got its result
+    # (run_load checks I1-I5). Whether a client saw the failure depends on what it was doing:
+    # nginx re-sends a GET long-poll that had no answer yet to another replica by itself
+    # (proxy_next_upstream), so a killed wait can be invisible to its client; a POST or a
+    # stream already answering comes back to the client, which retries or resumes.
+    assert notes["waits_open_at_kill"] > 0
+    assert report.figures["tasks_completed"] == report.figures["tasks_acknowledged"]
 
 
 def test_sigterm_replica_drains(deployment: Deployment, tmp_path: Path) -> None:
