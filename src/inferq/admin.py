@@ -60,9 +60,12 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: Pool) -> int:
         tokens = TokenRepository(pool)
         if args.token_command == "create":
-            token, secret = await tokens.create(
-                args.owner, cast(Role, args.role), pools=args.pools or None, label=args.label
-            )
+            try:
+                token, secret = await tokens.create(
+                    args.owner, cast(Role, args.role), pools=args.pools, label=args.label
+                )
+            except ValueError as exc:
+                raise ConfigurationError(f"--pools: {exc}") from None
             print(secret)
             print(
                 f"token {token.id} owner={token.owner_id} role={token.role} "

@@ -120,3 +120,15 @@ def test_admin_cli(
     assert main(["token", "revoke", token_id]) == 0
     assert main(["token", "revoke", token_id]) == 1
     assert main(["llm", "remove", "llama3"]) == 0
+
+
+def test_token_create_with_an_empty_pool_list_is_refused_not_widened(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferq.cli import main
+
+    monkeypatch.setenv("INFERQ_DATABASE_URL", dsn)
+    assert main(["token", "create", "--owner", "ops", "--role", "worker", "--pools"]) == 2
+    assert "at least one pool" in capsys.readouterr().err
+    assert main(["token", "list"]) == 0
+    assert capsys.readouterr().out.strip() == ""  # nothing was written

@@ -59,7 +59,13 @@ class TokenRepository:
         pools: Sequence[str] | None = None,
         label: str | None = None,
     ) -> tuple[ApiToken, str]:
-        """A new token and its secret; the secret is shown once and never stored."""
+        """A new token and its secret; the secret is shown once and never stored.
+
+        ``pools=None`` lets a worker token serve every pool. An empty list is refused with
+        ValueError: stored as NULL it would silently mean every pool.
+        """
+        if pools is not None and not pools:
+            raise ValueError("a token's pool list needs at least one pool; omit it for every pool")
         secret = new_secret()
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
@@ -68,7 +74,7 @@ class TokenRepository:
                     "INSERT INTO inferq.api_token (token_hash, owner_id, role, pools, label) "
                     "VALUES (%s, %s, %s, %s, %s) RETURNING {}"
                 ).format(_COLUMNS),
-                (hash_token(secret), owner_id, role, list(pools) if pools else None, label),
+                (hash_token(secret), owner_id, role, None if pools is None else list(pools), label),
             )
             token = await cur.fetchone()
         assert token is not None
