@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run for smoke tests")
     p.add_argument("--json", dest="json_path", help="write the figures to this file")
     p.add_argument("--runs", type=int, default=3, help="repetitions per figure (median)")
+    p.add_argument(
+        "--only",
+        metavar="SCENARIO",
+        action="append",
+        help="run only this scenario (repeatable): ceiling, pipeline, claim, wake, relay, "
+        "waiters, http, memory",
+    )
     p.set_defaults(func=_lazy("inferq.bench.command:bench_command"))
     return parser
 

@@ -110,6 +110,11 @@ class Sizes:
 
 Progress = Callable[[str], None]
 
+# The first word of each scenario's name, as --only takes it.
+SCENARIOS = frozenset(
+    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory"}
+)
+
 
 def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run every scenario ``args.runs`` times (1 with --quick), print the table, write --json.
@@ -121,6 +126,15 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     runs = 1 if args.quick else max(1, args.runs)
     sizes = Sizes.for_mode(args.quick)
+    only = frozenset(getattr(args, "only", None) or ())
+    unknown = only - SCENARIOS
+    if unknown:
+        print(
+            f"inferq bench: unknown scenario {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(sorted(SCENARIOS))}",
+            file=sys.stderr,
+        )
+        return 2
     started = time.monotonic()
 
     def progress(message: str) -> None:
@@ -132,7 +146,7 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
             f"{machine['cores']} cores, PostgreSQL {machine['postgresql']}, "
             f"synchronous_commit={machine['synchronous_commit']}, fsync={machine['fsync']}"
         )
-        values, errors = _run_all(dsn, sizes, runs, progress)
+        values, errors = _run_all(dsn, sizes, runs, progress, only)
 
     report = _report(machine, values, errors, runs, args.quick, time.monotonic() - started)
     print(render_table(report))
@@ -143,7 +157,7 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_all(
-    dsn: str, sizes: Sizes, runs: int, progress: Progress
+    dsn: str, sizes: Sizes, runs: int, progress: Progress, only: frozenset[str] = frozenset()
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Every scenario ``runs`` times: each figure's value per run, and the failed scenarios."""
     values: dict[str, list[float]] = {f.key: [] for f in FIGURES}
@@ -151,6 +165,8 @@ def _run_all(
     for run in range(1, runs + 1):
         progress(f"run {run} of {runs}")
         for name, scenario in _scenarios(dsn, sizes, progress):
+            if only and name.split()[0] not in only:
+                continue
             progress(f"  {name} ...")
             t0 = time.monotonic()
             try:
@@ -187,8 +203,8 @@ def _scenarios(
     yield "pipeline", lambda: _run_async(_pipeline(dsn, sizes, progress))
     yield "claim latency", lambda: _run_async(_claim(dsn, sizes))
     yield "wake latency", lambda: _run_async(_wake(dsn, sizes))
-    yield "chunk relay", lambda: _run_async(_relay(dsn, sizes))
-    yield "waiter memory", lambda: _run_async(_waiter_memory(dsn, sizes))
+    yield "relay", lambda: _run_async(_relay(dsn, sizes))
+    yield "waiters memory", lambda: _run_async(_waiter_memory(dsn, sizes))
     yield (
         "http",
         lambda: http.measure_http(
@@ -196,7 +212,7 @@ def _scenarios(
         ),
     )
     yield (
-        "open-wait memory",
+        "memory (open waits)",
         lambda: http.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
 
