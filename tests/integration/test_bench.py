@@ -37,3 +37,9 @@ def test_quick_bench_writes_every_figure(dsn: str, tmp_path: Path) -> None:
     # The table on stdout shows the same figures.
     for f in FIGURES:
         assert f.label in proc.stdout
+    # ... and nothing else: progress and the replicas' logs (spawned processes included) go
+    # to stderr, so `inferq bench > table.md` is the table alone.
+    header, blank, *rows = proc.stdout.rstrip("\n").split("\n")
+    assert header.startswith("inferq bench: "), header
+    assert blank == ""
+    assert all(row.startswith("|") for row in rows), [r for r in rows if not r.startswith("|")]

@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from inferq.bench.wakeups import Stack
+from inferq.bench.wakeups import Stack, run_child
 from inferq.db.tasks import NewTask
 from inferq.domain.task import Task, TaskStatus
 from inferq.service import TaskService
@@ -117,12 +117,7 @@ async def _produce_and_wait(
 
 def _worker_process(dsn: str, pool_name: str, tasks: int, conn: Connection) -> None:
     """The worker side in its own process: claim, start and complete ``tasks`` tasks."""
-    try:
-        import uvloop
-
-        uvloop.run(_work(dsn, pool_name, tasks, conn))
-    except ImportError:
-        asyncio.run(_work(dsn, pool_name, tasks, conn))
+    run_child(_work(dsn, pool_name, tasks, conn))
 
 
 async def _work(dsn: str, pool_name: str, tasks: int, conn: Connection) -> None:

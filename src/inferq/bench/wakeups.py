@@ -134,7 +134,12 @@ def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
     return process, parent
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_child(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` as a spawned replica process's whole life.
+
+    A spawned child starts with structlog's defaults, which print to stdout, where the bench
+    table goes: configure logging (stderr, warnings only) before anything logs.
+    """
     configure_logging(level="warning")
     try:
         import uvloop
@@ -163,7 +168,7 @@ def _waiting_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
         pipe.send(resumed)
         await a.close()
 
-    _run_loop(main())
+    run_child(main())
 
 
 def _reading_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
@@ -191,7 +196,7 @@ def _reading_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
         pipe.send((delivered, disorder))
         await c.close()
 
-    _run_loop(main())
+    run_child(main())
 
 
 async def measure_wake_latency(
