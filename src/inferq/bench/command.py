@@ -71,9 +71,15 @@ FIGURES = [
     Figure("wake.p99_ms", "complete on B -> waiter on A, p99", "ms", ("<=", 10)),
     Figure("wake.after_commit_p50_ms", "  from B's commit acknowledged, p50", "ms"),
     Figure("wake.after_commit_p99_ms", "  from B's commit acknowledged, p99", "ms"),
-    Figure("relay.chunks_per_s", "relay, 200 streams", "chunks/s", (">=", 20000)),
-    Figure("relay.p50_ms", "relay chunk latency, p50", "ms"),
-    Figure("relay.p99_ms", "relay chunk latency, p99", "ms", ("<=", 50)),
+    # The saturated run is the throughput ceiling (its latency is mostly CPU queueing); the
+    # latency target is read on the paced run, at the target load (see _relay).
+    Figure("relay.chunks_per_s", "relay at saturation, 200 streams", "chunks/s", (">=", 20000)),
+    Figure("relay.p50_ms", "  at saturation: chunk latency, p50", "ms"),
+    Figure("relay.p99_ms", "  at saturation: chunk latency, p99", "ms"),
+    Figure("relay.cpu_us_per_chunk", "  at saturation: Python CPU per chunk", "us"),
+    Figure("relay.paced_chunks_per_s", "relay paced 200 x 100 chunks/s: achieved", "chunks/s"),
+    Figure("relay.paced_p50_ms", "  paced: chunk latency, p50", "ms"),
+    Figure("relay.paced_p99_ms", "  paced: chunk latency, p99 (the target)", "ms", ("<=", 50)),
     Figure("waiters.bytes_per_waiter", "in-process memory per parked waiter", "B"),
     Figure("http.tasks_per_s", "HTTP sync chat completions, 2 replicas", "tasks/s", (">=", 500)),
     Figure("http.p50_ms", "HTTP sync chat completion under load, p50", "ms"),
@@ -109,6 +115,10 @@ class Sizes:
 
 
 Progress = Callable[[str], None]
+
+# Chunks/s of one paced relay stream: an LLM streams 30-100 tokens/s, and 200 streams at this
+# rate offer 20,000 chunks/s, the relay's throughput target.
+RELAY_STREAM_RATE = 100.0
 
 # The first word of each scenario's name, as --only takes it.
 SCENARIOS = frozenset(
@@ -285,15 +295,29 @@ async def _wake(dsn: str, sizes: Sizes) -> dict[str, float]:
 
 
 async def _relay(dsn: str, sizes: Sizes) -> dict[str, float]:
+    """The relay twice: saturated (every worker posts again as soon as its post returns: the
+    throughput ceiling, whose latency is mostly queueing for the CPU), then paced at the
+    target load (each stream at RELAY_STREAM_RATE chunks/s, open loop): the latency target
+    is read on the paced run, the load a real deployment of that size offers."""
     from inferq.bench import wakeups
 
-    result = await wakeups.measure_relay(
+    saturated = await wakeups.measure_relay(
         dsn, streams=sizes.relay_streams, chunks_per_stream=sizes.relay_chunks
     )
+    paced = await wakeups.measure_relay(
+        dsn,
+        streams=sizes.relay_streams,
+        chunks_per_stream=sizes.relay_chunks,
+        rate_per_stream=RELAY_STREAM_RATE,
+    )
     return {
-        "relay.chunks_per_s": result.chunks_per_s,
-        "relay.p50_ms": result.latency.p50_ms,
-        "relay.p99_ms": result.latency.p99_ms,
+        "relay.chunks_per_s": saturated.chunks_per_s,
+        "relay.p50_ms": saturated.latency.p50_ms,
+        "relay.p99_ms": saturated.latency.p99_ms,
+        "relay.cpu_us_per_chunk": saturated.cpu_s_per_chunk * 1e6,
+        "relay.paced_chunks_per_s": paced.chunks_per_s,
+        "relay.paced_p50_ms": paced.latency.p50_ms,
+        "relay.paced_p99_ms": paced.latency.p99_ms,
     }
 
 

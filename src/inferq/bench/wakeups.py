@@ -83,6 +83,7 @@ class RelayFigures:
     chunks: int
     chunks_per_s: float
     latency: Latency
+    cpu_s_per_chunk: float  # Python CPU of the posting and the reading replica (not PostgreSQL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +193,9 @@ def _reading_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
         await _until(lambda: c.hub.waiter_count >= len(task_ids))
         await asyncio.sleep(0.5)  # let every reader park
         pipe.send("ready")
+        cpu0 = time.process_time()
         await asyncio.gather(*readers)
-        pipe.send((delivered, disorder))
+        pipe.send((delivered, disorder, time.process_time() - cpu0))
         await c.close()
 
     run_child(main())
@@ -239,12 +241,20 @@ async def measure_relay(
     """Chunks posted through replica B by ``streams`` concurrent workers, read on replica C
     (another process).
 
-    With ``rate_per_stream`` (chunks/s) each worker's model produces chunks on that schedule
-    and the worker posts everything produced so far as soon as its previous post is
-    acknowledged (an open loop: the offered load is ``streams * rate_per_stream``). Without it,
-    each worker posts ``per_post`` new chunks as soon as the previous post is acknowledged
-    (saturation: the throughput ceiling). A chunk's latency runs from its production on the
-    worker to its ChunkEvent on C, so it includes the wait behind the worker's previous post.
+    Without ``rate_per_stream`` each worker posts ``per_post`` new chunks as soon as its
+    previous post is acknowledged (saturation: the throughput ceiling; the latency is then
+    mostly queueing behind a saturated CPU).
+
+    With ``rate_per_stream`` (chunks/s) each stream's model produces chunk ``n`` at a fixed
+    time, ``start + phase + n / rate`` (the phases spread the streams evenly over one period,
+    as independent generations would be), and the worker posts everything produced so far as
+    soon as its previous post is acknowledged. This is an open loop: the offered load is
+    ``streams * rate_per_stream`` whatever the relay does, and a chunk's latency runs from its
+    scheduled production time, so a post delayed behind a slow one is counted, not hidden
+    (no coordinated omission).
+
+    A chunk's latency ends at its ChunkEvent on C. ``chunks_per_s`` is the chunks delivered
+    over the time from the first production to the last delivery.
     """
     b = await Stack.open(_settings(dsn))
     held: list[Any] = []
@@ -256,28 +266,32 @@ async def measure_relay(
 
         async def write(i: int, task: Any, started: float) -> None:
             seq = 0
+            # Chunk n of this stream is due at origin + n / rate.
+            origin = started + (i / streams - 1) / rate_per_stream if rate_per_stream else 0.0
             while seq < chunks_per_stream:
                 now = time.perf_counter()
                 if rate_per_stream is None:
                     upto = min(chunks_per_stream, seq + per_post)
                 else:
-                    upto = min(chunks_per_stream, int((now - started) * rate_per_stream))
+                    upto = min(chunks_per_stream, int((now - origin) * rate_per_stream))
                     if upto <= seq:
-                        await asyncio.sleep(started + (seq + 1) / rate_per_stream - now)
+                        await asyncio.sleep(origin + (seq + 1) / rate_per_stream - now)
                         continue
                 for n in range(seq + 1, upto + 1):
                     produced[i][n - 1] = (
-                        now if rate_per_stream is None else started + n / rate_per_stream
+                        now if rate_per_stream is None else origin + n / rate_per_stream
                     )
                 batch = [(n, CHUNK) for n in range(seq + 1, upto + 1)]
                 seq = upto
                 await b.service.post_chunks(task.id, session, task.attempt, batch)
 
+        cpu0 = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(write(i, t, started) for i, t in enumerate(held)))
+        cpu = time.process_time() - cpu0
         for t in held:
             await b.service.tasks.complete(t.id, session, t.attempt, {"text": "done"})
-        delivered, disorder = await asyncio.to_thread(pipe.recv)
+        delivered, disorder, reader_cpu = await asyncio.to_thread(pipe.recv)
         await asyncio.to_thread(process.join, 30)
         assert disorder == 0, f"{disorder} chunks out of order"
         samples = [
@@ -288,7 +302,7 @@ async def measure_relay(
         total = streams * chunks_per_stream
         assert len(samples) == total, f"{total - len(samples)} chunks missing"
         elapsed = max(max(ds) for ds in delivered) - started
-        return RelayFigures(total, total / elapsed, latency(samples))
+        return RelayFigures(total, total / elapsed, latency(samples), (cpu + reader_cpu) / total)
     finally:
         # What the collector would do after chunk_retention_s: left behind, the chunks of
         # earlier runs would bloat the table and slow every later run down.
