@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PoolName = str
 JsonValue = Any
@@ -162,6 +162,45 @@ class CompleteRequest(Holder):
 
 class FailRequest(Holder):
     message: str = Field(min_length=1, max_length=100_000)
+
+
+class OutcomeItem(_Wire):
+    """One task's end: ``error`` fails it with that message, else ``response`` completes it."""
+
+    task_id: UUID
+    attempt: int = Field(ge=1, le=INT4_MAX)
+    response: JsonValue = None
+    error: str | None = Field(default=None, min_length=1, max_length=100_000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> OutcomeItem:
+        if self.error is not None and "response" in self.model_fields_set:
+            raise ValueError("an outcome has either a response or an error, not both")
+        if self.error is None and "response" not in self.model_fields_set:
+            raise ValueError("an outcome needs a response (completed) or an error (failed)")
+        return self
+
+
+class OutcomesRequest(_Wire):
+    outcomes: list[OutcomeItem] = Field(min_length=1, max_length=1000)
+    # Claim up to this many more tasks in the same call, without waiting (a busy worker's
+    # next work arrives with the answer).
+    claim: int = Field(default=0, ge=0, le=1000)
+
+
+class OutcomeResult(_Lenient):
+    """The answer for one outcome: ``status_code`` is what the single route would answer;
+    ``task`` is the task's state (id, status, attempt) when known, ``error`` set on a refusal."""
+
+    id: UUID
+    status_code: int
+    task: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+
+
+class OutcomesResponse(_Lenient):
+    results: list[OutcomeResult]
+    tasks: list[WorkerTask] = []
 
 
 # -- admin ------------------------------------------------------------------------------------

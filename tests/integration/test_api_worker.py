@@ -135,3 +135,88 @@ async def test_another_owners_session_is_not_found(app: tuple[Server, Tokens], d
         )
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "session_not_found"
+
+
+async def test_outcomes_answer_each_item_like_its_single_route(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        done, failed, cancelled, stale = await submit(http, tokens, 4)
+        bound = (
+            await http.post("/v1/worker/sessions", json={"pools": [POOL], "capacity": 4})
+        ).json()
+        sid = bound["session_id"]
+        await http.post(f"/v1/tasks/{cancelled}/cancel", headers=auth(tokens.alice))
+        missing = "00000000-0000-4000-8000-000000000000"
+        items = [
+            {"task_id": done, "attempt": 1, "response": {"text": "ok"}},
+            {"task_id": failed, "attempt": 1, "error": "CUDA out of memory"},
+            {"task_id": cancelled, "attempt": 1, "response": {}},
+            {"task_id": stale, "attempt": 7, "response": {}},
+            {"task_id": missing, "attempt": 1, "response": {}},
+        ]
+        r = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json={"outcomes": items})
+        assert r.status_code == 200
+        results = r.json()["results"]
+        assert [x["id"] for x in results] == [i["task_id"] for i in items]
+        assert [x["status_code"] for x in results] == [200, 200, 409, 409, 404]
+        assert results[0]["task"] == {"id": done, "status": "completed", "attempt": 1}
+        assert results[1]["task"]["status"] == "error"
+        assert results[2]["error"]["task"]["status"] == "cancelled"
+        assert results[3]["error"]["code"] == "lease_lost"
+        assert results[3]["task"] == {"id": stale, "status": "claimed", "attempt": 1}
+        assert results[4]["error"]["code"] == "task_not_found"
+        # The same answers as the single routes, and a repeat is idempotent.
+        single = await http.post(
+            f"/v1/worker/tasks/{stale}/complete", json={"session_id": sid, "attempt": 7}
+        )
+        assert single.status_code == 422  # the single route needs a response field too
+        again = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json={"outcomes": items[:2]})
+        assert [x["status_code"] for x in again.json()["results"]] == [200, 200]
+        got = {
+            i: (await http.get(f"/v1/tasks/{i}", headers=auth(tokens.alice))).json()
+            for i in (done, failed, stale)
+        }
+    assert got[done]["status"] == "completed" and got[done]["response"] == {"text": "ok"}
+    assert got[failed]["status"] == "error" and got[failed]["error"] == "CUDA out of memory"
+    assert got[stale]["status"] == "claimed"
+
+
+async def test_outcomes_can_claim_the_next_tasks_in_the_same_call(
+    app: tuple[Server, Tokens],
+) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        first, second, third = await submit(http, tokens, 3)
+        bound = (
+            await http.post("/v1/worker/sessions", json={"pools": [POOL], "capacity": 1})
+        ).json()
+        sid = bound["session_id"]
+        assert [t["id"] for t in bound["tasks"]] == [first]
+        body = {"outcomes": [{"task_id": first, "attempt": 1, "response": "a"}], "claim": 5}
+        r = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json=body)
+        assert r.status_code == 200
+        # The session's capacity holds: one task, the next in line.
+        assert [t["id"] for t in r.json()["tasks"]] == [second]
+        assert r.json()["tasks"][0]["request"] == CHAT
+        await http.delete(f"/v1/worker/sessions/{sid}")
+        # A session that is gone takes nothing more.
+        body = {"outcomes": [{"task_id": second, "attempt": 1, "response": "b"}], "claim": 1}
+        r = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json=body)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "session_not_found"
+        left = await http.get(f"/v1/tasks/{third}", headers=auth(tokens.alice))
+        assert left.json()["status"] == "pending"
+
+
+async def test_outcomes_refuse_a_malformed_item_as_a_whole(app: tuple[Server, Tokens]) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        [tid] = await submit(http, tokens)
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        both = {"task_id": tid, "attempt": 1, "response": {}, "error": "x"}
+        neither = {"task_id": tid, "attempt": 1}
+        for item in (both, neither):
+            r = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json={"outcomes": [item]})
+            assert r.status_code == 422
+        task = (await http.get(f"/v1/tasks/{tid}", headers=auth(tokens.alice))).json()
+    assert task["status"] == "claimed"  # nothing written

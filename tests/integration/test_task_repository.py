@@ -374,3 +374,71 @@ async def test_heartbeat_reports_cancelled_only_for_the_sessions_own_tasks(pool:
     beat = await sessions.heartbeat(mine.id, [held.id, foreign.id], ttl_s=30, lease_s=30)
     assert beat.cancelled == [held.id]
     assert beat.lost == [foreign.id]
+
+
+async def test_finish_many_answers_each_outcome_like_complete_or_fail_alone(pool: Pool) -> None:
+    from inferq.db.tasks import Finished, Outcome
+
+    repo = TaskRepository(pool)
+    for _ in range(5):
+        await enqueue(repo)
+    session = uuid.uuid4()
+    a, b, c, d, e = await repo.claim(session, ["p1"], limit=5, lease_s=30)
+    await repo.start(b.id, session, b.attempt)
+    await repo.complete(d.id, session, d.attempt, {"first": True})
+    results = await repo.finish_many(
+        session,
+        [
+            Outcome(a.id, a.attempt, response={"text": "a"}),
+            Outcome(b.id, b.attempt, error="CUDA out of memory"),
+            Outcome(c.id, c.attempt + 1, response={"stale": True}),  # not this attempt
+            Outcome(d.id, d.attempt, response={"second": True}),  # already completed otherwise
+            Outcome(uuid.uuid4(), 1, response=None),  # no such task
+            Outcome(a.id, a.attempt, response={"text": "a"}),  # a repeat in the same call
+            Outcome(e.id, e.attempt, response=None),
+        ],
+    )
+    assert results[0] == Finished(a.id, TaskStatus.COMPLETED, a.attempt)
+    assert results[1] == Finished(b.id, TaskStatus.ERROR, b.attempt)
+    assert isinstance(results[2], LeaseLost) and results[2].task is not None
+    assert results[2].task.status is TaskStatus.CLAIMED
+    assert isinstance(results[3], InvalidTransition)
+    assert isinstance(results[4], TaskNotFound)
+    assert results[5] == results[0]
+    assert results[6] == Finished(e.id, TaskStatus.COMPLETED, e.attempt)
+    assert (await repo.get(a.id)).response_body == {"text": "a"}
+    failed = await repo.get(b.id)
+    assert failed.error_message == "CUDA out of memory" and failed.response_body is None
+    assert (await repo.get(c.id)).status is TaskStatus.CLAIMED
+    assert (await repo.get(d.id)).response_body == {"first": True}
+
+
+async def test_finish_many_of_only_fails_or_only_completes(pool: Pool) -> None:
+    from inferq.db.tasks import Finished, Outcome
+
+    repo = TaskRepository(pool)
+    for _ in range(4):
+        await enqueue(repo)
+    session = uuid.uuid4()
+    a, b, c, d = await repo.claim(session, ["p1"], limit=4, lease_s=30)
+    fails = await repo.finish_many(session, [Outcome(t.id, t.attempt, error="x") for t in (a, b)])
+    assert fails == [Finished(t.id, TaskStatus.ERROR, t.attempt) for t in (a, b)]
+    done = await repo.finish_many(session, [Outcome(t.id, t.attempt, {"n": 1}) for t in (c, d)])
+    assert done == [Finished(t.id, TaskStatus.COMPLETED, t.attempt) for t in (c, d)]
+
+
+async def test_finish_many_a_refused_value_fails_only_its_own_item(pool: Pool) -> None:
+    from inferq.db.tasks import Finished, Outcome
+
+    repo = TaskRepository(pool)
+    for _ in range(2):
+        await enqueue(repo)
+    session = uuid.uuid4()
+    a, b = await repo.claim(session, ["p1"], limit=2, lease_s=30)
+    results = await repo.finish_many(
+        session,
+        [Outcome(a.id, a.attempt, response={"ok": 1}), Outcome(b.id, b.attempt, error="nul\x00")],
+    )
+    assert results[0] == Finished(a.id, TaskStatus.COMPLETED, a.attempt)
+    assert isinstance(results[1], psycopg.errors.DataError)
+    assert (await repo.get(b.id)).status is TaskStatus.CLAIMED  # nothing written for it

@@ -32,6 +32,7 @@ class FakeDaemon:
         self.cancelled: set[str] = set()
         self.calls: list[str] = []
         self.unavailable = 0  # answer this many next requests with 503
+        self.outcomes_route: int | None = None  # refuse the outcomes route with this status
         self.new_work = asyncio.Event()
         self.changed = asyncio.Event()
 
@@ -88,6 +89,14 @@ class FakeDaemon:
                     self.release(t)
                 del self.sessions[sid]
                 return httpx.Response(200, json={"released": len(mine)})
+            if parts[2] == "outcomes" and self.outcomes_route == 404:
+                return _error(404, "route_not_found")
+            if parts[2] == "outcomes" and self.outcomes_route:
+                return _error(self.outcomes_route, "invalid_body")
+            if parts[2] == "outcomes":
+                results = [self._finish(sid, o) for o in body["outcomes"]]
+                tasks = self._take(sid, body["claim"])
+                return httpx.Response(200, json={"results": results, "tasks": tasks})
             if parts[2] == "claim":
                 while not self.pending:
                     self.new_work.clear()
@@ -129,6 +138,17 @@ class FakeDaemon:
             },
         )
 
+    def _finish(self, sid: str, item: dict[str, Any]) -> dict[str, Any]:
+        task_id = item["task_id"]
+        if self.held.get(task_id) != (sid, item["attempt"]):
+            return {"id": task_id, "status_code": 409, "error": _error_body("lease_lost")}
+        del self.held[task_id]
+        if "error" in item:
+            self.outcomes[task_id] = ("fail", item["error"])
+        else:
+            self.outcomes[task_id] = ("complete", item["response"])
+        return {"id": task_id, "status_code": 200, "task": {"id": task_id, "status": "completed"}}
+
     def cancel(self, task_id: str) -> None:
         """The task's client cancelled it: the next heartbeat says so."""
         del self.held[task_id]
@@ -145,8 +165,12 @@ class FakeDaemon:
                 await self.changed.wait()
 
 
+def _error_body(code: str) -> dict[str, Any]:
+    return {"message": code, "type": "x", "code": code}
+
+
 def _error(status: int, code: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"message": code, "type": "x", "code": code}})
+    return httpx.Response(status, json={"error": _error_body(code)})
 
 
 @pytest.fixture
@@ -216,8 +240,8 @@ async def test_chunks_keep_their_order_and_precede_the_outcome(
     assert daemon.chunks[task_id] == list(range(1, 201))
     posts = daemon.calls.count("POST tasks/*/chunks")
     assert posts < 200  # batched
-    order = [c for c in daemon.calls if c.startswith("POST tasks")]
-    assert order[0] == "POST tasks/*/start" and order[-1] == "POST tasks/*/complete"
+    order = [c for c in daemon.calls if c.startswith(("POST tasks", "POST sessions/*/outcomes"))]
+    assert order[0] == "POST tasks/*/start" and order[-1] == "POST sessions/*/outcomes"
 
 
 async def test_a_handler_exception_fails_the_task_with_its_message(
@@ -281,7 +305,7 @@ async def test_a_rejected_chunk_post_stops_the_handler_and_posts_nothing_more(
     worker.stop()
     await run
     assert task_id not in daemon.outcomes
-    assert "POST tasks/*/complete" not in daemon.calls
+    assert "POST sessions/*/outcomes" not in daemon.calls
 
 
 async def test_stop_lets_quick_tasks_finish_and_releases_slow_ones(
@@ -360,3 +384,71 @@ async def test_a_worker_started_before_the_daemon_binds_once_it_answers(
         worker.stop()
         await run
     assert daemon.calls.count("POST sessions") == 31  # 30 refused, then bound once
+
+
+async def ok(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+    return {"echo": str(task.id)}
+
+
+async def test_outcomes_that_finish_together_share_one_call(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    ids = daemon.add(6)
+    worker, run = await start(client, ok, capacity=8)
+    await daemon.until(lambda: len(daemon.outcomes) == 6)
+    worker.stop()
+    await run
+    assert daemon.outcomes == {i: ("complete", {"echo": i}) for i in ids}
+    assert daemon.calls.count("POST sessions/*/outcomes") == 1
+    assert not [c for c in daemon.calls if c.startswith("POST tasks")]
+
+
+async def test_a_full_worker_claims_its_next_tasks_with_its_outcomes(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    ids = daemon.add(6)
+    worker, run = await start(client, ok, capacity=2)
+    await daemon.until(lambda: len(daemon.outcomes) == 6)
+    claims = daemon.calls.count("POST sessions/*/claim")
+    worker.stop()
+    await run
+    assert set(daemon.outcomes) == set(ids)
+    # Bound with two, then each call of two outcomes brought the next two: three calls, and
+    # the claim long-poll only once the queue ran dry.
+    assert daemon.calls.count("POST sessions/*/outcomes") == 3
+    assert claims <= 1
+
+
+async def test_a_lost_lease_fails_only_its_own_outcome(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    lost, kept = daemon.add(2)
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        if str(task.id) == lost:
+            daemon.held[lost] = ("someone-else", 2)  # reverted and claimed elsewhere
+        return "ok"
+
+    worker, run = await start(client, handler, capacity=2)
+    await daemon.until(lambda: kept in daemon.outcomes)
+    await daemon.until(lambda: worker.running == [])
+    worker.stop()
+    await run
+    assert daemon.outcomes == {kept: ("complete", "ok")}
+    assert daemon.calls.count("POST sessions/*/outcomes") == 1
+
+
+@pytest.mark.parametrize("refusal", [404, 422])
+async def test_outcomes_fall_back_to_the_single_routes(
+    daemon: FakeDaemon, client: WorkerClient, refusal: int
+) -> None:
+    """An older daemon without the route (404), or a batch refused as a whole (422)."""
+    daemon.outcomes_route = refusal
+    ids = daemon.add(3)
+    worker, run = await start(client, ok, capacity=3)
+    await daemon.until(lambda: len(daemon.outcomes) == 3)
+    worker.stop()
+    await run
+    assert daemon.outcomes == {i: ("complete", {"echo": i}) for i in ids}
+    assert daemon.calls.count("POST tasks/*/complete") == 3
+    assert worker.outcomes.batched is (refusal != 404)

@@ -1,26 +1,31 @@
 """The worker API: bind, claim (long-poll), heartbeat, unbind; start, chunks, complete, fail,
-release.
+release; outcomes (many completes and fails in one call).
 
 A worker token binds only the pools its token lists (403 otherwise) and only sees its owner's
 sessions (another owner's session id is 404 like a missing one). Task writes are guarded in the
 database by (session, attempt): a stale writer gets 409 ``lease_lost`` with the current task.
+The outcomes route answers each item with what its single route would have answered (status
+code and body), so one stale or unknown task never fails the others; it ends them all with
+one statement, hence one notifying commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferq.api.auth import check_pools, worker_token
 from inferq.api.body import documented, json_body
 from inferq.api.context import ApiContext, get_ctx
-from inferq.api.errors import InvalidBody, ShuttingDown
+from inferq.api.errors import InvalidBody, ShuttingDown, error_response
 from inferq.api.render import (
     INT4_MAX,
     dumps,
@@ -29,6 +34,7 @@ from inferq.api.render import (
     task_json,
     worker_task_json,
 )
+from inferq.db.tasks import Finished, Outcome
 from inferq.db.tokens import ApiToken
 from inferq.domain.task import Task
 from inferq.errors import SessionNotFound
@@ -40,6 +46,7 @@ from inferq.wire import (
     FailRequest,
     HeartbeatRequest,
     Holder,
+    OutcomesRequest,
 )
 
 router = APIRouter(prefix="/v1/worker", tags=["worker"])
@@ -264,3 +271,47 @@ async def release(
         tid, body.session_id, body.attempt, reason="its worker released it"
     )
     return json_response(task_json(task))
+
+
+@router.post(
+    "/sessions/{session_id}/outcomes",
+    summary="Complete and fail many held tasks; optionally claim more",
+    openapi_extra=documented(OutcomesRequest),
+)
+async def outcomes(
+    ctx: Ctx,
+    token: Worker,
+    session_id: str,
+    body: Annotated[OutcomesRequest, Depends(json_body(OutcomesRequest))],
+) -> Response:
+    sid = _parse_session_id(session_id)
+    await ctx.check_session(sid, token)
+    items = [Outcome(o.task_id, o.attempt, o.response, o.error) for o in body.outcomes]
+    finished = await ctx.tasks.finish_many(sid, items)
+    results = [_outcome_json(o.task_id, r) for o, r in zip(items, finished, strict=True)]
+    tasks: list[Task] = []
+    if body.claim and not ctx.drain.draining:
+        # Only a live session may take work. The outcomes above are written whatever happens
+        # here, so a session that just expired still gets their answers (and no tasks); its
+        # next claim or heartbeat tells the worker to bind again.
+        with contextlib.suppress(SessionNotFound):
+            session = await ctx.live_session(sid)
+            tasks = await ctx.tasks.claim(
+                sid, session.pools, limit=body.claim, lease_s=ctx.settings.lease_s
+            )
+    return json_response({"results": results, "tasks": _claimed(ctx, tasks)})
+
+
+def _outcome_json(task_id: UUID, result: Finished | Exception) -> dict[str, Any]:
+    if isinstance(result, Finished):
+        state = {"id": task_id, "status": result.status.value, "attempt": result.attempt}
+        return {"id": task_id, "status_code": 200, "task": state}
+    # The very answer the single route gives for this error, status and body alike.
+    refused = error_response(result)
+    error = orjson.loads(refused.body)["error"]
+    return {
+        "id": task_id,
+        "status_code": refused.status_code,
+        "task": error.get("task"),
+        "error": error,
+    }

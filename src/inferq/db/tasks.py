@@ -10,6 +10,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -18,6 +19,7 @@ from inferq.db.rows import TASK_SELECT, render, task_row
 from inferq.domain.task import HELD, Task, TaskStatus
 from inferq.errors import (
     IdempotencyConflict,
+    InferqError,
     InvalidTransition,
     LeaseLost,
     TaskNotFound,
@@ -264,6 +266,21 @@ RETURNING {task_select}
     ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
 )
 
+# Completes and fails of one worker session in one statement: an item with a message fails its
+# task, one without completes it. Only (id, status, attempt) come back, not the whole row.
+FINISH_MANY = """
+UPDATE inferq.task t
+SET status = (CASE WHEN c.message IS NULL THEN 'completed' ELSE 'error' END)::inferq.task_status,
+    response_body = CASE WHEN c.message IS NULL THEN c.body ELSE t.response_body END,
+    error_message = coalesce(c.message, t.error_message),
+    completed_at = now(), lease_expires_at = NULL
+FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(bodies)s::jsonb[], %(messages)s::text[])
+    AS c(id, attempt, body, message)
+WHERE t.id = c.id AND t.claimed_by = %(session)s AND t.attempt = c.attempt
+  AND t.status IN ('claimed', 'running')
+RETURNING t.id, t.status::text, t.attempt
+"""
+
 # Of these tasks, the ones a waiter for the outcome must re-read: ended, or gone.
 FINISHED_AMONG = """
 SELECT u.id FROM unnest(%(ids)s::uuid[]) AS u(id)
@@ -307,6 +324,26 @@ class NewTask:
     agent_id: str | None = None
     priority: int = 0
     max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end of one held task for finish_many: ``error`` fails it, else ``response``
+    completes it."""
+
+    task_id: UUID
+    attempt: int
+    response: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A task that finish_many ended (or found already ended the same way)."""
+
+    task_id: UUID
+    status: TaskStatus
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +623,54 @@ class TaskRepository:
                 "bodies": [Jsonb(b) for b in bodies],
             },
         )
+
+    async def finish_many(
+        self, session_id: UUID, outcomes: Sequence[Outcome]
+    ) -> list[Finished | Exception]:
+        """End many tasks held by one session: one statement for all of them.
+
+        Returns one entry per outcome, in order: Finished, or the exception complete() or
+        fail() would have raised for it alone (LeaseLost, InvalidTransition, TaskNotFound, a
+        psycopg DataError for a value the database refuses). Items the statement did not move and
+        repeats of an id within the call are retried one by one with complete() or fail(), and
+        so is every item when one value is refused (which fails the whole statement, writing
+        nothing): each gets its precise answer and none is written in part. Errors that are
+        not about an item (the database is down) propagate.
+        """
+        results: list[Finished | Exception | None] = [None] * len(outcomes)
+        first: dict[UUID, int] = {}
+        for i, o in enumerate(outcomes):
+            first.setdefault(o.task_id, i)
+        batch = [outcomes[i] for i in first.values()]
+        params = {
+            "session": session_id,
+            "ids": [o.task_id for o in batch],
+            "attempts": [o.attempt for o in batch],
+            "bodies": [None if o.error is not None else Jsonb(o.response) for o in batch],
+            "messages": [o.error for o in batch],
+        }
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(FINISH_MANY, params)
+                rows = await cur.fetchall()
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError):
+            rows = []  # one refused value fails the statement: find it item by item
+        for task_id, status, attempt in rows:
+            results[first[task_id]] = Finished(task_id, TaskStatus(status), attempt)
+        for i, o in enumerate(outcomes):
+            if results[i] is None:
+                results[i] = await self._finish_one(session_id, o)
+        return [r for r in results if r is not None]
+
+    async def _finish_one(self, session_id: UUID, o: Outcome) -> Finished | Exception:
+        try:
+            if o.error is not None:
+                task = await self.fail(o.task_id, session_id, o.attempt, o.error)
+            else:
+                task = await self.complete(o.task_id, session_id, o.attempt, o.response)
+        except (InferqError, psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+            return exc
+        return Finished(task.id, task.status, task.attempt)
 
     async def fail(self, task_id: UUID, session_id: UUID, attempt: int, message: str) -> Task:
         """claimed|running -> error with the worker's message; idempotent like complete."""

@@ -17,6 +17,7 @@ from inferq.worker.errors import (
     UnavailableError,
     WorkerApiError,
 )
+from inferq.worker.outcomes import OutcomeBatcher
 from inferq.worker.runner import Handler, TaskContext, Worker
 from inferq.worker.stream import ChunkStream
 
@@ -27,6 +28,7 @@ __all__ = [
     "Handler",
     "LeaseLostError",
     "OpenAIBackend",
+    "OutcomeBatcher",
     "SessionNotFoundError",
     "TaskContext",
     "TaskNotFoundError",

@@ -11,6 +11,7 @@ start is recognised below.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -156,6 +157,25 @@ class WorkerClient:
         answer = await self._call("POST", f"/v1/worker/tasks/{task.id}/fail", body)
         return TaskOut.model_validate(answer)
 
+    async def outcomes(
+        self, session_id: UUID, items: Sequence[dict[str, Any]], claim: int = 0
+    ) -> tuple[list[dict[str, Any]], list[WorkerTask]]:
+        """End many held tasks in one call; optionally claim up to ``claim`` more at once.
+
+        ``items`` are ``{"task_id", "attempt", "response"}`` (complete) or ``{"task_id",
+        "attempt", "error"}`` (fail). Returns one result per item, in order, each with the
+        ``status_code`` its single route would have answered (``error`` set when >= 400), and
+        the tasks claimed. Raises for the call as a whole (session gone, refused body).
+        Most workers let :class:`inferq.worker.OutcomeBatcher` make this call.
+        """
+        answer = await self._call(
+            "POST",
+            f"/v1/worker/sessions/{session_id}/outcomes",
+            content=_dumps({"outcomes": items, "claim": claim}),
+        )
+        tasks = [WorkerTask.model_validate(t) for t in answer.get("tasks", ())]
+        return answer["results"], tasks
+
     async def release(self, task: WorkerTask, session_id: UUID) -> TaskOut:
         """Give the task back: it returns to pending for another worker."""
         body = Holder(session_id=session_id, attempt=task.attempt)
@@ -165,11 +185,20 @@ class WorkerClient:
     # -- transport ----------------------------------------------------------------------------
 
     async def _call(
-        self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content: bytes | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
-        """Send one request, retrying transient failures; the decoded JSON of a 2xx answer."""
+        """Send one request, retrying transient failures; the decoded JSON of a 2xx answer.
+
+        The body is a wire model, or ``content`` already encoded."""
         # orjson rather than httpx's json= (stdlib json) both ways: cheaper per request.
-        content = body.__pydantic_serializer__.to_json(body) if body is not None else None
+        if body is not None:
+            content = body.__pydantic_serializer__.to_json(body)
         headers = _JSON if content is not None else None
         timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=min(self.timeout_s, 10.0))
         loop = asyncio.get_running_loop()
@@ -199,6 +228,14 @@ class WorkerClient:
             log.warning("request_retried", method=method, path=path, problem=problem, delay_s=delay)
             await asyncio.sleep(delay)
         raise WorkerApiError("unreachable")  # pragma: no cover - the loop above always exits
+
+
+def _dumps(content: Any) -> bytes:
+    """orjson, or the standard library for what orjson refuses (integers past 64 bits)."""
+    try:
+        return orjson.dumps(content)
+    except TypeError:
+        return json.dumps(content, default=str, separators=(",", ":")).encode()
 
 
 def _decode(resp: httpx.Response) -> Any:

@@ -9,6 +9,9 @@ Choices not spelled out in docs/protocol.md:
   elsewhere): the handler is cancelled and nothing else is posted for that attempt.
 - A 404 session_not_found (the session was reaped) drops every running task, since the daemon
   reverted them, and binds a new session.
+- Outcomes go through an OutcomeBatcher: those that finish in the same loop tick share one
+  call. When the claim loop is parked because every slot is taken, that call also claims as
+  many tasks as its outcomes free, so a saturated worker needs one round trip per batch.
 - Shutdown (stop()): stop claiming, wait up to ``grace_s`` for running handlers, cancel and
   release the rest, then unbind (which also reverts anything an interrupted claim had taken).
 """
@@ -34,6 +37,7 @@ from inferq.worker.errors import (
     UnavailableError,
     WorkerApiError,
 )
+from inferq.worker.outcomes import OutcomeBatcher
 from inferq.worker.stream import ChunkStream
 
 log = structlog.get_logger("inferq.worker")
@@ -95,6 +99,10 @@ class Worker:
         self._freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._rebind_lock = asyncio.Lock()
+        self._claim_parked = False  # the claim loop waits for a free slot (no long-poll open)
+        self.outcomes = OutcomeBatcher(
+            client, claim_room=self._claim_room, on_claimed=self._on_claimed
+        )
 
     @property
     def running(self) -> list[UUID]:
@@ -128,6 +136,8 @@ class Worker:
             await self._drain()
             beater.cancel()
             await asyncio.gather(claimer, beater, return_exceptions=True)
+            await self.outcomes.aclose()
+            await self._drain()  # what the last outcome calls claimed on their way back
             await self._unbind()
         for loop_task in (claimer, beater):
             if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
@@ -180,7 +190,11 @@ class Worker:
         while not self._stopping.is_set():
             while len(self._held) >= self.capacity:
                 self._freed.clear()
-                await self._freed.wait()
+                self._claim_parked = True
+                try:
+                    await self._freed.wait()
+                finally:
+                    self._claim_parked = False
             sid = self.session_id
             assert sid is not None
             try:
@@ -233,6 +247,17 @@ class Worker:
             streaming=task.streaming,
             session_id=str(session_id),
         )
+
+    def _claim_room(self, session_id: UUID, finishing: int) -> int:
+        """How many tasks an outcome call may claim: what its outcomes free, when the claim
+        loop is parked on a full worker (otherwise its open long-poll takes new work)."""
+        if not self._claim_parked or self._stopping.is_set() or session_id != self.session_id:
+            return 0
+        return max(0, self.capacity - len(self._held) + finishing)
+
+    def _on_claimed(self, tasks: list[WorkerTask], session_id: UUID) -> None:
+        for task in tasks:
+            self._spawn(task, session_id)
 
     def _drop(self, held: _Held, reason: DropReason) -> None:
         if held.dropped is None and held.runner is not None:
@@ -304,10 +329,10 @@ class Worker:
         ms = round((time.monotonic() - held.claimed_at) * 1000)
         ids = {"task_id": str(task.id), "attempt": task.attempt, "duration_ms": ms}
         if error is not None:
-            await self.client.fail(task, sid, error)
+            await self.outcomes.fail(task, sid, error)
             log.info("task_failed", error=error, **ids)
         else:
-            await self.client.complete(task, sid, response)
+            await self.outcomes.complete(task, sid, response)
             log.info("task_completed", chunks=chunks, **ids)
 
     async def _drain(self) -> None:

@@ -1,0 +1,184 @@
+"""OutcomeBatcher: the completes and fails that finish close together, posted in one call.
+
+Design decisions:
+- The window is one event-loop tick, not a timer: the first outcome schedules a send with
+  ``call_soon``, and everything queued before that callback runs (tasks that were claimed
+  together finish in the same tick) rides along. A lone task is never held back.
+- At most ``max_in_flight`` calls are on the wire; outcomes that arrive meanwhile wait for a
+  free slot, so under load batches grow by themselves instead of requests multiplying.
+- Each caller awaits its own item's answer and gets exactly what the single route would have
+  raised (LeaseLostError, TaskNotFoundError ...), so the runner cannot tell the difference.
+- A call refused as a whole for its body (400/413/422: one response nests too deep, a NUL, too
+  many bytes together) is retried item by item on the single routes, where each item meets
+  its own answer. A daemon without the outcomes route (404 route_not_found, 405) is remembered
+  and the single routes are used from then on.
+- An item whose caller was cancelled before its call left is dropped from the queue: the
+  runner gave the task up (cancelled, lost, or released on shutdown).
+- ``claim_room(session_id, items)`` lets the caller ask for more work in the same call (the
+  worker answers how many tasks it could take once these items are done, when no claim
+  long-poll is open, else 0); what comes back goes to ``on_claimed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from inferq.wire import JsonValue, WorkerTask
+from inferq.worker.client import WorkerClient
+from inferq.worker.errors import WorkerApiError, error_for
+
+_WHOLE_BODY_REFUSED = frozenset({400, 413, 415, 422})
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    task: WorkerTask
+    session_id: UUID
+    response: JsonValue
+    error: str | None
+    future: asyncio.Future[dict[str, Any]]
+
+    def wire(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"task_id": self.task.id, "attempt": self.task.attempt, "error": self.error}
+        return {"task_id": self.task.id, "attempt": self.task.attempt, "response": self.response}
+
+
+class OutcomeBatcher:
+    """Posts outcomes through ``client`` in batches; :meth:`complete` and :meth:`fail` return
+    once the daemon answered for that task. Call :meth:`aclose` to wait for calls in flight."""
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        *,
+        max_in_flight: int = 4,
+        max_items: int = 256,
+        claim_room: Callable[[UUID, int], int] | None = None,
+        on_claimed: Callable[[list[WorkerTask], UUID], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.max_in_flight = max_in_flight
+        self.max_items = max_items
+        self.claim_room = claim_room
+        self.on_claimed = on_claimed
+        self.batched = True  # False once the daemon turned out not to know the route
+        self.calls = 0
+        self._queue: list[_Item] = []
+        self._scheduled = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def complete(self, task: WorkerTask, session_id: UUID, response: JsonValue) -> None:
+        """Store the final response. Raises what ``client.complete`` would raise."""
+        await self._submit(task, session_id, response, None)
+
+    async def fail(self, task: WorkerTask, session_id: UUID, message: str) -> None:
+        """End the task in error with ``message``. Raises what ``client.fail`` would raise."""
+        await self._submit(task, session_id, None, message)
+
+    async def aclose(self) -> None:
+        """Wait for the calls on the wire (their callers may have gone)."""
+        while self._in_flight or self._queue:
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+            else:
+                await asyncio.sleep(0)
+
+    async def _submit(
+        self, task: WorkerTask, session_id: UUID, response: JsonValue, error: str | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        item = _Item(task, session_id, response, error, loop.create_future())
+        self._queue.append(item)
+        self._schedule()
+        await item.future
+
+    def _schedule(self) -> None:
+        if self._queue and not self._scheduled and len(self._in_flight) < self.max_in_flight:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_next)
+
+    def _send_next(self) -> None:
+        self._scheduled = False
+        self._queue = [i for i in self._queue if not i.future.done()]
+        if not self._queue:
+            return
+        # One call per session: the session id is in the route.
+        sid = self._queue[0].session_id
+        batch = [i for i in self._queue if i.session_id == sid][: self.max_items]
+        taken = {id(i) for i in batch}
+        self._queue = [i for i in self._queue if id(i) not in taken]
+        call = asyncio.create_task(self._post(sid, batch), name="inferq-outcomes")
+        self._in_flight.add(call)
+        call.add_done_callback(self._sent)
+        self._schedule()
+
+    def _sent(self, call: asyncio.Task[None]) -> None:
+        self._in_flight.discard(call)
+        self._schedule()
+
+    async def _post(self, sid: UUID, batch: list[_Item]) -> None:
+        try:
+            if self.batched:
+                await self._post_batch(sid, batch)
+            else:
+                await self._post_singly(batch)
+        except asyncio.CancelledError:
+            for item in batch:
+                item.future.cancel()
+            raise
+        except Exception as exc:  # a malformed answer: every caller learns of it
+            _settle_all(batch, exc)
+
+    async def _post_batch(self, sid: UUID, batch: list[_Item]) -> None:
+        room = self.claim_room(sid, len(batch)) if self.claim_room is not None else 0
+        self.calls += 1
+        try:
+            results, claimed = await self.client.outcomes(sid, [i.wire() for i in batch], room)
+        except WorkerApiError as exc:
+            if exc.status in (404, 405) and exc.code in ("route_not_found", "method_not_allowed"):
+                self.batched = False  # an older daemon: the single routes from now on
+                await self._post_singly(batch)
+            elif exc.status in _WHOLE_BODY_REFUSED:
+                await self._post_singly(batch)
+            else:
+                _settle_all(batch, exc)
+            return
+        if claimed and self.on_claimed is not None:
+            self.on_claimed(claimed, sid)
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if result["status_code"] < 400:
+                item.future.set_result(result)
+            else:
+                item.future.set_exception(
+                    error_for(result["status_code"], {"error": result.get("error")})
+                )
+
+    async def _post_singly(self, batch: list[_Item]) -> None:
+        async def one(item: _Item) -> None:
+            self.calls += 1
+            try:
+                if item.error is not None:
+                    task = await self.client.fail(item.task, item.session_id, item.error)
+                else:
+                    task = await self.client.complete(item.task, item.session_id, item.response)
+            except WorkerApiError as exc:
+                _settle_all([item], exc)
+            else:
+                state = {"id": task.id, "status": task.status, "attempt": task.attempt}
+                if not item.future.done():
+                    item.future.set_result({"id": task.id, "status_code": 200, "task": state})
+
+        await asyncio.gather(*(one(i) for i in batch))
+
+
+def _settle_all(batch: list[_Item], exc: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
