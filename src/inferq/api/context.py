@@ -47,15 +47,38 @@ class Drain:
         self.draining = False
         self.retry_after_s = retry_after_s
         self.event = asyncio.Event()
+        self._waits: set[Interruption] = set()
 
     def start(self) -> None:
         self.draining = True
         self.event.set()
+        for wait in list(self._waits):
+            wait.interrupt(DRAINED)
 
     def check(self) -> None:
         """Raise ShuttingDown (503 + Retry-After) once draining."""
         if self.draining:
             raise ShuttingDown(retry_after_s=self.retry_after_s)
+
+
+DRAINED = "drained"
+GONE = "gone"
+
+
+class Interruption:
+    """Ends one guarded wait from outside: the drain or the client's disconnect cancels the
+    request's own task, and ``reason`` tells guarded() which error to answer with."""
+
+    __slots__ = ("reason", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.reason: str | None = None
+
+    def interrupt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.task.cancel()
 
 
 @dataclass
@@ -222,34 +245,54 @@ class ApiContext:
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """Run ``coro`` until it ends, the replica drains (ShuttingDown) or the client leaves
-        (ClientGone, after awaiting ``on_disconnect``)."""
-        work = asyncio.ensure_future(coro)
-        drained = asyncio.ensure_future(self.drain.event.wait())
-        watchers: set[asyncio.Future[Any]] = {work, drained}
-        gone: asyncio.Future[None] | None = None
+        (ClientGone, after awaiting ``on_disconnect``).
+
+        ``coro`` runs in the request's own task; the drain and the disconnect watcher cancel
+        that task and say why. An open wait therefore costs the request task and, with a
+        ``request``, one small watcher task, instead of a task per racer.
+        """
+        drain = self.drain
+        if drain.draining:
+            _close(coro)
+            raise ShuttingDown(retry_after_s=drain.retry_after_s)
+        task = asyncio.current_task()
+        assert task is not None
+        stop = Interruption(task)
+        drain._waits.add(stop)
+        watcher = None
         if request is not None:
-            gone = asyncio.ensure_future(wait_disconnect(request))
-            watchers.add(gone)
+            watcher = asyncio.ensure_future(_watch_disconnect(request.receive, stop))
         try:
-            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
-            if work in done:
-                return work.result()
-            work.cancel()
-            if gone is not None and gone in done:
+            result = await coro
+        except asyncio.CancelledError:
+            # Someone else's cancellation (the server stopping) stays a cancellation.
+            if stop.reason is None or task.uncancel() > 0:
+                raise
+            if stop.reason == GONE:
                 if on_disconnect is not None:
                     await on_disconnect()
-                raise ClientGone()
-            raise ShuttingDown(retry_after_s=self.drain.retry_after_s)
+                raise ClientGone() from None
+            raise ShuttingDown(retry_after_s=drain.retry_after_s) from None
         finally:
-            for fut in watchers:
-                fut.cancel()
+            drain._waits.discard(stop)
+            if watcher is not None:
+                watcher.cancel()
+        if stop.reason is not None:
+            task.uncancel()  # the work swallowed the cancellation and ended anyway
+        return result
 
 
-async def wait_disconnect(request: Request) -> None:
-    """Return when the client closes the connection (the body was already read)."""
-    receive = request.receive
+def _close(coro: Awaitable[Any]) -> None:
+    close = getattr(coro, "close", None)
+    if close is not None:
+        close()
+
+
+async def _watch_disconnect(receive: Callable[[], Awaitable[Any]], stop: Interruption) -> None:
+    """Interrupt the wait when the client closes the connection (the body was already read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    stop.interrupt(GONE)
 
 
 async def get_ctx(request: Request) -> ApiContext:
