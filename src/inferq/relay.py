@@ -3,12 +3,16 @@
 Design decisions:
 
 - A notifying commit takes a cluster-wide lock, so chunks are never written one post at a time:
-  every post of every task that arrives within ``settings.chunk_flush_ms`` of the first one goes
-  into ONE ``ChunkRepository.append`` (one transaction, one CHUNK notification per payload).
-- At most MAX_CONCURRENT_FLUSHES flushes are written at once; posts arriving meanwhile fill the
-  next buffer, so under load the batch grows with the commit latency instead of commits piling
-  up. The window is measured from the first post of a buffer, so a flush that took longer than
-  the window is followed by the next one at once.
+  every post of every task buffered when a flush starts goes into ONE ``ChunkRepository.append``
+  (one statement, one CHUNK notification per payload).
+- Group commit: one flush is written at a time, and posts arriving meanwhile fill the next
+  buffer, which is flushed as soon as the previous flush committed. Under load the batch grows
+  with the commit latency instead of commits piling up, and no post waits for a timer: with
+  200 workers each awaiting its previous post, a fixed window after the commit only added its
+  length to every chunk's latency, since every post of the next batch arrived at once.
+- ``settings.chunk_flush_ms`` is the least time between the starts of two flushes: it caps
+  this replica's notifying commits for chunks (100/s at 10 ms) when flushes are quicker than
+  that. A post to an idle relay is flushed at once.
 - Each post awaits its flush: the worker's 200 means "stored and announced", which is what makes
   a later ``complete`` safe (its chunks are readable before the terminal status is).
 - A post whose task the worker no longer holds (stale attempt, reverted, cancelled) gets
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -34,11 +39,6 @@ from inferq.errors import LeaseLost
 from inferq.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-# Flushes written at once. A second transaction inserts while the first waits for its commit;
-# one task's posts are never split across them unsafely, because a reader delivers only the
-# contiguous run of seqs and waits for the next notification at a gap.
-MAX_CONCURRENT_FLUSHES = 1
 
 
 @dataclass(slots=True)
@@ -60,9 +60,7 @@ class ChunkRelay:
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
-        self._first_post_at = 0.0
-        self._writes = asyncio.Semaphore(MAX_CONCURRENT_FLUSHES)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._last_flush_at = -math.inf
         self.flushes = 0
         self.chunks_stored = 0
 
@@ -84,8 +82,6 @@ class ChunkRelay:
             await self._write([post])
         else:
             self._ensure_flusher()
-            if not self._buffer:
-                self._first_post_at = asyncio.get_running_loop().time()
             self._buffer.append(post)
             self._has_posts.set()
         return await post.done
@@ -102,37 +98,28 @@ class ChunkRelay:
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             await flusher
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight)
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._has_posts.wait()
-            # The window starts at the first buffered post, which may have arrived while the
-            # previous flush was being written: everything within it shares one commit.
-            delay = self._first_post_at + self.flush_s - loop.time()
+            delay = self._last_flush_at + self.flush_s - loop.time()
             if delay > 0 and not self._stopped:
-                # stop() cuts the window short.
+                # stop() cuts the spacing short.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
-            await self._writes.acquire()
+            else:
+                # One loop turn, so that posts made by handlers resumed together (a batch of
+                # requests read at once) share this flush.
+                await asyncio.sleep(0)
             batch, self._buffer = self._buffer, []
             self._has_posts.clear()
             if batch:
-                task = asyncio.create_task(self._write_and_release(batch))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-            else:
-                self._writes.release()
+                self._last_flush_at = loop.time()
+                # Awaited here: the next batch gathers while this one is written.
+                await self._write(batch)
             if self._stopped and not self._buffer:
                 return
-
-    async def _write_and_release(self, batch: list[_Post]) -> None:
-        try:
-            await self._write(batch)
-        finally:
-            self._writes.release()
 
     async def _write(self, batch: list[_Post]) -> None:
         rows = [row for post in batch for row in post.chunks]
@@ -149,23 +136,32 @@ class ChunkRelay:
         await self._resolve(batch, result)
 
     async def _resolve(self, batch: list[_Post], result: AppendResult) -> None:
-        current = {}
-        if result.rejected:
-            rejected_ids = list({task_id for task_id, _ in result.rejected})
-            current = {t.id: t for t in await self.tasks.get_many(rejected_ids)}
+        refused = []
         for post in batch:
             if post.done.done():
                 continue
-            attempt = post.chunks[0].attempt if post.chunks else 0
-            if (post.task_id, attempt) in result.last_seq:
-                post.done.set_result(result.last_seq[post.task_id, attempt])
-                continue
+            last_seq = result.last_seq.get((post.task_id, post.chunks[0].attempt))
+            if last_seq is None:
+                refused.append(post)
+            else:
+                post.done.set_result(last_seq)
+        if not refused:
+            return
+        # Accepted posts are answered first: this read only words the refusals.
+        try:
+            current = {t.id: t for t in await self.tasks.get_many([p.task_id for p in refused])}
+        except Exception as exc:
+            log.warning("chunk_refusal_read_failed", posts=len(refused), error=str(exc))
+            current = {}
+        for post in refused:
+            attempt = post.chunks[0].attempt
             task = current.get(post.task_id)
             state = f"; the task is {task.status} at attempt {task.attempt}" if task else ""
-            post.done.set_exception(
-                LeaseLost(
-                    f"task {post.task_id} is no longer held by this worker "
-                    f"(attempt {attempt}{state})",
-                    task=task,
+            if not post.done.done():
+                post.done.set_exception(
+                    LeaseLost(
+                        f"task {post.task_id} is no longer held by this worker "
+                        f"(attempt {attempt}{state})",
+                        task=task,
+                    )
                 )
-            )

@@ -40,16 +40,15 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import structlog
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from inferq.db.chunks import CHUNKS_AFTER, Chunk, ChunkRepository
+from inferq.db.chunks import ChunkKey, ChunkRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import TaskCancelled, TaskFailed, TaskNotFound, WaitTimeout
 from inferq.relay import ChunkRelay
 from inferq.settings import Settings
-from inferq.wakeups import TASK_CHANGED, Batcher, Hub, Waiter
+from inferq.wakeups import CHUNKS_ADDED, TASK_CHANGED, Batcher, Hub, Waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,28 +84,8 @@ class PoolWaiter(Protocol):
 
 log = structlog.get_logger(__name__)
 
-# How many chunks one reader fetches per round trip; a longer backlog takes more rounds.
+# How many seqs one reader fetches per round trip; a longer backlog takes more rounds.
 CHUNK_PAGE = 1000
-
-# The chunk reads of every reader woken together, in one statement.
-READ_CHUNKS_MANY = sql.SQL(
-    """
-SELECT r.i, c.seq, c.data
-FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(afters)s::int[])
-     WITH ORDINALITY AS r(task_id, attempt, after_seq, i)
-CROSS JOIN LATERAL ({chunks}) c
-ORDER BY r.i, c.seq
-"""
-).format(
-    chunks=CHUNKS_AFTER.format(
-        task_id=sql.SQL("r.task_id"),
-        attempt=sql.SQL("r.attempt"),
-        after=sql.SQL("r.after_seq"),
-        limit=sql.Placeholder("limit"),
-    )
-)
-
-ChunkKey = tuple[UUID, int, int]  # task id, attempt, after seq
 
 
 class _PoolWaiter:
@@ -145,7 +124,7 @@ class TaskService:
         self.relay = relay or ChunkRelay(pool, settings)
         window_s = settings.wake_batch_ms / 1000
         self._task_loader: Batcher[UUID, Task] = Batcher(self._fetch_tasks, window_s=window_s)
-        self._chunk_loader: Batcher[ChunkKey, list[Chunk]] = Batcher(
+        self._chunk_loader: Batcher[ChunkKey, list[tuple[int, str]]] = Batcher(
             self._fetch_chunks, window_s=window_s, max_batch=1000
         )
         self._sweeper: asyncio.Task[None] | None = None
@@ -187,20 +166,11 @@ class TaskService:
     async def _fetch_tasks(self, ids: Sequence[UUID]) -> dict[UUID, Task]:
         return {task.id: task for task in await self.tasks.get_many(ids)}
 
-    async def _fetch_chunks(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, list[Chunk]]:
-        params = {
-            "ids": [k[0] for k in keys],
-            "attempts": [k[1] for k in keys],
-            "afters": [k[2] for k in keys],
-            "limit": CHUNK_PAGE,
-        }
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(READ_CHUNKS_MANY, params)
-            rows = await cur.fetchall()
-        found: dict[ChunkKey, list[Chunk]] = {}
-        for i, seq, data in rows:
-            found.setdefault(keys[i - 1], []).append(Chunk(seq, data))
-        return found
+    async def _fetch_chunks(
+        self, keys: Sequence[ChunkKey]
+    ) -> dict[ChunkKey, list[tuple[int, str]]]:
+        found = await self.chunks.read_many(keys, page=CHUNK_PAGE)
+        return {keys[i]: chunks for i, chunks in found.items()}
 
     async def _first_read(self, task_id: UUID, owner_id: str | None) -> Task:
         """The row right after registering the waiter; batched too, so 10,000 waits that start
@@ -216,17 +186,20 @@ class TaskService:
             raise TaskNotFound(f"task {task_id} not found (it was deleted)")
         return task
 
-    async def _next_chunks(self, task_id: UUID, attempt: int, last_seq: int) -> list[Chunk]:
-        """The contiguous chunks after ``last_seq`` that are stored now."""
-        run: list[Chunk] = []
+    async def _next_chunks(
+        self, task_id: UUID, attempt: int, last_seq: int
+    ) -> list[tuple[int, str]]:
+        """The contiguous (seq, data) after ``last_seq`` that are stored now."""
+        run: list[tuple[int, str]] = []
         while True:
+            page_end = last_seq + CHUNK_PAGE
             page = await self._chunk_loader.load((task_id, attempt, last_seq)) or []
             for chunk in page:
-                if chunk.seq != last_seq + 1:
+                if chunk[0] != last_seq + 1:
                     return run  # a gap: that chunk is still in flight on another replica
                 run.append(chunk)
-                last_seq = chunk.seq
-            if len(page) < CHUNK_PAGE:
+                last_seq = chunk[0]
+            if last_seq < page_end:
                 return run
 
     # -- waits ------------------------------------------------------------------------------
@@ -299,14 +272,20 @@ class TaskService:
                     shown = (task.status, task.attempt)
                     yield StatusEvent(task)
                 if task.claimed_by is not None:
-                    for chunk in await self._next_chunks(task_id, attempt, last_seq):
-                        last_seq = chunk.seq
-                        yield ChunkEvent(attempt, chunk.seq, chunk.data)
+                    for seq, data in await self._next_chunks(task_id, attempt, last_seq):
+                        last_seq = seq
+                        yield ChunkEvent(attempt, seq, data)
                 if task.terminal:
                     yield StatusEvent(task)
                     return
-                await waiter.wait(math.inf)
-                flags = waiter.take()
+                while True:
+                    await waiter.wait(math.inf)
+                    announced = waiter.chunks_upto
+                    flags = waiter.take()
+                    # A chunk wake for chunks this reader already delivered (its last read
+                    # raced the flush that announced them) needs no read at all.
+                    if flags != CHUNKS_ADDED or announced > (attempt, last_seq):
+                        break
                 # A chunk-only wake needs no row; a status wake, a resync or a poll does.
                 if flags & TASK_CHANGED or not flags:
                     task = await self._reload(task_id)

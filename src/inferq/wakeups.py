@@ -9,13 +9,19 @@ Design decisions (imports no psycopg; the Listener feeds it, the TaskService con
   awaits) nor grow memory, and when it finally runs it re-reads the row and the chunks after the
   last seq it delivered, so it catches up from the database exactly like an overflowing
   subscriber would.
+- A chunk wake also records the highest (attempt, last seq) announced for the task since the
+  waiter's last ``take()``; a reader that already delivered that far skips its re-read. Under
+  load a reader is often woken by a flush whose chunks its previous read (racing that
+  flush's commit) already returned, and those reads were empty round trips.
 - ``resync_all()`` wakes every waiter with every flag set; the Listener calls it after each
   (re)connect and re-LISTEN, because notifications sent while it was away are gone for good.
 - ``Batcher`` coalesces the re-reads of all waiters woken in one window into one call of a batch
   function (one ``WHERE id = ANY(...)``). When no batch is in flight the next one starts on the
   next loop turn (every waiter woken by the same notification joins it); while batches are in
   flight new keys wait up to ``window_s`` so a storm of wakes becomes a few large statements
-  instead of thousands of small ones.
+  instead of thousands of small ones. Each ``load`` awaits its own future, so a cancelled
+  caller leaves the others of its key alone without ``asyncio.shield`` (half the futures and
+  no done-callbacks on the hot read path).
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ def _expire(fut: asyncio.Future[bool]) -> None:
         fut.set_result(False)
 
 
+# Waiter.chunks_upto when no chunk notification came since the last take(), and when one came
+# without a seq (so the reader must read).
+NO_CHUNKS = (-1, -1)
+UNKNOWN_CHUNKS = (2**63, 0)
+
 # Status names as they arrive in notification payloads (no domain import: this module is
 # plain asyncio).
 TERMINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
@@ -51,11 +62,13 @@ TERMINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
 class Waiter:
     """A level-triggered wake flag for one waiting coroutine."""
 
-    __slots__ = ("_fut", "flags", "key", "terminal_only")
+    __slots__ = ("_fut", "chunks_upto", "flags", "key", "terminal_only")
 
     def __init__(self, key: object, *, terminal_only: bool = False) -> None:
         self.key = key
         self.flags = 0
+        # The highest (attempt, last seq) of chunk notifications since the last take().
+        self.chunks_upto = NO_CHUNKS
         # A waiter for the outcome only: claimed/running changes are not worth a re-read.
         self.terminal_only = terminal_only
         self._fut: asyncio.Future[bool] | None = None
@@ -86,8 +99,10 @@ class Waiter:
             self._fut = None
 
     def take(self) -> int:
-        """The flags accumulated since the last take, cleared (call before re-reading)."""
+        """The flags accumulated since the last take, cleared (call before re-reading);
+        ``chunks_upto`` is reset too (read it first)."""
         flags, self.flags = self.flags, 0
+        self.chunks_upto = NO_CHUNKS
         return flags
 
 
@@ -148,11 +163,19 @@ class Hub:
         if status == "pending" and pool is not None:
             self._wake(self._by_pool.get(pool), POOL_WORK)
 
-    def chunks_added(self, task_id: UUID) -> None:
-        """Chunks were stored for a task: wake its waiters that read chunks."""
+    def chunks_added(self, task_id: UUID, attempt: int | None = None, last_seq: int = 0) -> None:
+        """Chunks up to ``last_seq`` of ``attempt`` were stored for a task (unknown when
+        ``attempt`` is None): wake its waiters that read chunks."""
         waiters = self._by_task.get(task_id)
-        if waiters:
-            self._wake({w for w in waiters if not w.terminal_only}, CHUNKS_ADDED)
+        if not waiters:
+            return
+        upto = UNKNOWN_CHUNKS if attempt is None else (attempt, last_seq)
+        for waiter in waiters:
+            if not waiter.terminal_only:
+                if upto > waiter.chunks_upto:
+                    waiter.chunks_upto = upto
+                self.wakes += 1
+                waiter.wake(CHUNKS_ADDED)
 
     def resync_all(self) -> None:
         """Wake every waiter to re-read everything (after a reconnect or on demand)."""
@@ -215,7 +238,8 @@ class Batcher(Generic[K, V]):
         self._fetch = fetch
         self._window_s = window_s
         self._max_batch = max_batch
-        self._pending: dict[K, asyncio.Future[V | None]] = {}
+        # Every caller of a key waits on its own future: cancelling one leaves the others.
+        self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
         self._scheduled: asyncio.Handle | None = None
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -223,13 +247,14 @@ class Batcher(Generic[K, V]):
 
     async def load(self, key: K) -> V | None:
         """The value for ``key`` from the next batch (shared with concurrent loads of it)."""
-        fut = self._pending.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[key] = fut
+        fut: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        waiting = self._pending.get(key)
+        if waiting is None:
+            self._pending[key] = [fut]
             self._schedule()
-        # A shield: one cancelled caller must not fail the others waiting for the same key.
-        return await asyncio.shield(fut)
+        else:
+            waiting.append(fut)
+        return await fut
 
     def _schedule(self) -> None:
         if self._scheduled is not None:
@@ -250,24 +275,27 @@ class Batcher(Generic[K, V]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: dict[K, asyncio.Future[V | None]]) -> None:
+    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
         self.batches += 1
         try:
             values = await self._fetch(list(batch))
         except BaseException as exc:
-            for fut in batch.values():
-                if fut.done():
-                    continue
-                if isinstance(exc, Exception):
-                    fut.set_exception(exc)
-                    fut.exception()  # retrieved here: a shielded caller may be gone
-                else:
-                    fut.cancel()
+            for futs in batch.values():
+                for fut in futs:
+                    if fut.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        fut.set_exception(exc)
+                        fut.exception()  # retrieved here: the caller may be gone
+                    else:
+                        fut.cancel()
             if not isinstance(exc, Exception):
                 raise
             return
         finally:
             self._in_flight -= 1
-        for key, fut in batch.items():
-            if not fut.done():
-                fut.set_result(values.get(key))
+        for key, futs in batch.items():
+            value = values.get(key)
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(value)

@@ -1,4 +1,4 @@
-"""ChunkRelay: one transaction per flush window for all tasks, LeaseLost, flush on stop."""
+"""ChunkRelay: one statement per flush for all tasks, LeaseLost, flush on stop, long runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from inferq.db.chunks import ChunkRepository
+from inferq.db.chunks import MAX_RUN, ChunkRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task
@@ -67,15 +67,48 @@ async def test_a_repeated_post_is_harmless(pool: Any, relay: ChunkRelay) -> None
 
 
 async def test_stop_flushes_what_is_buffered(pool: Any, settings: Settings) -> None:
-    # A window far longer than the test: only stop() can flush it.
+    # Flushes at least ten minutes apart: after the first one, only stop() can flush.
     relay = ChunkRelay(pool, settings.model_copy(update={"chunk_flush_ms": 600_000}))
     sid, (task,) = await held_tasks(pool, 1)
-    post = asyncio.create_task(relay.post(task.id, sid, task.attempt, [(1, '"x"')]))
+    # An idle relay flushes a post at once.
+    assert await relay.post(task.id, sid, task.attempt, [(1, '"x"')]) == 1
+    post = asyncio.create_task(relay.post(task.id, sid, task.attempt, [(2, '"y"')]))
     async with asyncio.timeout(10):
         while relay.buffered == 0:  # noqa: ASYNC110 (no event marks a buffered post)
             await asyncio.sleep(0.001)
     await relay.stop()
-    assert await post == 1
-    assert [c.data for c in await ChunkRepository(pool).read(task.id, task.attempt)] == ['"x"']
+    assert await post == 2
+    stored = await ChunkRepository(pool).read(task.id, task.attempt)
+    assert [c.data for c in stored] == ['"x"', '"y"']
     # After stop, posts are written directly.
-    assert await relay.post(task.id, sid, task.attempt, [(2, '"y"')]) == 2
+    assert await relay.post(task.id, sid, task.attempt, [(3, '"z"')]) == 3
+
+
+async def test_a_long_post_reads_back_whole_from_any_seq(pool: Any, relay: ChunkRelay) -> None:
+    # Stored as several rows of at most MAX_RUN chunks; a reader may start inside any of them.
+    sid, (task,) = await held_tasks(pool, 1)
+    n = 3 * MAX_RUN + 5
+    assert await relay.post(task.id, sid, task.attempt, [(s, str(s)) for s in range(1, n + 1)]) == n
+    chunks = ChunkRepository(pool)
+    for after in (0, 1, MAX_RUN - 1, MAX_RUN, MAX_RUN + 7, n - 1, n):
+        stored = await chunks.read(task.id, task.attempt, after_seq=after)
+        assert [(c.seq, c.data) for c in stored] == [(s, str(s)) for s in range(after + 1, n + 1)]
+    # A page is a range of seqs.
+    page = await chunks.read(task.id, task.attempt, after_seq=10, limit=MAX_RUN)
+    assert [c.seq for c in page] == list(range(11, 11 + MAX_RUN))
+
+
+async def test_a_retried_post_rebatched_differently_reads_once_per_seq(
+    pool: Any, relay: ChunkRelay
+) -> None:
+    sid, (task,) = await held_tasks(pool, 1)
+    n = MAX_RUN + 10
+    assert await relay.post(task.id, sid, task.attempt, [(s, str(s)) for s in range(1, n + 1)]) == n
+    # The worker did not see the answer and retries in other pieces, overlapping the stored rows.
+    for first, last in ((5, 20), (MAX_RUN - 2, MAX_RUN + 3), (n - 1, n + 2)):
+        posted = await relay.post(
+            task.id, sid, task.attempt, [(s, str(s)) for s in range(first, last + 1)]
+        )
+        assert posted == last
+    stored = await ChunkRepository(pool).read(task.id, task.attempt, after_seq=3)
+    assert [(c.seq, c.data) for c in stored] == [(s, str(s)) for s in range(4, n + 3)]

@@ -127,3 +127,37 @@ def test_the_safety_sweep_skips_outcome_waiters_of_unfinished_tasks() -> None:
         assert hub.sweep({done}) == 4
         assert idle.take() == 0
         assert finished.take() and stream.take() and claimer.take()
+
+
+async def test_a_cancelled_load_leaves_the_other_loads_of_its_key() -> None:
+    release = asyncio.Event()
+
+    async def fetch(keys: Sequence[int]) -> dict[int, int]:
+        await release.wait()
+        return {k: k * 10 for k in keys}
+
+    batcher: Batcher[int, int] = Batcher(fetch, window_s=0.001)
+    gone = asyncio.create_task(batcher.load(1))
+    kept = asyncio.create_task(batcher.load(1))
+    await asyncio.sleep(0)
+    gone.cancel()
+    release.set()
+    assert await kept == 10
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+def test_a_chunk_wake_tells_how_far_the_announced_chunks_go() -> None:
+    # A reader compares this with what it delivered and skips a re-read that cannot show more.
+    hub = Hub()
+    task_id = uuid4()
+    with hub.watch_task(task_id) as reader:
+        hub.chunks_added(task_id, 2, 40)
+        hub.chunks_added(task_id, 2, 35)  # flushes of two replicas may announce out of order
+        assert reader.chunks_upto == (2, 40)
+        hub.chunks_added(task_id, 3, 1)  # a new attempt is always further
+        assert reader.chunks_upto == (3, 1)
+        assert reader.take() == CHUNKS_ADDED
+        assert reader.chunks_upto < (0, 0)  # nothing announced since the take
+        hub.chunks_added(task_id)  # announced without a seq: always worth a read
+        assert reader.chunks_upto > (3, 10**9)

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-import orjson
-from psycopg import sql
-
 from inferq.db import channels
 from inferq.db.pool import Pool
 
@@ -38,11 +35,24 @@ class AppendResult:
     rejected: set[tuple[UUID, int]]  # refused: that session no longer holds that attempt
 
 
+# The most chunks one row holds. Bounding a run is what lets a reader find its next chunk by
+# an index range instead of scanning every row of the attempt: a row holding seq s starts
+# after s - MAX_RUN, so "the rows after seq n" are the rows with first_seq > n - MAX_RUN.
+MAX_RUN = 32
+
+# Tasks per CHUNK notification: an item is at most ~70 bytes ("uuid", two int4s, separators),
+# so a payload stays below channels.MAX_PAYLOAD_BYTES.
+TASKS_PER_PAYLOAD = channels.MAX_PAYLOAD_BYTES // 70
+
+# One statement, so one round trip in autocommit: store the runs, notify, report.
 # Arrays go in binary (%(x)b): the text format escapes every quote of every JSON chunk in
 # Python, ~40x slower for a flush of 1,600 chunks.
 # Only runs from the holder of the current attempt are stored. A repeated run is ignored and a
 # longer run with the same first seq replaces the shorter one, so a worker may retry a post
-# however it re-batches it; readers drop the overlaps (DISTINCT ON seq).
+# however it re-batches it; readers drop the overlaps.
+# The notification lists the accepted (task, attempt, last seq) triples, TASKS_PER_PAYLOAD per
+# payload; it is built and sent by the statement itself (the scalar subquery runs it once) and
+# delivered when the statement commits, after the rows are visible.
 APPEND = """
 WITH input AS (
     SELECT * FROM unnest(%(task_ids)b::uuid[], %(sessions)b::uuid[], %(attempts)b::int[],
@@ -59,33 +69,55 @@ WITH input AS (
     ON CONFLICT (task_id, attempt, first_seq) DO UPDATE
         SET last_seq = excluded.last_seq, data = excluded.data
         WHERE excluded.last_seq > k.last_seq
+), stored AS (
+    SELECT v.task_id, v.attempt, max(c.last_seq) AS last_seq
+    FROM valid v JOIN input c USING (task_id, attempt)
+    GROUP BY v.task_id, v.attempt
+), notified AS (
+    SELECT pg_notify(%(channel)s, json_agg(json_build_array(task_id, attempt, last_seq))::text)
+    FROM (SELECT *, (row_number() OVER () - 1) / %(per_payload)s AS page FROM stored) s
+    GROUP BY page
 )
-SELECT v.task_id, v.attempt, max(c.last_seq) FROM valid v JOIN input c USING (task_id, attempt)
-GROUP BY v.task_id, v.attempt
+SELECT task_id, attempt, last_seq, (SELECT count(*) FROM notified) FROM stored
 """
 
-# The chunks of one attempt after a seq, unpacked from their runs, in order, once each.
-CHUNKS_AFTER = sql.SQL(
-    """
-SELECT DISTINCT ON (e.seq) e.seq, e.data
-FROM inferq.task_chunk k
-CROSS JOIN LATERAL (
-    SELECT k.first_seq + x.n::int - 1 AS seq, x.elem::text AS data
-    FROM json_array_elements(k.data::json) WITH ORDINALITY AS x(elem, n)
-) e
-WHERE k.task_id = {task_id} AND k.attempt = {attempt} AND k.last_seq > {after}
-  AND e.seq > {after}
-ORDER BY e.seq
-LIMIT {limit}
+# The rows of one attempt that may hold chunks in (after, after + page], the rows read through
+# the primary key range (first_seq > after - MAX_RUN), never the attempt's older rows. The
+# LIMIT fences the subquery so that the planner keeps it a parameterized index scan per
+# reader (flattened, it may hash-join a scan of the whole table); ``after`` is bigint so that
+# after + page cannot overflow.
+_ROWS_AFTER = """
+SELECT k.first_seq, k.data FROM inferq.task_chunk k
+WHERE k.task_id = {task_id} AND k.attempt = {attempt}
+  AND k.first_seq > {after} - {max_run} AND k.first_seq <= {after} + {page}
+  AND k.last_seq > {after}
+LIMIT {page}
 """
+
+# The chunks of many (task, attempt, after) keys with seq in (after, after + page], unpacked
+# from their runs, ordered by key (its 1-based position ``i``) then seq. Overlapping runs of a
+# retried post may repeat a seq: the caller drops repeats. json (not jsonb) elements keep the
+# exact text the worker posted.
+READ_MANY = """
+SELECT r.i, k.first_seq + x.n::int - 1 AS seq, x.elem::text
+FROM unnest(%(ids)b::uuid[], %(attempts)b::int[], %(afters)b::int8[])
+     WITH ORDINALITY AS r(task_id, attempt, after_seq, i)
+CROSS JOIN LATERAL ({rows}) k
+CROSS JOIN LATERAL json_array_elements(k.data::json) WITH ORDINALITY AS x(elem, n)
+WHERE k.first_seq + x.n::int - 1 BETWEEN r.after_seq + 1 AND r.after_seq + %(page)s
+ORDER BY r.i, seq
+""".replace(
+    "{rows}",
+    _ROWS_AFTER.format(
+        task_id="r.task_id",
+        attempt="r.attempt",
+        after="r.after_seq",
+        max_run=MAX_RUN,
+        page="%(page)s",
+    ),
 )
 
-READ = CHUNKS_AFTER.format(
-    task_id=sql.Placeholder("id"),
-    attempt=sql.Placeholder("attempt"),
-    after=sql.Placeholder("after"),
-    limit=sql.Placeholder("limit"),
-)
+ChunkKey = tuple[UUID, int, int]  # task id, attempt, after seq
 
 # Chunks of terminal tasks past the retention, of earlier attempts, and of deleted tasks.
 GC = """
@@ -100,33 +132,19 @@ WHERE NOT EXISTS (
 """
 
 
-def notification_payloads(last_seq: dict[tuple[UUID, int], int]) -> list[str]:
-    """Split ``[task_id, attempt, last_seq]`` triples into payloads below the size limit."""
-    payloads: list[str] = []
-    items: list[bytes] = []
-    size = 2
-    for (task_id, attempt), seq in last_seq.items():
-        item = orjson.dumps([str(task_id), attempt, seq])
-        if items and size + len(item) + 1 > channels.MAX_PAYLOAD_BYTES:
-            payloads.append("[" + b",".join(items).decode() + "]")
-            items, size = [], 2
-        items.append(item)
-        size += len(item) + 1
-    if items:
-        payloads.append("[" + b",".join(items).decode() + "]")
-    return payloads
-
-
 def consecutive_runs(chunks: Sequence[ChunkIn]) -> list[list[ChunkIn]]:
-    """Group chunks, in the order given, into runs of one holder with consecutive seqs."""
+    """Group chunks, in the order given, into runs of one holder with consecutive seqs, at
+    most MAX_RUN chunks each."""
     runs: list[list[ChunkIn]] = []
     for chunk in chunks:
         last = runs[-1][-1] if runs else None
         if (
             last is not None
-            and (last.task_id, last.session_id, last.attempt)
-            == (chunk.task_id, chunk.session_id, chunk.attempt)
             and chunk.seq == last.seq + 1
+            and chunk.task_id == last.task_id
+            and chunk.attempt == last.attempt
+            and chunk.session_id == last.session_id
+            and len(runs[-1]) < MAX_RUN
         ):
             runs[-1].append(chunk)
         else:
@@ -141,10 +159,8 @@ class ChunkRepository:
         self.pool = pool
 
     async def append(self, chunks: Sequence[ChunkIn]) -> AppendResult:
-        """Store a batch in one transaction that also notifies CHUNK once per payload.
-
-        The notification is only sent for tasks whose chunks were accepted.
-        """
+        """Store a batch in one statement (one transaction, one round trip) that also
+        notifies CHUNK, once per TASKS_PER_PAYLOAD tasks whose chunks were accepted."""
         if not chunks:
             return AppendResult({}, set())
         runs = consecutive_runs(chunks)
@@ -155,25 +171,46 @@ class ChunkRepository:
             "firsts": [r[0].seq for r in runs],
             "lasts": [r[-1].seq for r in runs],
             "data": ["[" + ",".join(c.data for c in r) + "]" for r in runs],
+            "channel": channels.CHUNK,
+            "per_payload": TASKS_PER_PAYLOAD,
         }
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection() as conn:
             cur = await conn.execute(APPEND, params)
-            rows = await cur.fetchall()
-            accepted = {(r[0], r[1]): r[2] for r in rows}
-            for payload in notification_payloads(accepted):
-                await conn.execute("SELECT pg_notify(%s, %s)", (channels.CHUNK, payload))
+            accepted = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
         posted = {(c.task_id, c.attempt) for c in chunks}
         return AppendResult(accepted, posted - accepted.keys())
 
     async def read(
         self, task_id: UUID, attempt: int, after_seq: int = 0, limit: int = 1000
     ) -> list[Chunk]:
-        """Chunks of one attempt with seq > after_seq, in order (may have gaps in flight)."""
+        """Chunks of one attempt with seq in (after_seq, after_seq + limit], in order, once
+        each (may have gaps in flight)."""
+        pages = await self.read_many([(task_id, attempt, after_seq)], page=limit)
+        return [Chunk(seq, data) for seq, data in pages.get(0, [])]
+
+    async def read_many(
+        self, keys: Sequence[ChunkKey], *, page: int
+    ) -> dict[int, list[tuple[int, str]]]:
+        """For each (task id, attempt, after seq) key, by its index in ``keys``: the stored
+        (seq, data) with seq in (after, after + page], in order, once each, gaps left as they
+        are. Keys with nothing stored are left out. One statement for all keys."""
+        params = {
+            "ids": [k[0] for k in keys],
+            "attempts": [k[1] for k in keys],
+            "afters": [k[2] for k in keys],
+            "page": page,
+        }
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                READ, {"id": task_id, "attempt": attempt, "after": after_seq, "limit": limit}
-            )
-            return [Chunk(seq, data) for seq, data in await cur.fetchall()]
+            cur = await conn.execute(READ_MANY, params)
+            rows = await cur.fetchall()
+        found: dict[int, list[tuple[int, str]]] = {}
+        last: tuple[int, int] | None = None
+        for i, seq, data in rows:
+            # Rows come ordered by key then seq; a repeat (overlapping retried runs) is dropped.
+            if (i, seq) != last:
+                found.setdefault(i - 1, []).append((seq, data))
+                last = (i, seq)
+        return found
 
     async def gc(self, *, retention_s: float, now: datetime | None = None) -> int:
         """Delete chunks nobody can read any more; returns how many."""

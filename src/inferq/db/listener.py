@@ -187,8 +187,8 @@ class Listener:
                 for task_id, status, pool, _attempt in orjson.loads(notify.payload):
                     self.hub.task_changed(UUID(task_id), status, pool)
             elif notify.channel == channels.CHUNK:
-                for task_id, _attempt, _last_seq in orjson.loads(notify.payload):
-                    self.hub.chunks_added(UUID(task_id))
+                for task_id, attempt, last_seq in orjson.loads(notify.payload):
+                    self.hub.chunks_added(UUID(task_id), attempt, last_seq)
             elif notify.channel == channels.TOKEN and self.on_token_revoked is not None:
                 self.on_token_revoked(notify.payload)
         except Exception as exc:
