@@ -6,6 +6,10 @@ draining) is sent again after a jittered exponential backoff, which lands it on 
 the session lives in the database, so it survives. Every worker write is safe to repeat: chunks
 are keyed by (attempt, seq), complete/fail are idempotent with the same payload, and a repeated
 start is recognised below.
+
+Requests go through httpx's client with ``AsyncioTransport`` (``inferq.worker._http``) instead
+of httpx's default httpcore transport: about a third of the CPU per request. Pass
+``transport=`` to use another one (httpx.AsyncHTTPTransport() for proxies or HTTP/2).
 """
 
 from __future__ import annotations
@@ -39,15 +43,15 @@ from inferq.wire import (
     UnbindResponse,
     WorkerTask,
 )
+from inferq.worker._http import AsyncioTransport
 from inferq.worker.errors import LeaseLostError, UnavailableError, WorkerApiError, error_for
 
 log = structlog.get_logger("inferq.worker")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
-# httpcore scans every pooled connection for expiry on each request (a few socket-option
-# lookups each), so an unbounded pool makes every request cost O(connections). Sixteen is
-# enough: one long-poll claim plus requests that each take a few milliseconds.
+# One long-poll claim, a few outcome calls, a heartbeat, and one chunk post per streaming
+# task at a time: sixteen connections are plenty; more requests queue for a free one.
 MAX_CONNECTIONS = 16
 _JSON = {"Content-Type": "application/json"}
 
@@ -72,10 +76,7 @@ class WorkerClient:
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "inferq-worker"},
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
-            ),
-            transport=transport,
+            transport=transport or AsyncioTransport(max_connections=MAX_CONNECTIONS),
         )
 
     async def aclose(self) -> None:
