@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferq.api.auth import check_pools, worker_token
-from inferq.api.body import documented, json_body
+from inferq.api.body import documented, json_body, read_document, validate
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidBody, ShuttingDown, error_response
 from inferq.api.render import (
@@ -117,13 +117,16 @@ async def bind(
     summary="Claim up to max_tasks (long-poll)",
     openapi_extra=documented(ClaimRequest),
 )
-async def claim(
-    ctx: Ctx,
-    token: Worker,
-    request: Request,
-    session_id: str,
-    body: Annotated[ClaimRequest, Depends(json_body(ClaimRequest))],
+async def claim(ctx: Ctx, token: Worker, request: Request, session_id: str) -> Response:
+    return await claim_answer(ctx, token, request, session_id)
+
+
+async def claim_answer(
+    ctx: ApiContext, token: ApiToken, request: Request, session_id: str
 ) -> Response:
+    """The claim route's answer, with the body read here: callable without FastAPI's routing
+    and dependency solving (as inferq.api.direct does for the hot client routes)."""
+    body = validate(ClaimRequest, await read_document(request))
     sid = _parse_session_id(session_id)
     ctx.drain.check()
     session = await ctx.live_session(sid)
@@ -278,12 +281,15 @@ async def release(
     summary="Complete and fail many held tasks; optionally claim more",
     openapi_extra=documented(OutcomesRequest),
 )
-async def outcomes(
-    ctx: Ctx,
-    token: Worker,
-    session_id: str,
-    body: Annotated[OutcomesRequest, Depends(json_body(OutcomesRequest))],
+async def outcomes(ctx: Ctx, token: Worker, request: Request, session_id: str) -> Response:
+    return await outcomes_answer(ctx, token, request, session_id)
+
+
+async def outcomes_answer(
+    ctx: ApiContext, token: ApiToken, request: Request, session_id: str
 ) -> Response:
+    """The outcomes route's answer, with the body read here (see claim_answer)."""
+    body = validate(OutcomesRequest, await read_document(request))
     sid = _parse_session_id(session_id)
     await ctx.check_session(sid, token)
     items = [Outcome(o.task_id, o.attempt, o.response, o.error) for o in body.outcomes]
