@@ -442,3 +442,29 @@ async def test_finish_many_a_refused_value_fails_only_its_own_item(pool: Pool) -
     assert results[0] == Finished(a.id, TaskStatus.COMPLETED, a.attempt)
     assert isinstance(results[1], psycopg.errors.DataError)
     assert (await repo.get(b.id)).status is TaskStatus.CLAIMED  # nothing written for it
+
+
+async def test_finish_many_stores_responses_exactly(pool: Pool) -> None:
+    from inferq.db.tasks import Finished, Outcome
+
+    repo = TaskRepository(pool)
+    for _ in range(3):
+        await enqueue(repo)
+    session = uuid.uuid4()
+    a, b, c = await repo.claim(session, ["p1"], limit=3, lease_s=30)
+    big = {"n": 2**70, "f": 0.1, "s": "é ✓", "nested": [None, True, {"k": -1.5}]}
+    results = await repo.finish_many(
+        session,
+        [
+            Outcome(a.id, a.attempt, response=big),
+            Outcome(b.id, b.attempt, response=None),
+            Outcome(c.id, c.attempt, response="just text"),
+        ],
+    )
+    assert all(isinstance(r, Finished) for r in results)
+    assert (await repo.get(a.id)).response_body == big
+    assert (await repo.get(b.id)).response_body is None
+    assert (await repo.get(c.id)).response_body == "just text"
+    # A repeat on the single route is idempotent: the stored body is the one sent.
+    assert (await repo.complete(a.id, session, a.attempt, big)).response_body == big
+    assert (await repo.complete(b.id, session, b.attempt, None)).status is TaskStatus.COMPLETED
