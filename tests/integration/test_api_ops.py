@@ -53,6 +53,50 @@ async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
     assert tagged.headers["x-request-id"] == "req-123"
 
 
+async def test_hot_routes_answer_count_and_refuse_like_every_route(
+    app: tuple[Server, Tokens],
+) -> None:
+    # The wait and the completions are served without FastAPI's routing (inferq.api.direct):
+    # a user sees the same ids, errors and metrics as on any other route.
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        tid = (
+            await http.post(
+                "/v1/tasks", json={"model": MODEL, "request": CHAT}, headers=auth(tokens.alice)
+            )
+        ).json()["id"]
+        url = f"/v1/tasks/{tid}/wait"
+        waited = await http.get(
+            url + "?timeout=0", headers={**auth(tokens.alice), "X-Request-Id": "w-1"}
+        )
+        default = await http.get(url + "?timeout=0.0", headers=auth(tokens.alice))
+        bad = await http.get(url + "?timeout=soon", headers=auth(tokens.alice))
+        negative = await http.get(url, params={"timeout": -1}, headers=auth(tokens.alice))
+        anonymous = await http.get(url + "?timeout=0")
+        worker = await http.get(url + "?timeout=0", headers=auth(tokens.worker))
+        foreign = await http.get(url + "?timeout=0", headers=auth(tokens.bob))
+        malformed = await http.post(
+            "/v1/chat/completions", content=b"{", headers=auth(tokens.alice)
+        )
+        metrics = (await http.get("/metrics")).text
+    assert waited.status_code == 200 and waited.headers["x-inferq-wait"] == "timeout"
+    assert waited.json()["id"] == tid and waited.headers["x-request-id"] == "w-1"
+    assert default.status_code == 200
+    for refused in (bad, negative):
+        assert refused.status_code == 422
+        assert refused.json()["error"]["param"] == "timeout"
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"]
+    assert worker.status_code == 403
+    assert foreign.status_code == 404
+    assert foreign.json()["error"]["code"] == "task_not_found"
+    assert malformed.status_code in (400, 415)
+    assert malformed.headers["x-request-id"]
+    route = 'route="/v1/tasks/{task_id}/wait"'
+    for status in ("200", "401", "403", "404", "422"):
+        assert f'method="GET",{route},status="{status}"}} ' in metrics, status
+    assert 'route="/v1/chat/completions",status="' in metrics
+
+
 async def test_drain_turns_ready_red_and_ends_waits_and_streams(
     app: tuple[Server, Tokens],
 ) -> None:

@@ -80,22 +80,36 @@ class Authenticator:
         self._cache.clear()
 
 
-def requires(*roles: str) -> Callable[[Request], Awaitable[ApiToken]]:
-    """A FastAPI dependency: the caller's token, which must have one of ``roles`` (or admin)."""
-    allowed = frozenset((*roles, "admin"))
-    names = " or ".join(sorted(allowed))
+class Role:
+    """The roles a route accepts (admin always may), checked by ``authorize``."""
 
-    async def dependency(request: Request) -> ApiToken:
-        auth: Authenticator = request.app.state.ctx.auth
-        token = await auth.authenticate(request.headers.get("authorization"))
+    __slots__ = ("allowed", "names")
+
+    def __init__(self, *roles: str) -> None:
+        self.allowed = frozenset((*roles, "admin"))
+        self.names = " or ".join(sorted(self.allowed))
+
+    async def authorize(self, auth: Authenticator, authorization: str | None) -> ApiToken:
+        """The caller's token, which must have one of the roles; raises Unauthorized,
+        Forbidden."""
+        token = await auth.authenticate(authorization)
         # Every log line of the request names who made it (the task's uvicorn context is
         # per request, so this cannot leak into another one).
         structlog.contextvars.bind_contextvars(owner=token.owner_id, token_id=str(token.id))
-        if token.role not in allowed:
-            raise Forbidden(f"a {token.role} token may not use this route; it needs {names}")
+        if token.role not in self.allowed:
+            raise Forbidden(f"a {token.role} token may not use this route; it needs {self.names}")
         return token
 
-    dependency.__name__ = "requires_" + "_".join(sorted(allowed))
+
+def requires(*roles: str) -> Callable[[Request], Awaitable[ApiToken]]:
+    """A FastAPI dependency: the caller's token, which must have one of ``roles`` (or admin)."""
+    role = Role(*roles)
+
+    async def dependency(request: Request) -> ApiToken:
+        auth: Authenticator = request.app.state.ctx.auth
+        return await role.authorize(auth, request.headers.get("authorization"))
+
+    dependency.__name__ = "requires_" + "_".join(sorted(role.allowed))
     return dependency
 
 
@@ -109,6 +123,7 @@ def check_pools(token: ApiToken, pools: Iterable[str]) -> None:
         )
 
 
+CLIENT = Role("client")
 client_token = requires("client")
 worker_token = requires("worker")
 admin_token = requires("admin")

@@ -3,7 +3,7 @@
 Routes take their body through ``json_body(Model)`` instead of FastAPI's own body parsing, so
 each refusal has its own status and code (415, 413, 400 invalid_json / json_too_deep /
 nul_character, 422) and a NUL character is refused here rather than by jsonb at insert time.
-The byte limit itself is enforced earlier, by BodyLimitMiddleware, before the body is read.
+The byte limit itself is enforced earlier, by RequestMiddleware, before the body is read.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
@@ -159,15 +158,6 @@ class ApiContext:
             self._waits[token.id] = left
         else:
             self._waits.pop(token.id, None)
-
-    @asynccontextmanager
-    async def wait_slot(self, token: ApiToken) -> AsyncIterator[None]:
-        """Hold one of the token's open waits for the block (see acquire_wait)."""
-        self.acquire_wait(token)
-        try:
-            yield
-        finally:
-            self.release_wait(token)
 
     # -- cached lookups -----------------------------------------------------------------------
 

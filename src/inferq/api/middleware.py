@@ -4,13 +4,16 @@ Pure ASGI rather than BaseHTTPMiddleware: it adds no task and no copy per reques
 refuse an oversized body before a byte of it is read. A declared Content-Length over the limit
 is answered 413 at once; a body without one (chunked) is counted as it arrives and the read
 that crosses the limit raises BodyTooLarge, which the error table answers with the same 413.
+It is the outermost layer of the app (see inferq.api.app), in front of FastAPI's own stack and
+of the direct routes alike. An open long-poll keeps its frame alive, so it allocates little:
+no context manager for the log binding, no receive wrapper for a body of declared length.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -19,18 +22,32 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inferq.api.errors import BodyTooLarge, error_body
 from inferq.metrics import Metrics
 
+if TYPE_CHECKING:
+    from inferq.api.direct import DirectRoutes
+
 log = structlog.get_logger("inferq.api")
 
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestMiddleware:
-    """Wraps the app: every HTTP request gets an id, a log line, metrics and the body limit."""
+    """Wraps the app: every HTTP request gets an id, a log line, metrics and the body limit.
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    A request that ``direct`` matches is answered by it instead of ``app`` (inferq.api.direct).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        direct: DirectRoutes | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.direct = direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,15 +68,26 @@ class RequestMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                declared = _header(scope, b"content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-                    await self._too_large(send_with_id)
-                else:
-                    await self.app(scope, self._limited(receive), send_with_id)
-            finally:
-                self._record(scope, status, time.perf_counter() - started)
+        # The request runs in a task of its own (uvicorn), with its own context: the binding
+        # ends with it, and a context manager would cost a generator per open request.
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            declared = _header(scope, b"content-length")
+            if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+                await self._too_large(send_with_id)
+                return
+            if _header(scope, b"transfer-encoding") is not None:
+                # Only a body without a declared length needs counting as it arrives (a
+                # request with neither header has no body at all).
+                receive = self._limited(receive)
+            found = self.direct.match(scope) if self.direct is not None else None
+            if found is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                assert self.direct is not None
+                await self.direct.answer(scope, receive, send_with_id, found)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0

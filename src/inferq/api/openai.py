@@ -46,7 +46,7 @@ async def chat_completions(
     request: Request,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    return await _complete(ctx, token, request, "messages", idempotency_key)
+    return await complete(ctx, token, request, "messages", idempotency_key)
 
 
 @router.post("/completions", summary="OpenAI text completion, queued")
@@ -56,7 +56,7 @@ async def completions(
     request: Request,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    return await _complete(ctx, token, request, "prompt", idempotency_key)
+    return await complete(ctx, token, request, "prompt", idempotency_key)
 
 
 @router.get("/models", summary="The models of the LLM registry")
@@ -75,9 +75,10 @@ async def models(ctx: Ctx, token: Client) -> Response:
     return json_response({"object": "list", "data": data})
 
 
-async def _complete(
+async def complete(
     ctx: ApiContext, token: ApiToken, request: Request, required: str, key: str | None
-) -> Any:
+) -> Response:
+    """The answer of both completion routes (also served directly, see inferq.api.direct)."""
     doc = await read_document(request)
     model, stream = _check(doc, required)
     # The wait slot is taken before the task is written: a 429 must leave nothing behind.

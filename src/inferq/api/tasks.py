@@ -137,15 +137,25 @@ async def wait_task(
     task_id: str,
     timeout: Annotated[float, Query(ge=0)] = 30.0,  # noqa: ASYNC109 (the wire name)
 ) -> Response:
+    return await wait_answer(ctx, token, request, task_id, timeout)
+
+
+async def wait_answer(
+    ctx: ApiContext, token: ApiToken, request: Request, task_id: str, timeout_s: float
+) -> Response:
+    """The wait route's answer (also served directly, see inferq.api.direct)."""
     tid = parse_task_id(task_id)
     ctx.drain.check()
-    timeout_s = min(timeout, ctx.settings.max_wait_s)
+    timeout_s = min(timeout_s, ctx.settings.max_wait_s)
     started = time.perf_counter()
-    async with ctx.wait_slot(token):
+    ctx.acquire_wait(token)
+    try:
         # A client that left frees its slot at once, not at its timeout.
         task = await ctx.guarded(
             ctx.service.wait_terminal(tid, timeout_s, owner_id=token.owner_id), request=request
         )
+    finally:
+        ctx.release_wait(token)
     ctx.metrics.wait_seconds.labels("wait").observe(time.perf_counter() - started)
     headers = None if task.terminal else {"X-Inferq-Wait": "timeout"}
     return json_response(task_json(task), headers=headers)
