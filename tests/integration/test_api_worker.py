@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import psycopg
 import pytest
 
 from inferq.settings import Settings
@@ -220,3 +221,26 @@ async def test_outcomes_refuse_a_malformed_item_as_a_whole(app: tuple[Server, To
             assert r.status_code == 422
         task = (await http.get(f"/v1/tasks/{tid}", headers=auth(tokens.alice))).json()
     assert task["status"] == "claimed"  # nothing written
+
+
+async def test_a_session_reaped_elsewhere_claims_nothing(
+    app: tuple[Server, Tokens], dsn: str
+) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        r = await http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 0})
+        assert r.status_code == 200  # this replica now knows the session
+        # Another replica's reaper removes it while this replica is not looking.
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("DELETE FROM inferq.worker_session WHERE id = %s", (sid,))
+        [tid] = await submit(http, tokens)
+        r = await http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 0})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "session_not_found"
+        body = {"outcomes": [{"task_id": tid, "attempt": 1, "response": {}}], "claim": 1}
+        r = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json=body)
+        assert r.json()["tasks"] == []  # its outcomes are answered, but it takes no work
+        assert r.json()["results"][0]["error"]["code"] == "lease_lost"
+        task = (await http.get(f"/v1/tasks/{tid}", headers=auth(tokens.alice))).json()
+    assert task["status"] == "pending"

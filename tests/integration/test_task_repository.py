@@ -79,9 +79,8 @@ async def test_claim_race_claims_every_task_exactly_once(dsn: str, pool: Pool) -
 
             while True:
                 cur = conn.cursor(row_factory=task_row)
-                await cur.execute(
-                    CLAIM, {"session": session, "pools": ["p1"], "limit": 3, "lease_s": 30}
-                )
+                params = {"session": session, "pools": ["p1"], "limit": 3, "lease_s": 30}
+                await cur.execute(CLAIM, {**params, "unbound": 3})
                 rows = await cur.fetchall()
                 if not rows:
                     return got
@@ -468,3 +467,23 @@ async def test_finish_many_stores_responses_exactly(pool: Pool) -> None:
     # A repeat on the single route is idempotent: the stored body is the one sent.
     assert (await repo.complete(a.id, session, a.attempt, big)).response_body == big
     assert (await repo.complete(b.id, session, b.attempt, None)).status is TaskStatus.COMPLETED
+
+
+async def test_a_bound_claim_needs_a_live_session_row(pool: Pool) -> None:
+    from inferq.db.sessions import WorkerSessionRepository
+
+    repo, sessions = TaskRepository(pool), WorkerSessionRepository(pool)
+    task = await enqueue(repo)
+    assert await repo.claim(uuid.uuid4(), ["p1"], limit=1, lease_s=30, bound=True) == []
+    session = await sessions.bind("alice", ["p1"], 1, ttl_s=30)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE inferq.worker_session SET expires_at = now() - interval '1 s' WHERE id = %s",
+            (session.id,),
+        )
+    # Expired: nothing, bound or not.
+    assert await repo.claim(session.id, ["p1"], limit=1, lease_s=30, bound=True) == []
+    assert await repo.claim(session.id, ["p1"], limit=1, lease_s=30) == []
+    live = await sessions.bind("alice", ["p1"], 1, ttl_s=30)
+    [got] = await repo.claim(live.id, ["p1"], limit=5, lease_s=30, bound=True)
+    assert got.id == task.id

@@ -12,7 +12,6 @@ one statement, hence one notifying commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from typing import Annotated, Any
@@ -129,22 +128,29 @@ async def claim_answer(
     body = validate(ClaimRequest, await read_document(request))
     sid = _parse_session_id(session_id)
     ctx.drain.check()
-    session = await ctx.live_session(sid)
-    if session.owner_id != token.owner_id:
-        raise SessionNotFound(f"worker session {sid} does not exist or expired; bind again")
-    check_pools(token, session.pools)
+    # Owner and pools (remembered per replica); whether the session lives is vouched for by
+    # the claim statement itself (bound=True), so a claim that finds work costs one statement.
+    pools = await ctx.check_session(sid, token)
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait_s, ctx.settings.max_wait_s)
     tasks: list[Task] = []
+    checked = False
     # Interest is registered before the first claim, so work that arrives in between wakes us.
-    async with ctx.service.pool_waiter(session.pools) as waiter:
+    async with ctx.service.pool_waiter(pools) as waiter:
         while not ctx.drain.draining:
             tasks = await ctx.tasks.claim(
-                sid, session.pools, limit=body.max_tasks, lease_s=ctx.settings.lease_s
+                sid, pools, limit=body.max_tasks, lease_s=ctx.settings.lease_s, bound=True
             )
+            if tasks:
+                break
+            if not checked:
+                # Nothing to take: a session that is gone is told so (404) rather than left
+                # waiting, and a live one is extended (heartbeats extend it too).
+                await ctx.live_session(sid)
+                checked = True
             remaining = deadline - loop.time()
-            if tasks or remaining <= 0:
+            if remaining <= 0:
                 break
             try:
                 # A worker that left must not have work claimed into its closed connection
@@ -291,20 +297,18 @@ async def outcomes_answer(
     """The outcomes route's answer, with the body read here (see claim_answer)."""
     body = validate(OutcomesRequest, await read_document(request))
     sid = _parse_session_id(session_id)
-    await ctx.check_session(sid, token)
+    pools = await ctx.check_session(sid, token)
     items = [Outcome(o.task_id, o.attempt, o.response, o.error) for o in body.outcomes]
     finished = await ctx.tasks.finish_many(sid, items)
     results = [_outcome_json(o.task_id, r) for o, r in zip(items, finished, strict=True)]
     tasks: list[Task] = []
     if body.claim and not ctx.drain.draining:
-        # Only a live session may take work. The outcomes above are written whatever happens
-        # here, so a session that just expired still gets their answers (and no tasks); its
-        # next claim or heartbeat tells the worker to bind again.
-        with contextlib.suppress(SessionNotFound):
-            session = await ctx.live_session(sid)
-            tasks = await ctx.tasks.claim(
-                sid, session.pools, limit=body.claim, lease_s=ctx.settings.lease_s
-            )
+        # Only a live session takes work (the statement checks). A session that just expired
+        # still gets the answers above, and no tasks; its next claim or heartbeat tells the
+        # worker to bind again.
+        tasks = await ctx.tasks.claim(
+            sid, pools, limit=body.claim, lease_s=ctx.settings.lease_s, bound=True
+        )
     return json_response({"results": results, "tasks": _claimed(ctx, tasks)})
 
 

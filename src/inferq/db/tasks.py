@@ -76,21 +76,21 @@ LIMIT %(limit)s
 )
 
 # SKIP LOCKED: racing claimers each take different rows and never wait on each other. A bound
-# session never holds more than its capacity; an id with no session row (tests, tools) is only
-# bounded by the limit.
+# session never holds more than its capacity, and an expired one claims nothing; an id with no
+# session row claims up to the limit (tests, tools) or, when %(unbound)s is 0, nothing.
 CLAIM = render(
     sql.SQL(
         """
 WITH room AS (
-    SELECT greatest(0, s.capacity - (
+    SELECT CASE WHEN s.expires_at > now() THEN greatest(0, s.capacity - (
         SELECT count(*) FROM inferq.task h
-        WHERE h.claimed_by = s.id AND h.status IN ('claimed', 'running'))) AS n
+        WHERE h.claimed_by = s.id AND h.status IN ('claimed', 'running'))) ELSE 0 END AS n
     FROM inferq.worker_session s WHERE s.id = %(session)s
 ), picked AS (
     SELECT id FROM inferq.task
     WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
     ORDER BY priority DESC, created_at, id
-    LIMIT least(%(limit)s, coalesce((SELECT n FROM room), %(limit)s))
+    LIMIT least(%(limit)s, coalesce((SELECT n FROM room), %(unbound)s))
     FOR UPDATE SKIP LOCKED
 )
 UPDATE inferq.task t
@@ -554,14 +554,29 @@ class TaskRepository:
     # -- worker side ------------------------------------------------------------------------
 
     async def claim(
-        self, session_id: UUID, pools: Sequence[str], *, limit: int, lease_s: float
+        self,
+        session_id: UUID,
+        pools: Sequence[str],
+        *,
+        limit: int,
+        lease_s: float,
+        bound: bool = False,
     ) -> list[Task]:
-        """Claim up to ``limit`` pending tasks of ``pools`` (priority, then FIFO)."""
+        """Claim up to ``limit`` pending tasks of ``pools`` (priority, then FIFO), within the
+        session's capacity. An expired session claims nothing; so does a missing one when
+        ``bound`` (the worker API: the statement itself then vouches that the session lives),
+        while without it an id with no session row is bounded by ``limit`` alone."""
         if limit <= 0:
             return []
         return await self._all(
             CLAIM,
-            {"session": session_id, "pools": list(pools), "limit": limit, "lease_s": lease_s},
+            {
+                "session": session_id,
+                "pools": list(pools),
+                "limit": limit,
+                "lease_s": lease_s,
+                "unbound": 0 if bound else limit,
+            },
         )
 
     async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
