@@ -38,7 +38,10 @@ class AppendResult:
 # The most chunks one row holds. Bounding a run is what lets a reader find its next chunk by
 # an index range instead of scanning every row of the attempt: a row holding seq s starts
 # after s - MAX_RUN, so "the rows after seq n" are the rows with first_seq > n - MAX_RUN.
-MAX_RUN = 32
+# (Rows stored by a version without this bound, during a rolling upgrade, may be longer: a
+# reader resuming more than MAX_RUN chunks inside one of them would miss its rest. Readers
+# normally stand at a row's end, since they read whole rows.)
+MAX_RUN = 8
 
 # Tasks per CHUNK notification: an item is at most ~70 bytes ("uuid", two int4s, separators),
 # so a payload stays below channels.MAX_PAYLOAD_BYTES.
