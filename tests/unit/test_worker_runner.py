@@ -452,3 +452,20 @@ async def test_outcomes_fall_back_to_the_single_routes(
     assert daemon.outcomes == {i: ("complete", {"echo": i}) for i in ids}
     assert daemon.calls.count("POST tasks/*/complete") == 3
     assert worker.outcomes.batched is (refusal != 404)
+
+
+async def test_a_call_carries_at_most_max_bytes_of_outcomes(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    ids = daemon.add(4)
+
+    async def big(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        return "x" * 100
+
+    worker, run = await start(client, big, capacity=4)
+    worker.outcomes.max_bytes = 150  # one outcome per call
+    await daemon.until(lambda: len(daemon.outcomes) == 4)
+    worker.stop()
+    await run
+    assert daemon.outcomes == {i: ("complete", "x" * 100) for i in ids}
+    assert daemon.calls.count("POST sessions/*/outcomes") == 4

@@ -159,20 +159,22 @@ class WorkerClient:
         return TaskOut.model_validate(answer)
 
     async def outcomes(
-        self, session_id: UUID, items: Sequence[dict[str, Any]], claim: int = 0
+        self, session_id: UUID, items: Sequence[dict[str, Any] | bytes], claim: int = 0
     ) -> tuple[list[dict[str, Any]], list[WorkerTask]]:
         """End many held tasks in one call; optionally claim up to ``claim`` more at once.
 
         ``items`` are ``{"task_id", "attempt", "response"}`` (complete) or ``{"task_id",
-        "attempt", "error"}`` (fail). Returns one result per item, in order, each with the
-        ``status_code`` its single route would have answered (``error`` set when >= 400), and
-        the tasks claimed. Raises for the call as a whole (session gone, refused body).
-        Most workers let :class:`inferq.worker.OutcomeBatcher` make this call.
+        "attempt", "error"}`` (fail), as dicts or already encoded (:func:`encode_outcome`).
+        Returns one result per item, in order, each with the ``status_code`` its single route
+        would have answered (``error`` set when >= 400), and the tasks claimed. Raises for the
+        call as a whole (session gone, refused body). Most workers let
+        :class:`inferq.worker.OutcomeBatcher` make this call.
         """
+        encoded = b",".join(i if isinstance(i, bytes) else _dumps(i) for i in items)
         answer = await self._call(
             "POST",
             f"/v1/worker/sessions/{session_id}/outcomes",
-            content=_dumps({"outcomes": items, "claim": claim}),
+            content=b'{"outcomes":[' + encoded + b'],"claim":%d}' % claim,
         )
         tasks = [WorkerTask.model_validate(t) for t in answer.get("tasks", ())]
         return answer["results"], tasks
@@ -229,6 +231,14 @@ class WorkerClient:
             log.warning("request_retried", method=method, path=path, problem=problem, delay_s=delay)
             await asyncio.sleep(delay)
         raise WorkerApiError("unreachable")  # pragma: no cover - the loop above always exits
+
+
+def encode_outcome(task: WorkerTask, response: JsonValue = None, error: str | None = None) -> bytes:
+    """One item of :meth:`WorkerClient.outcomes` as JSON: ``error`` fails the task, else
+    ``response`` completes it."""
+    if error is not None:
+        return _dumps({"task_id": task.id, "attempt": task.attempt, "error": error})
+    return _dumps({"task_id": task.id, "attempt": task.attempt, "response": response})
 
 
 def _dumps(content: Any) -> bytes:

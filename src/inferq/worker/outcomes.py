@@ -5,7 +5,9 @@ Design decisions:
   ``call_soon``, and everything queued before that callback runs (tasks that were claimed
   together finish in the same tick) rides along. A lone task is never held back.
 - At most ``max_in_flight`` calls are on the wire; outcomes that arrive meanwhile wait for a
-  free slot, so under load batches grow by themselves instead of requests multiplying.
+  free slot, so under load batches grow by themselves instead of requests multiplying. A call
+  carries at most ``max_items`` outcomes and ``max_bytes`` of them (each is encoded once, when
+  it is queued), well under the daemon's body limit (INFERQ_MAX_BODY_BYTES, 1 MiB).
 - Each caller awaits its own item's answer and gets exactly what the single route would have
   raised (LeaseLostError, TaskNotFoundError ...), so the runner cannot tell the difference.
 - A call refused as a whole for its body (400/413/422: one response nests too deep, a NUL, too
@@ -28,7 +30,7 @@ from typing import Any
 from uuid import UUID
 
 from inferq.wire import JsonValue, WorkerTask
-from inferq.worker.client import WorkerClient
+from inferq.worker.client import WorkerClient, encode_outcome
 from inferq.worker.errors import WorkerApiError, error_for
 
 _WHOLE_BODY_REFUSED = frozenset({400, 413, 415, 422})
@@ -41,11 +43,7 @@ class _Item:
     response: JsonValue
     error: str | None
     future: asyncio.Future[dict[str, Any]]
-
-    def wire(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"task_id": self.task.id, "attempt": self.task.attempt, "error": self.error}
-        return {"task_id": self.task.id, "attempt": self.task.attempt, "response": self.response}
+    wire: bytes = b""
 
 
 class OutcomeBatcher:
@@ -58,12 +56,14 @@ class OutcomeBatcher:
         *,
         max_in_flight: int = 4,
         max_items: int = 256,
+        max_bytes: int = 512 * 1024,
         claim_room: Callable[[UUID, int], int] | None = None,
         on_claimed: Callable[[list[WorkerTask], UUID], None] | None = None,
     ) -> None:
         self.client = client
         self.max_in_flight = max_in_flight
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self.claim_room = claim_room
         self.on_claimed = on_claimed
         self.batched = True  # False once the daemon turned out not to know the route
@@ -93,6 +93,7 @@ class OutcomeBatcher:
     ) -> None:
         loop = asyncio.get_running_loop()
         item = _Item(task, session_id, response, error, loop.create_future())
+        item.wire = encode_outcome(task, response, error)
         self._queue.append(item)
         self._schedule()
         await item.future
@@ -109,7 +110,15 @@ class OutcomeBatcher:
             return
         # One call per session: the session id is in the route.
         sid = self._queue[0].session_id
-        batch = [i for i in self._queue if i.session_id == sid][: self.max_items]
+        batch: list[_Item] = []
+        size = 0
+        for item in self._queue:
+            if item.session_id != sid:
+                continue
+            if batch and (len(batch) == self.max_items or size + len(item.wire) > self.max_bytes):
+                break
+            batch.append(item)
+            size += len(item.wire)
         taken = {id(i) for i in batch}
         self._queue = [i for i in self._queue if id(i) not in taken]
         call = asyncio.create_task(self._post(sid, batch), name="inferq-outcomes")
@@ -138,7 +147,7 @@ class OutcomeBatcher:
         room = self.claim_room(sid, len(batch)) if self.claim_room is not None else 0
         self.calls += 1
         try:
-            results, claimed = await self.client.outcomes(sid, [i.wire() for i in batch], room)
+            results, claimed = await self.client.outcomes(sid, [i.wire for i in batch], room)
         except WorkerApiError as exc:
             if exc.status in (404, 405) and exc.code in ("route_not_found", "method_not_allowed"):
                 self.batched = False  # an older daemon: the single routes from now on
