@@ -126,6 +126,25 @@ class Metrics:
             "inferq_listener_up", "1 while the LISTEN connection is healthy", registry=r
         )
 
+        # The labelled children of the per-request metrics, by label values: labels() checks
+        # and locks on every call, a dict lookup is enough for the few routes and statuses.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def record_request(self, method: str, route: str, status: int, elapsed_s: float) -> None:
+        """Count one answered HTTP request and observe its duration."""
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            if len(self._request_children) > 10_000:
+                self._request_children.clear()
+            children = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_seconds.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed_s)
+
     def set_queue(self, stats: QueueStats) -> None:
         """Replace the database-derived gauges with a fresh read."""
         self.tasks.clear()

@@ -124,6 +124,7 @@ def check_pools(token: ApiToken, pools: Iterable[str]) -> None:
 
 
 CLIENT = Role("client")
+WORKER = Role("worker")
 client_token = requires("client")
 worker_token = requires("worker")
 admin_token = requires("admin")

@@ -11,8 +11,9 @@ no context manager for the log binding, no receive wrapper for a body of declare
 
 from __future__ import annotations
 
+import logging
+import random
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from inferq.api.direct import DirectRoutes
 
 log = structlog.get_logger("inferq.api")
+_stdlib_log = logging.getLogger("inferq.api")
 
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -54,9 +56,9 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id = _header(scope, b"x-request-id") or _request_id()
         if len(request_id) > 200 or not request_id.isprintable():
-            request_id = uuid.uuid4().hex
+            request_id = _request_id()
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -132,8 +134,9 @@ class RequestMiddleware:
         route: Any = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
-        self.metrics.http_requests.labels(method, template, str(status)).inc()
-        self.metrics.http_seconds.labels(template).observe(elapsed_s)
+        self.metrics.record_request(method, template, status, elapsed_s)
+        if not _stdlib_log.isEnabledFor(logging.INFO):
+            return  # at warning level (or above) the line would be dropped anyway
         if scope.get("path") in _QUIET and status < 400:
             return
         log.info(
@@ -144,6 +147,12 @@ class RequestMiddleware:
             status=status,
             duration_ms=round(elapsed_s * 1000, 2),
         )
+
+
+def _request_id() -> str:
+    # 128 random bits as 32 hex digits, like uuid4().hex, without a getrandom() system call
+    # per request: an id correlates log lines, it guards nothing.
+    return f"{random.getrandbits(128):032x}"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
