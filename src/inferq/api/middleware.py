@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from inferq.api.direct import DirectRoutes
 
 log = structlog.get_logger("inferq.api")
-_stdlib_log = logging.getLogger("inferq.api")
 
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -135,7 +134,7 @@ class RequestMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
         self.metrics.record_request(method, template, status, elapsed_s)
-        if not _stdlib_log.isEnabledFor(logging.INFO):
+        if not log.is_enabled_for(logging.INFO):
             return  # at warning level (or above) the line would be dropped anyway
         if scope.get("path") in _QUIET and status < 400:
             return
