@@ -162,9 +162,6 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
             log_config=None,
             access_log=False,
             server_header=False,
-            # Nothing reads the client address, and the proxy-headers wrapper would be one
-            # more frame held by every open long-poll.
-            proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
         server = DrainingServer(config, replica)
