@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -155,3 +159,52 @@ async def test_errors_are_httpx_transport_errors(serve: Serve) -> None:
         silent.answer = lambda head: fixed(b"late but fine")
         assert (await http.get(silent.url)).text == "late but fine"
     assert silent.connections == 2
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key (the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    args += ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_with_a_verified_certificate(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    server = Server(lambda head: fixed(b"over tls"))
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_tls)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(transport=AsyncioTransport(verify=trusting)) as http:
+            assert (await http.get(f"https://localhost:{port}/")).text == "over tls"
+            assert (await http.get(f"https://localhost:{port}/")).text == "over tls"
+        assert server.connections == 1
+        # The default verification refuses a certificate nobody vouches for.
+        async with httpx.AsyncClient(transport=AsyncioTransport()) as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"https://localhost:{port}/")
+    finally:
+        listener.close()
+        for w in server.writers:
+            w.close()
+
+
+def test_a_configured_proxy_keeps_httpx_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferq.worker.client import _default_transport
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    assert isinstance(_default_transport("https://inferq.example"), AsyncioTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _default_transport("https://inferq.example") is None  # httpx's, with the proxy
+    assert isinstance(_default_transport("http://inferq.example"), AsyncioTransport)
+    monkeypatch.setenv("NO_PROXY", "inferq.example")
+    assert isinstance(_default_transport("https://inferq.example"), AsyncioTransport)

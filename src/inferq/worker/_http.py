@@ -7,13 +7,14 @@ machinery, and a readability probe (a select() call) of every pooled connection 
 request. This transport keeps httpx's client API, retries and error classes and does the wire
 work directly: an asyncio Protocol per connection that parses the answer as bytes arrive.
 
-What it supports: HTTP/1.1 keep-alive with a bounded pool per origin, TLS (https URLs, with the
-same verification as httpx's default: certifi or the system store via ``ssl`` defaults),
-``Content-Length``, chunked and close-delimited answers, ``Connection: close``, and httpx's
-connect/read/write/pool timeouts. What it does not: HTTP/2, proxies, 1xx interim answers
-other than skipping them, response streaming (the whole body is read before returning), which
-is all the worker API needs. Errors are httpx's: ConnectError, ConnectTimeout, ReadTimeout,
-WriteError, RemoteProtocolError, PoolTimeout (so the client's retry logic sees what it knows).
+What it supports: HTTP/1.1 keep-alive with a bounded pool per origin; TLS with httpx's own SSL
+context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR); ``Content-Length``, chunked and
+close-delimited answers; ``Connection: close``; httpx's connect and pool timeouts, and its read
+timeout as one deadline for the whole answer (answers are small). What it does not: HTTP/2,
+proxies (WorkerClient keeps httpx's own transport when one is configured), response streaming
+(the whole body is read before returning), 1xx answers other than skipping them: nothing the
+worker API needs. Errors are httpx's: ConnectError, ConnectTimeout, ReadTimeout, WriteError,
+RemoteProtocolError, PoolTimeout, so the client's retry logic sees what it knows.
 A connection whose request was interrupted (cancelled, timed out) is closed, never reused; a
 pooled connection the server closed is noticed by connection_lost and dropped before reuse.
 """
@@ -213,18 +214,8 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            context = ssl.create_default_context()
-            if not self._verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            else:
-                try:
-                    import certifi
-
-                    context.load_verify_locations(certifi.where())
-                except ImportError:  # pragma: no cover - certifi comes with httpx
-                    pass
-            self._ssl = context
+            # httpx's own: certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set.
+            self._ssl = httpx.create_ssl_context(verify=self._verify)
         return self._ssl
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

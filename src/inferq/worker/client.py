@@ -8,8 +8,9 @@ are keyed by (attempt, seq), complete/fail are idempotent with the same payload,
 start is recognised below.
 
 Requests go through httpx's client with ``AsyncioTransport`` (``inferq.worker._http``) instead
-of httpx's default httpcore transport: about a third of the CPU per request. Pass
-``transport=`` to use another one (httpx.AsyncHTTPTransport() for proxies or HTTP/2).
+of httpx's default httpcore transport: about a third of the CPU per request. When the
+environment configures a proxy for the daemon's URL, httpx's own transport (which honours it)
+is kept. Pass ``transport=`` to choose (httpx.AsyncHTTPTransport() for HTTP/2).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -75,7 +77,7 @@ class WorkerClient:
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "inferq-worker"},
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            transport=transport or AsyncioTransport(max_connections=MAX_CONNECTIONS),
+            transport=transport or _default_transport(base_url),
         )
         # Requests are built here and handed to send(): httpx's build_request merges the base
         # URL (parsing it again) and the client headers on every call, ~40% of its own cost.
@@ -250,6 +252,18 @@ class WorkerClient:
                 self._urls.clear()
             url = self._urls[path] = httpx.URL(self._base + path)
         return url
+
+
+def _default_transport(base_url: str) -> httpx.AsyncBaseTransport | None:
+    """AsyncioTransport, or None (httpx's own, with its proxy support) when the environment
+    configures a proxy for ``base_url`` (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY)."""
+    url = httpx.URL(base_url)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
+        url.host
+    ):
+        return None
+    return AsyncioTransport(max_connections=MAX_CONNECTIONS)
 
 
 def encode_outcome(task: WorkerTask, response: JsonValue = None, error: str | None = None) -> bytes:
