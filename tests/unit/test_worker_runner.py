@@ -32,7 +32,8 @@ class FakeDaemon:
         self.cancelled: set[str] = set()
         self.calls: list[str] = []
         self.unavailable = 0  # answer this many next requests with 503
-        self.outcomes_route: int | None = None  # refuse the outcomes route with this status
+        # Refuse the outcomes route with this status; -1: never answer it.
+        self.outcomes_route: int | None = None
         self.new_work = asyncio.Event()
         self.changed = asyncio.Event()
 
@@ -89,6 +90,8 @@ class FakeDaemon:
                     self.release(t)
                 del self.sessions[sid]
                 return httpx.Response(200, json={"released": len(mine)})
+            if parts[2] == "outcomes" and self.outcomes_route == -1:
+                await asyncio.Event().wait()  # a daemon that never answers
             if parts[2] == "outcomes" and self.outcomes_route == 404:
                 return _error(404, "route_not_found")
             if parts[2] == "outcomes" and self.outcomes_route:
@@ -469,3 +472,16 @@ async def test_a_call_carries_at_most_max_bytes_of_outcomes(
     await run
     assert daemon.outcomes == {i: ("complete", "x" * 100) for i in ids}
     assert daemon.calls.count("POST sessions/*/outcomes") == 4
+
+
+async def test_stop_does_not_wait_past_the_grace_for_an_unanswered_outcome(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    daemon.outcomes_route = -1
+    (task_id,) = daemon.add()
+    worker, run = await start(client, ok, grace_s=0.05)
+    await daemon.until(lambda: "POST sessions/*/outcomes" in daemon.calls)
+    worker.stop()
+    await asyncio.wait_for(run, 10)  # a backstop: stop() must return, not hang on the call
+    assert daemon.calls[-1] == "DELETE sessions/*"
+    assert daemon.outcomes[task_id] == ("released", None)  # the unbind gave it back

@@ -80,13 +80,26 @@ class OutcomeBatcher:
         """End the task in error with ``message``. Raises what ``client.fail`` would raise."""
         await self._submit(task, session_id, None, message)
 
-    async def aclose(self) -> None:
-        """Wait for the calls on the wire (their callers may have gone)."""
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Wait for the calls on the wire (their callers may have gone), at most
+        ``timeout_s``; then cancel what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while self._in_flight or self._queue:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
             if self._in_flight:
-                await asyncio.wait(self._in_flight)
+                await asyncio.wait(self._in_flight, timeout=remaining)
             else:
                 await asyncio.sleep(0)
+        for item in self._queue:
+            item.future.cancel()
+        self._queue.clear()
+        calls = list(self._in_flight)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
 
     async def _submit(
         self, task: WorkerTask, session_id: UUID, response: JsonValue, error: str | None

@@ -136,7 +136,7 @@ class Worker:
             await self._drain()
             beater.cancel()
             await asyncio.gather(claimer, beater, return_exceptions=True)
-            await self.outcomes.aclose()
+            await self.outcomes.aclose(self.grace_s)
             await self._drain()  # what the last outcome calls claimed on their way back
             await self._unbind()
         for loop_task in (claimer, beater):
