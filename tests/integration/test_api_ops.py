@@ -132,6 +132,45 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
     assert statuses == {"cancelled"}
 
 
+async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone(
+    app: tuple[Server, Tokens],
+) -> None:
+    # guarded() runs the wait in the caller's own task and cancels that task on drain.
+    from inferq.api.errors import ShuttingDown
+
+    server, _ = app
+    ctx = server.replica.ctx
+    assert ctx is not None
+    parked = asyncio.Event()
+
+    async def forever() -> None:
+        parked.set()
+        await asyncio.sleep(3600)
+
+    # A cancellation that is not the drain's (a server stopping) stays a cancellation.
+    stopped = asyncio.create_task(ctx.guarded(forever()))
+    await parked.wait()
+    stopped.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopped
+
+    async def drained_then_more() -> str:
+        with pytest.raises(ShuttingDown):
+            await ctx.guarded(forever())
+        # No cancellation is left on the task: what runs next in it (the error answer) is
+        # not cut short, and timeouts and task groups in it still tell theirs apart.
+        current = asyncio.current_task()
+        assert current is not None and current.cancelling() == 0
+        await asyncio.sleep(0.01)
+        return "carried on"
+
+    parked.clear()
+    task = asyncio.create_task(drained_then_more())
+    await parked.wait()
+    ctx.drain.start()
+    assert await task == "carried on"
+
+
 async def test_startup_refuses_a_database_that_is_behind(
     settings: Settings, empty_dsn: str
 ) -> None:
