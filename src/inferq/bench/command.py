@@ -86,6 +86,7 @@ FIGURES = [
     Figure("http.p99_ms", "HTTP sync chat completion under load, p99", "ms"),
     Figure("http.p50_1_client_ms", "HTTP sync chat completion, 1 client, p50", "ms", ("<=", 15)),
     Figure("http.server_cpu_ms_per_task", "replicas + workers CPU per HTTP task", "ms"),
+    Figure("http.loadgen_cpu_ms_per_request", "  load generator CPU per request", "ms"),
     Figure("memory.rss_idle_mib", "replica RSS, idle", "MiB"),
     Figure("memory.rss_waits_mib", "replica RSS with the open waits", "MiB"),
     Figure("memory.bytes_per_open_wait", "RSS per open HTTP wait", "B", ("<=", 10240)),

@@ -115,9 +115,7 @@ def measure_http(
             _load(urls, setup, requests=requests, clients=clients, pids=pids)
         )
     figures["http.p50_1_client_ms"] = alone["http.p50_ms"]
-    # Shown here; returned as a figure once bench/command.py lists the key in FIGURES (a key
-    # it does not know fails the run).
-    loadgen_ms = figures.pop("http.loadgen_cpu_ms_per_request")
+    loadgen_ms = figures["http.loadgen_cpu_ms_per_request"]
     progress(
         f"    {figures['http.tasks_per_s']:,.0f} tasks/s, p50 {figures['http.p50_ms']:.1f} ms; "
         f"one client alone: p50 {alone['http.p50_ms']:.1f} ms; load generator "
