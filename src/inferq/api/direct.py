@@ -6,8 +6,8 @@ request for as long as it waited, and cost CPU on every call. The routes below a
 declared in FastAPI (the OpenAPI document lists them, and they answer any request this table
 does not take), but a request that matches here is answered by the same route code, called
 directly: same authentication, error table, body limit and request log and metrics (the
-request middleware wraps both). The hot routes are the client's wait and completions and the
-worker's claim and outcomes. Anything unusual (a query string other than one plain
+request middleware wraps both). The hot routes are the client's submit, wait and completions
+and the worker's claim and outcomes. Anything unusual (a query string other than one plain
 ``timeout``, a root path) is left to FastAPI, so its validation errors stay word for word.
 """
 
@@ -35,8 +35,8 @@ _SESSIONS = "/v1/worker/sessions/"
 # What FastAPI parses into the same float without a question: digits, an optional fraction.
 _TIMEOUT = re.compile(rb"timeout=([0-9]{1,12}(?:\.[0-9]{0,12})?)", re.ASCII)
 
-# What answer() runs for a match.
-_WAIT, _COMPLETE, _CLAIM, _OUTCOMES = range(4)
+# What answer() runs for a match (client routes first).
+_WAIT, _COMPLETE, _SUBMIT, _CLAIM, _OUTCOMES = range(5)
 
 
 class DirectRoutes:
@@ -53,9 +53,11 @@ class DirectRoutes:
             for m in r.methods or ()
         }
         self._wait_route = routes[("/v1/tasks/{task_id}/wait", "GET")]
+        chat, text = "/v1/chat/completions", "/v1/completions"
         self._posts = {
-            "/v1/chat/completions": (routes[("/v1/chat/completions", "POST")], "messages"),
-            "/v1/completions": (routes[("/v1/completions", "POST")], "prompt"),
+            chat: (routes[(chat, "POST")], _COMPLETE, "messages"),
+            text: (routes[(text, "POST")], _COMPLETE, "prompt"),
+            "/v1/tasks": (routes[("/v1/tasks", "POST")], _SUBMIT, None),
         }
         self._session_posts = {
             "/claim": (routes[(_SESSIONS + "{session_id}/claim", "POST")], _CLAIM),
@@ -76,7 +78,7 @@ class DirectRoutes:
             found = self._posts.get(path)
             if found is not None:
                 scope["route"] = found[0]
-                return _COMPLETE, found[1]
+                return found[1], found[2]
             if not path.startswith(_SESSIONS):
                 return None
             session_id, slash, action = path[len(_SESSIONS) :].partition("/")
@@ -109,13 +111,16 @@ class DirectRoutes:
         kind, arg = found
         response: Response
         try:
-            role = CLIENT if kind <= _COMPLETE else WORKER
+            role = CLIENT if kind <= _SUBMIT else WORKER
             token = await role.authorize(ctx.auth, request.headers.get("authorization"))
             if kind == _WAIT:
                 response = await tasks.wait_answer(ctx, token, request, *arg)
             elif kind == _COMPLETE:
                 key = request.headers.get("idempotency-key")
                 response = await openai.complete(ctx, token, request, arg, key)
+            elif kind == _SUBMIT:
+                key = request.headers.get("idempotency-key")
+                response = await tasks.submit_answer(ctx, token, request, key)
             elif kind == _CLAIM:
                 response = await worker.claim_answer(ctx, token, request, arg)
             else:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 
 from inferq.api.auth import client_token
-from inferq.api.body import documented, json_body
+from inferq.api.body import documented, read_document, validate
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidRequest, error_body
 from inferq.api.render import INT4_MAX, json_response, parse_task_id, task_json
@@ -76,9 +76,18 @@ async def submit_task(
 async def submit(
     ctx: Ctx,
     token: Client,
-    body: Annotated[SubmitRequest, Depends(json_body(SubmitRequest))],
+    request: Request,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
+    return await submit_answer(ctx, token, request, idempotency_key)
+
+
+async def submit_answer(
+    ctx: ApiContext, token: ApiToken, request: Request, idempotency_key: str | None
+) -> Response:
+    """The submit route's answer, with the body read here (also served directly, see
+    inferq.api.direct)."""
+    body = validate(SubmitRequest, await read_document(request))
     names = [n for n in (body.model, body.llm, body.pool) if n is not None]
     if len(names) != 1:
         raise InvalidRequest("name exactly one of `model`, `llm` or `pool`", param="model")
