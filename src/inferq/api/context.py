@@ -59,6 +59,13 @@ class Drain:
         if self.draining:
             raise ShuttingDown(retry_after_s=self.retry_after_s)
 
+    def watch(self, wait: Interruption) -> None:
+        """Interrupt ``wait`` when the drain starts (until ``unwatch``)."""
+        self._waits.add(wait)
+
+    def unwatch(self, wait: Interruption) -> None:
+        self._waits.discard(wait)
+
 
 DRAINED = "drained"
 GONE = "gone"
@@ -248,7 +255,7 @@ class ApiContext:
         task = asyncio.current_task()
         assert task is not None
         stop = Interruption(task)
-        drain._waits.add(stop)
+        drain.watch(stop)
         watcher = None
         if request is not None:
             watcher = asyncio.ensure_future(_watch_disconnect(request.receive, stop))
@@ -264,7 +271,7 @@ class ApiContext:
                 raise ClientGone() from None
             raise ShuttingDown(retry_after_s=drain.retry_after_s) from None
         finally:
-            drain._waits.discard(stop)
+            drain.unwatch(stop)
             if watcher is not None:
                 watcher.cancel()
         if stop.reason is not None:
