@@ -123,6 +123,41 @@ async def test_complete_is_idempotent(app: tuple[Server, Tokens]) -> None:
     assert other.status_code == 409
 
 
+async def test_a_task_of_a_pool_the_token_may_not_serve_is_not_found(
+    app: tuple[Server, Tokens],
+) -> None:
+    """A refused write never shows a task of another pool: 404 as for a missing id, not the
+    409 with the current task that the task's own worker gets."""
+    server, tokens = app
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        [tid] = await submit(http, tokens)
+        holder = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()
+        assert [t["id"] for t in holder["tasks"]] == [tid]
+        http.headers.update(auth(tokens.worker_other))
+        other = (await http.post("/v1/worker/sessions", json={"pools": ["other"]})).json()
+        sid = other["session_id"]
+        body = {"session_id": sid, "attempt": 1, "response": {"stolen": True}}
+        single = await http.post(f"/v1/worker/tasks/{tid}/complete", json=body)
+        started = await http.post(
+            f"/v1/worker/tasks/{tid}/start", json={"session_id": sid, "attempt": 1}
+        )
+        item = {"task_id": tid, "attempt": 1, "response": {}}
+        batch = await http.post(f"/v1/worker/sessions/{sid}/outcomes", json={"outcomes": [item]})
+        # The holder's own stale write still gets the 409 with the task.
+        http.headers.update(auth(tokens.worker))
+        stale = await http.post(
+            f"/v1/worker/tasks/{tid}/complete",
+            json={"session_id": holder["session_id"], "attempt": 2, "response": {}},
+        )
+    for r in (single, started):
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "task_not_found"
+        assert "task" not in r.json()["error"]
+    [result] = batch.json()["results"]
+    assert result["status_code"] == 404 and result["task"] is None
+    assert stale.status_code == 409 and stale.json()["error"]["task"]["id"] == tid
+
+
 async def test_another_owners_session_is_not_found(app: tuple[Server, Tokens], dsn: str) -> None:
     server, tokens = app
     async with httpx.AsyncClient(base_url=server.url) as http:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import orjson
@@ -36,7 +37,7 @@ from inferq.api.render import (
 from inferq.db.tasks import Finished, Outcome
 from inferq.db.tokens import ApiToken
 from inferq.domain.task import Task
-from inferq.errors import SessionNotFound
+from inferq.errors import SessionNotFound, TaskError, TaskNotFound
 from inferq.wire import (
     BindRequest,
     ChunksRequest,
@@ -47,6 +48,8 @@ from inferq.wire import (
     Holder,
     OutcomesRequest,
 )
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v1/worker", tags=["worker"])
 
@@ -62,6 +65,22 @@ def _parse_session_id(raw: str) -> UUID:
         return UUID(raw)
     except ValueError:
         raise SessionNotFound(f"worker session {raw[:64]!r} does not exist; bind again") from None
+
+
+async def _held(token: ApiToken, write: Awaitable[T]) -> T:
+    """``write``'s result. A refusal that names a task of a pool this token may not serve is
+    404, like a missing task: its 409 would show another pool's task to this worker."""
+    try:
+        return await write
+    except TaskError as exc:
+        raise _scoped(exc, token) from None
+
+
+def _scoped(exc: Exception, token: ApiToken) -> Exception:
+    task = getattr(exc, "task", None)
+    if isinstance(task, Task) and not token.may_serve(task.pool_name):
+        return TaskNotFound(f"task {task.id} not found")
+    return exc
 
 
 def _claimed(ctx: ApiContext, tasks: list[Task]) -> list[dict[str, object]]:
@@ -206,7 +225,7 @@ async def start(
 ) -> Response:
     tid = parse_task_id(task_id)
     await ctx.check_session(body.session_id, token)
-    task = await ctx.tasks.start(tid, body.session_id, body.attempt)
+    task = await _held(token, ctx.tasks.start(tid, body.session_id, body.attempt))
     return json_response(worker_task_json(task))
 
 
@@ -228,7 +247,9 @@ async def chunks(
         raise InvalidBody(f"attempt and seq must be at most {INT4_MAX}", param="chunks")
     await ctx.check_session(body.session_id, token)
     items = [(c.seq, dumps(c.data).decode()) for c in body.chunks]
-    last_seq = await ctx.service.post_chunks(tid, body.session_id, body.attempt, items)
+    last_seq = await _held(
+        token, ctx.service.post_chunks(tid, body.session_id, body.attempt, items)
+    )
     return json_response({"last_seq": last_seq})
 
 
@@ -245,7 +266,7 @@ async def complete(
 ) -> Response:
     tid = parse_task_id(task_id)
     await ctx.check_session(body.session_id, token)
-    task = await ctx.tasks.complete(tid, body.session_id, body.attempt, body.response)
+    task = await _held(token, ctx.tasks.complete(tid, body.session_id, body.attempt, body.response))
     return json_response(task_json(task))
 
 
@@ -262,7 +283,7 @@ async def fail(
 ) -> Response:
     tid = parse_task_id(task_id)
     await ctx.check_session(body.session_id, token)
-    task = await ctx.tasks.fail(tid, body.session_id, body.attempt, body.message)
+    task = await _held(token, ctx.tasks.fail(tid, body.session_id, body.attempt, body.message))
     return json_response(task_json(task))
 
 
@@ -276,8 +297,9 @@ async def release(
 ) -> Response:
     tid = parse_task_id(task_id)
     await ctx.check_session(body.session_id, token)
-    task = await ctx.tasks.release(
-        tid, body.session_id, body.attempt, reason="its worker released it"
+    task = await _held(
+        token,
+        ctx.tasks.release(tid, body.session_id, body.attempt, reason="its worker released it"),
     )
     return json_response(task_json(task))
 
@@ -300,7 +322,10 @@ async def outcomes_answer(
     pools = await ctx.check_session(sid, token)
     items = [Outcome(o.task_id, o.attempt, o.response, o.error) for o in body.outcomes]
     finished = await ctx.tasks.finish_many(sid, items)
-    results = [_outcome_json(o.task_id, r) for o, r in zip(items, finished, strict=True)]
+    results = [
+        _outcome_json(o.task_id, r if isinstance(r, Finished) else _scoped(r, token))
+        for o, r in zip(items, finished, strict=True)
+    ]
     tasks: list[Task] = []
     if body.claim and not ctx.drain.draining:
         # Only a live session takes work (the statement checks). A session that just expired
