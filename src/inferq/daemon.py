@@ -32,6 +32,7 @@ from inferq.db.migrations import Migrator
 from inferq.db.pool import Pool, create_pool
 from inferq.maintenance import Maintenance
 from inferq.relay import ChunkRelay
+from inferq.runtime import freeze_startup_heap
 from inferq.service import TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -165,6 +166,7 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
         server = DrainingServer(config, replica)
+        freeze_startup_heap()
         log.info("server_started", url=f"http://{host}:{port}")
         await server.serve()
 

@@ -218,6 +218,9 @@ class TaskService:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
+                # Not kept while parked (a row with its request is ~1 KB per open wait): the
+                # loop reads it again after every wake-up, the deadline's included.
+                del task
                 await waiter.wait(remaining)
                 waiter.take()
                 task = await self._reload(task_id)

@@ -91,6 +91,9 @@ async def complete(
         ctx.release_wait(token)
         raise
     task_id = enqueued.task.id
+    # The request is stored; a sync call may wait for minutes, so its parsed body and the
+    # stored row are not kept alive meanwhile.
+    del doc, enqueued
     headers = {"X-Inferq-Task-Id": str(task_id)}
     abandon = _abandon(ctx, task_id, token.owner_id)
     if stream:

@@ -27,6 +27,7 @@ import orjson
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
 from inferq.logs import configure_logging
+from inferq.runtime import freeze_startup_heap
 from inferq.service import ChunkEvent, StatusEvent, TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -50,7 +51,9 @@ class Stack:
         hub = Hub()
         listener = Listener(settings, hub)
         await listener.start()
-        return cls(settings, pool, hub, listener, TaskService(pool, settings, hub=hub))
+        stack = cls(settings, pool, hub, listener, TaskService(pool, settings, hub=hub))
+        freeze_startup_heap()  # as `inferq serve` does once started
+        return stack
 
     async def close(self) -> None:
         await self.service.stop()

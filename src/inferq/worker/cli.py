@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from inferq.runtime import freeze_startup_heap
 from inferq.worker.backends import EchoBackend, OpenAIBackend
 from inferq.worker.client import WorkerClient
 from inferq.worker.errors import AuthenticationError, UnavailableError, WorkerApiError
@@ -63,6 +64,7 @@ async def _serve(args: argparse.Namespace, grace_s: float) -> None:
             client, args.pool, backend, capacity=args.capacity, name=args.name, grace_s=grace_s
         )
         _install_signals(worker)
+        freeze_startup_heap()
         log.info(
             "worker_started",
             url=args.url,
