@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import platform
 import signal
@@ -90,6 +91,7 @@ FIGURES = [
     Figure("memory.rss_idle_mib", "replica RSS, idle", "MiB"),
     Figure("memory.rss_waits_mib", "replica RSS with the open waits", "MiB"),
     Figure("memory.bytes_per_open_wait", "RSS per open HTTP wait", "B", ("<=", 10240)),
+    Figure("memory.uvicorn_floor_bytes_per_request", "  bare uvicorn app, per parked request", "B"),
 ]
 
 
@@ -135,6 +137,7 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     # SIGTERM unwinds like Ctrl-C, so the private cluster, the scratch database and the
     # replica processes are cleaned up by the finally blocks instead of being left running.
     signal.signal(signal.SIGTERM, _terminate)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness probe otherwise
     runs = 1 if args.quick else max(1, args.runs)
     sizes = Sizes.for_mode(args.quick)
     only = frozenset(getattr(args, "only", None) or ())

@@ -137,7 +137,44 @@ def measure_wait_memory(
     env["INFERQ_SAFETY_POLL_S"] = "3600"
     with _processes() as procs:
         (url,) = _start_replicas(procs, 1, env)
-        return dict(_run_async(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress)))
+        figures = dict(
+            _run_async(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress))
+        )
+    figures["memory.uvicorn_floor_bytes_per_request"] = _uvicorn_floor(open_waits, progress)
+    return figures
+
+
+def _uvicorn_floor(open_waits: int, progress: Callable[[str], None]) -> float:
+    """RSS per parked request of an app that holds nothing (inferq.bench.parked_app), on the
+    uvicorn settings of `inferq serve`: the part of an open wait's cost that is the HTTP
+    stack's own."""
+    port = _free_port()
+    with _processes() as procs:
+        procs.append(
+            _spawn("parked", ["-m", "inferq.bench.parked_app", str(port)], {**os.environ}, raw=True)
+        )
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, procs[0], path="/parked")
+        return float(_run_async(_floor(url, procs[0].popen.pid, open_waits, progress)))
+
+
+async def _floor(url: str, pid: int, count: int, progress: Callable[[str], None]) -> float:
+    await asyncio.sleep(1.0)
+    idle = rss_bytes(pid)
+    host, port = url.removeprefix("http://").split(":")
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    async with _open_waits(host, int(port), ids, "not-checked"), httpx.AsyncClient() as http:
+        deadline = time.monotonic() + PARK_TIMEOUT_S
+        while int((await http.get(url + "/parked")).text) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bare app did not park {count} requests in time")
+            await asyncio.sleep(0.5)
+        loaded = rss_bytes(pid)
+    progress(
+        f"    bare uvicorn app: {count:,} parked requests; RSS {idle / 2**20:.1f} -> "
+        f"{loaded / 2**20:.1f} MiB, {(loaded - idle) / count:,.0f} B each"
+    )
+    return (loaded - idle) / count
 
 
 def _setup(dsn: str, load: int) -> tuple[dict[str, str], _Setup]:
@@ -260,12 +297,13 @@ def _processes() -> Iterator[list[_Proc]]:
             proc.stop()
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str]) -> _Proc:
+def _spawn(name: str, args: list[str], env: dict[str, str], *, raw: bool = False) -> _Proc:
+    """``python -m inferq ARGS`` (``python ARGS`` with ``raw``), logging to a temporary file."""
     import tempfile
 
     log = tempfile.NamedTemporaryFile(prefix=f"inferq-bench-{name}-", suffix=".log")  # noqa: SIM115
     popen = subprocess.Popen(
-        [sys.executable, "-m", "inferq", *args],
+        [sys.executable, *args] if raw else [sys.executable, "-m", "inferq", *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -274,13 +312,13 @@ def _spawn(name: str, args: list[str], env: dict[str, str]) -> _Proc:
     return _Proc(name, popen, log)
 
 
-def _wait_ready(url: str, proc: _Proc) -> None:
+def _wait_ready(url: str, proc: _Proc, path: str = "/readyz") -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{proc.name} was not ready in {READY_TIMEOUT_S:g}s: {proc.tail()}")
