@@ -55,6 +55,13 @@ async def queue_stats(pool: Pool) -> QueueStats:
     return QueueStats(tasks, sessions, capacity)
 
 
+# The distinct pools one replica labels its own series with; the rest share OTHER_POOLS, a
+# name no pool can have (pool names start with a letter or digit). The database gauges are
+# rebuilt from the task table on each scrape and need no cap.
+MAX_POOL_LABELS = 100
+OTHER_POOLS = "_other"
+
+
 class Metrics:
     """The metric objects of one app, in their own registry (tests build several apps)."""
 
@@ -126,9 +133,22 @@ class Metrics:
             "inferq_listener_up", "1 while the LISTEN connection is healthy", registry=r
         )
 
+        self._pool_labels: set[str] = set()
+
         # The labelled children of the per-request metrics, by label values: labels() checks
         # and locks on every call, a dict lookup is enough for the few routes and statuses.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def pool_label(self, pool: str) -> str:
+        """``pool`` as a label value of this replica's counters and histograms, or
+        OTHER_POOLS once MAX_POOL_LABELS other pools have one: clients name pools freely, and
+        every label value is a series kept for the life of the process."""
+        if pool in self._pool_labels:
+            return pool
+        if len(self._pool_labels) < MAX_POOL_LABELS:
+            self._pool_labels.add(pool)
+            return pool
+        return OTHER_POOLS
 
     def record_request(self, method: str, route: str, status: int, elapsed_s: float) -> None:
         """Count one answered HTTP request and observe its duration."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from inferq.metrics import MAX_POOL_LABELS, OTHER_POOLS
 from inferq.settings import Settings
 from tests.api_helpers import MODEL, Server, Tokens, auth, make_tokens, poll_until, serve_app
 
@@ -51,6 +53,27 @@ async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
     for path in ("/v1/chat/completions", "/v1/tasks/{task_id}/events", "/v1/worker/sessions"):
         assert path in spec["paths"]
     assert tagged.headers["x-request-id"] == "req-123"
+
+
+async def test_client_chosen_pools_cannot_grow_the_metrics_without_bound(
+    app: tuple[Server, Tokens],
+) -> None:
+    """Every label value is a series a replica keeps for its life, and a client names any
+    pool it likes: past MAX_POOL_LABELS pools, the rest are counted together as `_other`."""
+    server, tokens = app
+    extra = 7
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.alice)) as http:
+        for i in range(MAX_POOL_LABELS + extra):
+            r = await http.post("/v1/tasks", json={"pool": f"p{i}", "request": CHAT})
+            assert r.status_code == 201, r.text
+        metrics = (await http.get("/metrics")).text
+    submitted = re.findall(r'^inferq_tasks_submitted_total\{pool="([^"]+)"\} (\S+)$', metrics, re.M)
+    labels = dict(submitted)
+    assert len(labels) == MAX_POOL_LABELS + 1
+    assert labels[OTHER_POOLS] == f"{extra:.1f}"
+    assert labels["p0"] == "1.0"
+    # The database gauges still show every pool.
+    assert f'inferq_queue_depth{{pool="p{MAX_POOL_LABELS + extra - 1}"}} 1.0' in metrics
 
 
 async def test_hot_routes_answer_count_and_refuse_like_every_route(

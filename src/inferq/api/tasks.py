@@ -68,7 +68,7 @@ async def submit_task(
         idempotency_key=idempotency_key,
     )
     if enqueued.created:
-        ctx.metrics.submitted.labels(pool_name).inc()
+        ctx.metrics.submitted.labels(ctx.metrics.pool_label(pool_name)).inc()
     return enqueued
 
 

@@ -87,7 +87,8 @@ def _claimed(ctx: ApiContext, tasks: list[Task]) -> list[dict[str, object]]:
     for task in tasks:
         if task.claimed_at is not None:
             latency = (task.claimed_at - task.created_at).total_seconds()
-            ctx.metrics.claim_latency_seconds.labels(task.pool_name).observe(max(0.0, latency))
+            pool = ctx.metrics.pool_label(task.pool_name)
+            ctx.metrics.claim_latency_seconds.labels(pool).observe(max(0.0, latency))
     return [worker_task_json(t) for t in tasks]
 
 
