@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from inferq.db.chunks import MAX_RUN, ChunkRepository
@@ -112,3 +113,31 @@ async def test_a_retried_post_rebatched_differently_reads_once_per_seq(
         assert posted == last
     stored = await ChunkRepository(pool).read(task.id, task.attempt, after_seq=3)
     assert [(c.seq, c.data) for c in stored] == [(s, str(s)) for s in range(4, n + 3)]
+
+
+async def test_rows_longer_than_max_run_from_an_earlier_version_read_whole(pool: Any) -> None:
+    """Earlier versions stored a post as one row however long; such rows outlive an upgrade
+    (and old replicas keep writing them during a rolling one). A reader resuming deep inside
+    one, or paging through it, still gets every chunk once and in order."""
+    _sid, (task,) = await held_tasks(pool, 1)
+    rows = [(1, 40), (41, 43), (44, 100)]
+    async with pool.connection() as conn:
+        for first, last in rows:
+            data = orjson.dumps(list(range(first, last + 1))).decode()  # chunk s is JSON `s`
+            await conn.execute(
+                "INSERT INTO inferq.task_chunk (task_id, attempt, first_seq, last_seq, data)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (task.id, task.attempt, first, last, data),
+            )
+    chunks = ChunkRepository(pool)
+    for after in (0, 5, 30, 39, 40, 42, 60, 99):
+        stored = await chunks.read(task.id, task.attempt, after_seq=after)
+        assert [(c.seq, c.data) for c in stored] == [(s, str(s)) for s in range(after + 1, 101)]
+    # Paging through with pages smaller than the rows: every seq once, in order.
+    seen: list[int] = []
+    while True:
+        page = await chunks.read(task.id, task.attempt, after_seq=len(seen), limit=7)
+        if not page:
+            break
+        seen += [c.seq for c in page]
+    assert seen == list(range(1, 101))

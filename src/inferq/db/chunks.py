@@ -38,9 +38,8 @@ class AppendResult:
 # The most chunks one row holds. Bounding a run is what lets a reader find its next chunk by
 # an index range instead of scanning every row of the attempt: a row holding seq s starts
 # after s - MAX_RUN, so "the rows after seq n" are the rows with first_seq > n - MAX_RUN.
-# (Rows stored by a version without this bound, during a rolling upgrade, may be longer: a
-# reader resuming more than MAX_RUN chunks inside one of them would miss its rest. Readers
-# normally stand at a row's end, since they read whole rows.)
+# Rows stored by earlier versions (and by old replicas during a rolling upgrade) may be longer;
+# the read also takes the one row that starts just before that range (see _ROWS_AFTER).
 MAX_RUN = 8
 
 # Tasks per CHUNK notification: an item is at most ~70 bytes ("uuid", two int4s, separators),
@@ -84,17 +83,26 @@ WITH input AS (
 SELECT task_id, attempt, last_seq, (SELECT count(*) FROM notified) FROM stored
 """
 
-# The rows of one attempt that may hold chunks in (after, after + page], the rows read through
-# the primary key range (first_seq > after - MAX_RUN), never the attempt's older rows. The
-# LIMIT fences the subquery so that the planner keeps it a parameterized index scan per
-# reader (flattened, it may hash-join a scan of the whole table); ``after`` is bigint so that
-# after + page cannot overflow.
+# The rows of one attempt that may hold chunks in (after, after + page]: those of the primary
+# key range first_seq in (after - MAX_RUN, after + page], all of them (a retried post may have
+# stored overlapping rows, so there can be more than ``page``), plus the last row that starts
+# before that range when it reaches past ``after``: a longer row stored by an earlier version.
+# Each branch is fenced (OFFSET 0, LIMIT 1) so that the planner keeps it a parameterized index
+# scan per reader (flattened, it may hash-join a scan of the whole table); the backward branch
+# reads one index entry, and its last_seq is checked after the LIMIT, not while scanning.
+# ``after`` is bigint so that after + page cannot overflow.
 _ROWS_AFTER = """
-SELECT k.first_seq, k.data FROM inferq.task_chunk k
-WHERE k.task_id = {task_id} AND k.attempt = {attempt}
-  AND k.first_seq > {after} - {max_run} AND k.first_seq <= {after} + {page}
-  AND k.last_seq > {after}
-LIMIT {page}
+(SELECT k.first_seq, k.data FROM inferq.task_chunk k
+ WHERE k.task_id = {task_id} AND k.attempt = {attempt}
+   AND k.first_seq > {after} - {max_run} AND k.first_seq <= {after} + {page}
+   AND k.last_seq > {after}
+ OFFSET 0)
+UNION ALL
+(SELECT b.first_seq, b.data FROM (
+    SELECT k.first_seq, k.last_seq, k.data FROM inferq.task_chunk k
+    WHERE k.task_id = {task_id} AND k.attempt = {attempt} AND k.first_seq <= {after} - {max_run}
+    ORDER BY k.first_seq DESC LIMIT 1
+ ) b WHERE b.last_seq > {after})
 """
 
 # The chunks of many (task, attempt, after) keys with seq in (after, after + page], unpacked
