@@ -141,6 +141,24 @@ async def test_the_pool_limit_queues_requests(serve: Serve) -> None:
     assert server.connections <= 2
 
 
+async def test_a_slot_woken_for_a_request_that_left_goes_to_the_next(serve: Serve) -> None:
+    """A request woken for a free connection but cancelled before it ran (a chunk post of a
+    cancelled task) must pass the slot on; the next request used to sit out its pool timeout."""
+    server = await serve(lambda head: fixed(b"ok"))
+    transport = AsyncioTransport(max_connections=1)
+    origin = ("http", "127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    held = await transport._acquire(origin, {})
+    woken = asyncio.create_task(transport._acquire(origin, {}))
+    after = asyncio.create_task(transport._acquire(origin, {"pool": 5.0}))
+    await asyncio.sleep(0.01)  # both are waiting for the one connection
+    transport._release(origin, held, True)  # wakes the first ...
+    woken.cancel()  # ... which leaves before it runs
+    async with asyncio.timeout(1.0):
+        assert await after is held
+    assert woken.cancelled()
+    await transport.aclose()
+
+
 async def test_errors_are_httpx_transport_errors(serve: Serve) -> None:
     silent = await serve(lambda head: b"")
     garbage = await serve(lambda head: b"SPDY/3 what\r\n\r\n")

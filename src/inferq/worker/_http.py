@@ -209,7 +209,8 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             self._verify = verify
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._open: dict[tuple[str, str, int], int] = {}
-        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a slot
+        # Requests waiting for a slot, per origin.
+        self._waiting: dict[tuple[str, str, int], deque[asyncio.Future[None]]] = {}
         self._closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -263,21 +264,28 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             if self._open.get(origin, 0) < self.max_connections:
                 break
             freed = asyncio.get_running_loop().create_future()
-            self._waiting.append(freed)
+            waiting = self._waiting.setdefault(origin, deque())
+            waiting.append(freed)
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
                     await freed
-            except TimeoutError:
-                raise httpx.PoolTimeout("no free connection in time") from None
+            except BaseException as exc:
+                # Woken, but leaving anyway (cancelled, or its timeout fired in the same tick):
+                # the slot it was woken for goes to the next waiter, not to nobody.
+                if freed.done() and not freed.cancelled():
+                    self._wake_one(origin)
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("no free connection in time") from None
+                raise
             finally:
-                if freed in self._waiting:
-                    self._waiting.remove(freed)
+                if freed in waiting:
+                    waiting.remove(freed)
         self._open[origin] = self._open.get(origin, 0) + 1
         try:
             return await self._connect(origin, timeouts.get("connect"))
         except BaseException:
             self._open[origin] -= 1
-            self._wake_one()
+            self._wake_one(origin)
             raise
 
     async def _connect(self, origin: tuple[str, str, int], connect_s: float | None) -> _Connection:
@@ -303,11 +311,12 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         else:
             conn.close()
             self._open[origin] -= 1
-        self._wake_one()
+        self._wake_one(origin)
 
-    def _wake_one(self) -> None:
-        while self._waiting:
-            freed = self._waiting.popleft()
+    def _wake_one(self, origin: tuple[str, str, int]) -> None:
+        waiting = self._waiting.get(origin)
+        while waiting:
+            freed = waiting.popleft()
             if not freed.done():
                 freed.set_result(None)
                 return
