@@ -485,3 +485,28 @@ async def test_stop_does_not_wait_past_the_grace_for_an_unanswered_outcome(
     await asyncio.wait_for(run, 10)  # a backstop: stop() must return, not hang on the call
     assert daemon.calls[-1] == "DELETE sessions/*"
     assert daemon.outcomes[task_id] == ("released", None)  # the unbind gave it back
+
+
+async def test_a_retried_outcomes_call_claims_nothing_the_second_time() -> None:
+    """The answer to an outcomes call may be lost after the daemon carried it out: the retry
+    repeats the outcomes (idempotent) but not the claim, whose tasks nobody would run."""
+    bodies: list[dict[str, Any]] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if len(bodies) == 1:
+            return httpx.Response(502, json={"error": {"message": "bad gateway", "type": "x"}})
+        return httpx.Response(200, json={"results": [{"status_code": 200}], "tasks": []})
+
+    item = {"task_id": str(uuid.uuid4()), "attempt": 1, "response": {"text": "ok"}}
+    async with WorkerClient(
+        "http://inferq",
+        "t",
+        transport=httpx.MockTransport(handle),
+        retry_budget_s=5,
+        backoff_max_s=0.001,
+    ) as client:
+        results, tasks = await client.outcomes(uuid.uuid4(), [item], claim=4)
+    assert [b["claim"] for b in bodies] == [4, 0]
+    assert bodies[0]["outcomes"] == bodies[1]["outcomes"] == [item]
+    assert results == [{"status_code": 200}] and tasks == []

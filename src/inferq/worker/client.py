@@ -179,11 +179,16 @@ class WorkerClient:
         call as a whole (session gone, refused body). Most workers let
         :class:`inferq.worker.OutcomeBatcher` make this call.
         """
-        encoded = b",".join(i if isinstance(i, bytes) else _dumps(i) for i in items)
+        encoded = b'{"outcomes":[' + b",".join(
+            i if isinstance(i, bytes) else _dumps(i) for i in items
+        )
         answer = await self._call(
             "POST",
             f"/v1/worker/sessions/{session_id}/outcomes",
-            content=b'{"outcomes":[' + encoded + b'],"claim":%d}' % claim,
+            content=encoded + b'],"claim":%d}' % claim,
+            # A retry may follow a call the daemon did carry out: the outcomes are idempotent,
+            # a claim is not (its tasks would be held by the session and never run).
+            retry_content=encoded + b'],"claim":0}' if claim else None,
         )
         tasks = [WorkerTask.model_validate(t) for t in answer.get("tasks", ())]
         return answer["results"], tasks
@@ -203,11 +208,13 @@ class WorkerClient:
         body: Any = None,
         *,
         content: bytes | None = None,
+        retry_content: bytes | None = None,
         timeout_s: float | None = None,
     ) -> Any:
         """Send one request, retrying transient failures; the decoded JSON of a 2xx answer.
 
-        The body is a wire model, or ``content`` already encoded."""
+        The body is a wire model, or ``content`` already encoded (``retry_content`` instead
+        for the retries, when set)."""
         # orjson rather than httpx's json= (stdlib json) both ways: cheaper per request.
         if body is not None:
             content = body.__pydantic_serializer__.to_json(body)
@@ -224,6 +231,8 @@ class WorkerClient:
                 request = httpx.Request(
                     method, url, content=content, headers=headers, extensions={"timeout": timeout}
                 )
+                if retry_content is not None:
+                    content = retry_content
                 resp = await self._http.send(request)
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
