@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from inferq.wire import JsonValue, WorkerTask
-from inferq.worker import TaskContext, Worker, WorkerClient
+from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
+from inferq.worker.errors import WorkerApiError
 
 
 class FakeDaemon:
@@ -510,3 +511,26 @@ async def test_a_retried_outcomes_call_claims_nothing_the_second_time() -> None:
     assert [b["claim"] for b in bodies] == [4, 0]
     assert bodies[0]["outcomes"] == bodies[1]["outcomes"] == [item]
     assert results == [{"status_code": 200}] and tasks == []
+
+
+@pytest.mark.parametrize("single_routes", [False, True])
+async def test_a_malformed_answer_to_an_outcome_is_a_worker_api_error(single_routes: bool) -> None:
+    """The runner handles WorkerApiError (it logs the task as abandoned and goes on); any other
+    failure of an outcome call reaches each caller as one, never as a crash of its task."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/outcomes") and single_routes:
+            return _error(404, "route_not_found")
+        return httpx.Response(200, json={"unexpected": True})  # no results, no task fields
+
+    task = WorkerTask.model_validate(
+        {"id": str(uuid.uuid4()), "attempt": 1, "pool": "p", "streaming": False, "request": {}}
+    )
+    async with WorkerClient("http://inferq", "t", transport=httpx.MockTransport(handle)) as client:
+        batcher = OutcomeBatcher(client)
+        with pytest.raises(WorkerApiError, match="the outcome call failed"):
+            await batcher.complete(task, uuid.uuid4(), {"text": "ok"})
+        with pytest.raises(WorkerApiError, match="the outcome call failed"):
+            await batcher.fail(task, uuid.uuid4(), "boom")
+        await batcher.aclose()
+    assert batcher.batched is not single_routes

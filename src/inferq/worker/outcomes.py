@@ -154,7 +154,7 @@ class OutcomeBatcher:
                 item.future.cancel()
             raise
         except Exception as exc:  # a malformed answer: every caller learns of it
-            _settle_all(batch, exc)
+            _settle_all(batch, _unexpected(exc))
 
     async def _post_batch(self, sid: UUID, batch: list[_Item]) -> None:
         room = self.claim_room(sid, len(batch)) if self.claim_room is not None else 0
@@ -192,12 +192,25 @@ class OutcomeBatcher:
                     task = await self.client.complete(item.task, item.session_id, item.response)
             except WorkerApiError as exc:
                 _settle_all([item], exc)
+            except Exception as exc:  # this item's answer only: the others go on
+                _settle_all([item], _unexpected(exc))
             else:
                 state = {"id": task.id, "status": task.status, "attempt": task.attempt}
                 if not item.future.done():
                     item.future.set_result({"id": task.id, "status_code": 200, "task": state})
 
         await asyncio.gather(*(one(i) for i in batch))
+
+
+def _unexpected(exc: Exception) -> WorkerApiError:
+    """A failure that is not a daemon's answer (a malformed body, a closed client), as the
+    WorkerApiError the runner handles: it logs the task as abandoned, and the daemon gives the
+    task to another worker once its lease ends."""
+    if isinstance(exc, WorkerApiError):
+        return exc
+    error = WorkerApiError(f"the outcome call failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _settle_all(batch: list[_Item], exc: BaseException) -> None:
