@@ -23,11 +23,12 @@ from inferq.api.auth import client_token
 from inferq.api.body import read_document
 from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidRequest, ShuttingDown
-from inferq.api.render import dumps, json_response
+from inferq.api.render import json_response
 from inferq.api.sse import EventStream, openai_error_frame, openai_frames
 from inferq.api.tasks import prepend, submit_task
 from inferq.db.tokens import ApiToken
 from inferq.errors import InvalidTransition, TaskNotFound, WaitTimeout
+from inferq.jsontext import dumps
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 import structlog
 from starlette.responses import Response
 
 from inferq.domain.task import Task
 from inferq.errors import TaskNotFound
+from inferq.jsontext import dumps
 
 # The largest value of a PostgreSQL integer column (attempt, seq, priority...).
 INT4_MAX = 2**31 - 1
-
-
-def dumps(content: Any) -> bytes:
-    """``content`` as compact JSON; orjson, or the standard library for integers past 64 bits.
-
-    jsonb prints a float such as 1e26 back as a 27-digit integer, which orjson refuses: without
-    the fallback such a task could be stored but never shown, claimed or streamed.
-    """
-    try:
-        return orjson.dumps(content)
-    except TypeError:
-        return json.dumps(content, default=_plain, separators=(",", ":")).encode()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class OrjsonResponse(Response):

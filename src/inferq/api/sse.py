@@ -23,8 +23,9 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from inferq.api.render import dumps, task_json
+from inferq.api.render import task_json
 from inferq.domain.task import TaskStatus
+from inferq.jsontext import dumps
 from inferq.service import ChunkEvent, Event, ResetEvent, StatusEvent
 
 log = structlog.get_logger(__name__)

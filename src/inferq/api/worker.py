@@ -28,7 +28,6 @@ from inferq.api.context import ApiContext, get_ctx
 from inferq.api.errors import InvalidBody, ShuttingDown, error_response
 from inferq.api.render import (
     INT4_MAX,
-    dumps,
     json_response,
     parse_task_id,
     task_json,
@@ -38,6 +37,7 @@ from inferq.db.tasks import Finished, Outcome
 from inferq.db.tokens import ApiToken
 from inferq.domain.task import Task
 from inferq.errors import SessionNotFound, TaskError, TaskNotFound
+from inferq.jsontext import dumps
 from inferq.wire import (
     BindRequest,
     ChunksRequest,

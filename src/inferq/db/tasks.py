@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +24,7 @@ from inferq.errors import (
     LeaseLost,
     TaskNotFound,
 )
+from inferq.jsontext import dumps
 
 _HELD = [s.value for s in HELD]
 
@@ -367,15 +367,6 @@ class GcResult:
     deleted: int
 
 
-def _json_text(value: Any) -> str:
-    """``value`` as JSON text: orjson, or the standard library for what orjson refuses
-    (integers past 64 bits, which jsonb keeps exactly)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value, default=str, separators=(",", ":"))
-
-
 def encode_cursor(task: Task) -> str:
     raw = orjson.dumps([task.created_at.isoformat(), str(task.id)])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -673,7 +664,7 @@ class TaskRepository:
             {"task_id": o.task_id, "attempt": o.attempt, "response": o.response, "error": o.error}
             for o in batch
         ]
-        params = {"session": session_id, "items": _json_text(items)}
+        params = {"session": session_id, "items": dumps(items).decode()}
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(FINISH_MANY, params)

@@ -16,7 +16,6 @@ is kept. Pass ``transport=`` to choose (httpx.AsyncHTTPTransport() for HTTP/2).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import urllib.request
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import httpx
 import orjson
 import structlog
 
+from inferq.jsontext import dumps
 from inferq.wire import (
     BindRequest,
     BindResponse,
@@ -180,7 +180,7 @@ class WorkerClient:
         :class:`inferq.worker.OutcomeBatcher` make this call.
         """
         encoded = b'{"outcomes":[' + b",".join(
-            i if isinstance(i, bytes) else _dumps(i) for i in items
+            i if isinstance(i, bytes) else dumps(i) for i in items
         )
         answer = await self._call(
             "POST",
@@ -279,16 +279,8 @@ def encode_outcome(task: WorkerTask, response: JsonValue = None, error: str | No
     """One item of :meth:`WorkerClient.outcomes` as JSON: ``error`` fails the task, else
     ``response`` completes it."""
     if error is not None:
-        return _dumps({"task_id": task.id, "attempt": task.attempt, "error": error})
-    return _dumps({"task_id": task.id, "attempt": task.attempt, "response": response})
-
-
-def _dumps(content: Any) -> bytes:
-    """orjson, or the standard library for what orjson refuses (integers past 64 bits)."""
-    try:
-        return orjson.dumps(content)
-    except TypeError:
-        return json.dumps(content, default=str, separators=(",", ":")).encode()
+        return dumps({"task_id": task.id, "attempt": task.attempt, "error": error})
+    return dumps({"task_id": task.id, "attempt": task.attempt, "response": response})
 
 
 def _decode(resp: httpx.Response) -> Any:
