@@ -86,7 +86,7 @@ class WorkerClient:
         self._headers = self._http.headers.copy()
         self._json_headers = self._http.headers.copy()
         self._json_headers["Content-Type"] = "application/json"
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)).as_dict()
+        self._timeout = self._http.timeout.as_dict()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -221,7 +221,7 @@ class WorkerClient:
         headers = self._json_headers if content is not None else self._headers
         timeout = self._timeout
         if timeout_s is not None:
-            timeout = httpx.Timeout(timeout_s, connect=min(self.timeout_s, 10.0)).as_dict()
+            timeout = httpx.Timeout(timeout_s, connect=self._http.timeout.connect).as_dict()
         url = self._url(path)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_budget_s
