@@ -32,7 +32,7 @@ from inferq.db.migrations import Migrator
 from inferq.db.pool import Pool, create_pool
 from inferq.maintenance import Maintenance
 from inferq.relay import ChunkRelay
-from inferq.runtime import freeze_startup_heap
+from inferq.runtime import freeze_startup_heap, run
 from inferq.service import TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -181,22 +181,13 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.model_copy(update=update)
     dsn = settings.database_url
     if dsn:
-        _run(serve(settings, dsn, settings.host, settings.port))
+        run(serve(settings, dsn, settings.host, settings.port))
         return 0
     from inferq.embedded import embedded_dsn, stop_embedded
 
     dsn = embedded_dsn(settings)
     try:
-        _run(serve(settings, dsn, settings.host, settings.port))
+        run(serve(settings, dsn, settings.host, settings.port))
     finally:
         stop_embedded()
     return 0
-
-
-def _run(main: Any) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(main)
-    except ImportError:
-        asyncio.run(main)

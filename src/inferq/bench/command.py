@@ -17,7 +17,6 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import platform
@@ -28,7 +27,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from inferq import runtime
 from inferq.bench import ceiling, http, latency, pipeline
 from inferq.db.cluster import PrivateCluster
 from inferq.db.migrations import Migrator
@@ -214,11 +214,11 @@ def _scenarios(
 ) -> Iterator[tuple[str, Callable[[], dict[str, float]]]]:
     """(name, one run) in the order they run; each returns {figure key: value}."""
     yield "ceiling", lambda: _ceiling(dsn, sizes)
-    yield "pipeline", lambda: _run_async(_pipeline(dsn, sizes, progress))
-    yield "claim latency", lambda: _run_async(_claim(dsn, sizes))
-    yield "wake latency", lambda: _run_async(_wake(dsn, sizes))
-    yield "relay", lambda: _run_async(_relay(dsn, sizes))
-    yield "waiters memory", lambda: _run_async(_waiter_memory(dsn, sizes))
+    yield "pipeline", lambda: runtime.run(_pipeline(dsn, sizes, progress))
+    yield "claim latency", lambda: runtime.run(_claim(dsn, sizes))
+    yield "wake latency", lambda: runtime.run(_wake(dsn, sizes))
+    yield "relay", lambda: runtime.run(_relay(dsn, sizes))
+    yield "waiters memory", lambda: runtime.run(_waiter_memory(dsn, sizes))
     yield (
         "http",
         lambda: http.measure_http(
@@ -229,18 +229,6 @@ def _scenarios(
         "memory (open waits)",
         lambda: http.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
-
-
-def _run_async(coro: Awaitable[dict[str, float]]) -> dict[str, float]:
-    async def main() -> dict[str, float]:
-        return await coro
-
-    try:
-        import uvloop
-
-        return uvloop.run(main())
-    except ImportError:
-        return asyncio.run(main())
 
 
 def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:

@@ -33,7 +33,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,10 +44,12 @@ from typing import Any, cast
 import httpx
 import orjson
 
+from inferq.db.cluster import free_port
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
 from inferq.db.tasks import NewTask, TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.runtime import run
 from inferq.settings import Settings
 
 WORKER_CAPACITY = 32
@@ -108,10 +109,8 @@ def measure_http(
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
         pids = [proc.popen.pid for proc in procs]
         # One client first: the latency of a request that does not queue behind others.
-        alone = _run_async(
-            _load(urls, setup, requests=max(20, requests // 10), clients=1, pids=pids)
-        )
-        figures: dict[str, float] = _run_async(
+        alone = run(_load(urls, setup, requests=max(20, requests // 10), clients=1, pids=pids))
+        figures: dict[str, float] = run(
             _load(urls, setup, requests=requests, clients=clients, pids=pids)
         )
     figures["http.p50_1_client_ms"] = alone["http.p50_ms"]
@@ -137,9 +136,7 @@ def measure_wait_memory(
     env["INFERQ_SAFETY_POLL_S"] = "3600"
     with _processes() as procs:
         (url,) = _start_replicas(procs, 1, env)
-        figures = dict(
-            _run_async(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress))
-        )
+        figures = dict(run(_memory(dsn, url, procs[0].popen.pid, setup, open_waits, progress)))
     figures["memory.uvicorn_floor_bytes_per_request"] = _uvicorn_floor(open_waits, progress)
     return figures
 
@@ -148,14 +145,14 @@ def _uvicorn_floor(open_waits: int, progress: Callable[[str], None]) -> float:
     """RSS per parked request of an app that holds nothing (inferq.bench.parked_app), on the
     uvicorn settings of `inferq serve`: the part of an open wait's cost that is the HTTP
     stack's own."""
-    port = _free_port()
+    port = free_port()
     with _processes() as procs:
         procs.append(
             _spawn("parked", ["-m", "inferq.bench.parked_app", str(port)], {**os.environ}, raw=True)
         )
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, procs[0], path="/parked")
-        return float(_run_async(_floor(url, procs[0].popen.pid, open_waits, progress)))
+        return float(run(_floor(url, procs[0].popen.pid, open_waits, progress)))
 
 
 async def _floor(url: str, pid: int, count: int, progress: Callable[[str], None]) -> float:
@@ -189,13 +186,13 @@ def _setup(dsn: str, load: int) -> tuple[dict[str, str], _Setup]:
         "INFERQ_MAX_WAIT_S": str(WAIT_S),
     }
     _inferq(["migrate"], env)
-    return env, _run_async(_prepare(dsn))
+    return env, run(_prepare(dsn))
 
 
 def _start_replicas(procs: list[_Proc], count: int, env: dict[str, str]) -> list[str]:
     urls = []
     for i in range(count):
-        port = _free_port()
+        port = free_port()
         args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
         procs.append(_spawn(f"serve{i}", args, env))
         urls.append(f"http://127.0.0.1:{port}")
@@ -223,15 +220,6 @@ def _worker_args(url: str, setup: _Setup, i: int) -> list[str]:
 
 
 # -- setup ----------------------------------------------------------------------------------
-
-
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -279,12 +267,6 @@ async def _prepare(dsn: str) -> _Setup:
         return setup
     finally:
         await pool.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import asyncio
 import sys
 from typing import Any
 
-from inferq.runtime import freeze_startup_heap
+from inferq.runtime import freeze_startup_heap, run
 
 _parked = 0
 
@@ -46,13 +46,7 @@ def main() -> None:
         server_header=False,
     )
     freeze_startup_heap()
-    server = uvicorn.Server(config)
-    try:
-        import uvloop
-
-        uvloop.run(server.serve())
-    except ImportError:
-        asyncio.run(server.serve())
+    run(uvicorn.Server(config).serve())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import orjson
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
 from inferq.logs import configure_logging
-from inferq.runtime import freeze_startup_heap
+from inferq.runtime import freeze_startup_heap, run
 from inferq.service import ChunkEvent, StatusEvent, TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -145,12 +145,7 @@ def run_child(main: Coroutine[Any, Any, None]) -> None:
     table goes: configure logging (stderr, warnings only) before anything logs.
     """
     configure_logging(level="warning")
-    try:
-        import uvloop
-
-        uvloop.run(main)
-    except ImportError:
-        asyncio.run(main)
+    run(main)
 
 
 def _waiting_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
@@ -394,13 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         dsn = cluster.dsn
         Migrator(dsn).migrate()
     try:
-        try:
-            import uvloop
-
-            runner: Any = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        figures = runner(run_all(dsn, tasks=args.tasks, streams=args.streams, runs=args.runs))
+        figures = run(run_all(dsn, tasks=args.tasks, streams=args.streams, runs=args.runs))
     finally:
         if cluster is not None:
             cluster.destroy()

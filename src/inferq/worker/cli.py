@@ -11,12 +11,11 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
 
-from inferq.runtime import freeze_startup_heap
+from inferq.runtime import freeze_startup_heap, run
 from inferq.worker.backends import EchoBackend, OpenAIBackend
 from inferq.worker.client import WorkerClient
 from inferq.worker.errors import AuthenticationError, UnavailableError, WorkerApiError
@@ -34,8 +33,7 @@ def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     # One line per worker request would drown the claim and outcome events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve(args, settings.shutdown_grace_s))
+        run(_serve(args, settings.shutdown_grace_s))
     except AuthenticationError as exc:
         print(f"inferq worker: the daemon refused the token: {exc.message}", file=sys.stderr)
         return 2
@@ -94,12 +92,3 @@ def _install_signals(worker: Worker) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when it is installed (it is with the server; a bare worker install may lack it)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
