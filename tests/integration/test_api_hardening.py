@@ -11,7 +11,17 @@ import httpx
 import pytest
 
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, count_rows, make_tokens, serve_app
+from tests.api_helpers import (
+    MODEL,
+    POOL,
+    Server,
+    Tokens,
+    auth,
+    count_rows,
+    make_tokens,
+    poll_until,
+    serve_app,
+)
 
 pytestmark = pytest.mark.db
 
@@ -128,11 +138,7 @@ async def test_openai_call_refused_for_too_many_waits_writes_nothing(
         )
         ctx = server.replica.ctx
         assert ctx is not None
-
-        async def waiting() -> bool:
-            return bool(ctx._waits)
-
-        await eventually(waiting)
+        await poll_until(lambda: bool(ctx._waits))
         before = count_rows(dsn)
         r = await http.post(
             "/v1/chat/completions", json={"model": MODEL, **CHAT}, headers=auth(tokens.alice)
@@ -153,11 +159,7 @@ async def test_a_wait_whose_client_left_frees_its_slot(settings: Settings, dsn: 
             )
             ctx = server.replica.ctx
             assert ctx is not None
-
-            async def waiting() -> bool:
-                return bool(ctx._waits)
-
-            await eventually(waiting)
+            await poll_until(lambda: bool(ctx._waits))
             left.cancel()  # httpx closes the connection of a cancelled request
             with contextlib.suppress(asyncio.CancelledError):
                 await left
@@ -181,11 +183,7 @@ async def test_a_claim_whose_worker_left_takes_no_work(settings: Settings, dsn: 
                 )
             )
             hub = server.replica.service.hub  # type: ignore[union-attr]
-
-            async def polling() -> bool:
-                return hub.waiter_count > 0
-
-            await eventually(polling)
+            await poll_until(lambda: hub.waiter_count > 0)
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poll
