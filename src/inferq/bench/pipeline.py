@@ -21,7 +21,6 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -29,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from inferq.bench.wakeups import Stack, run_child
+from inferq.bench.wakeups import Stack, run_child, spawn_replica
 from inferq.db.tasks import NewTask
 from inferq.domain.task import Task, TaskStatus
 from inferq.service import TaskService
@@ -54,12 +53,7 @@ async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> PipelineR
     Raises RuntimeError when a task did not complete (the figure would be meaningless).
     """
     pool_name = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
-    ctx = multiprocessing.get_context("spawn")
-    parent_end, child_end = ctx.Pipe()
-    worker = ctx.Process(
-        target=_worker_process, args=(dsn, pool_name, tasks, child_end), daemon=True
-    )
-    worker.start()
+    worker, parent_end = spawn_replica(_worker_process, dsn, pool_name, tasks)
     try:
         if not await asyncio.to_thread(parent_end.poll, 60) or parent_end.recv() != "ready":
             raise RuntimeError("pipeline: the worker process did not start")

@@ -129,7 +129,7 @@ async def _held_tasks(stack: Stack, n: int, *, streaming: bool) -> tuple[uuid.UU
     return session, held
 
 
-def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
+def spawn_replica(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
     """Run ``target(*args, pipe)`` in a fresh process: another replica, on its own CPU."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -210,7 +210,7 @@ async def measure_wake_latency(
     b = await Stack.open(_settings(dsn))
     try:
         session, held = await _held_tasks(b, tasks, streaming=False)
-        process, pipe = _spawn(_waiting_replica, dsn, [t.id for t in held])
+        process, pipe = spawn_replica(_waiting_replica, dsn, [t.id for t in held])
         assert await asyncio.to_thread(pipe.recv) == "ready"
         starts, acks = [], []
         for t in held:
@@ -259,7 +259,7 @@ async def measure_relay(
     try:
         session, held = await _held_tasks(b, streams, streaming=True)
         produced = [[0.0] * chunks_per_stream for _ in held]
-        process, pipe = _spawn(_reading_replica, dsn, [t.id for t in held])
+        process, pipe = spawn_replica(_reading_replica, dsn, [t.id for t in held])
         assert await asyncio.to_thread(pipe.recv) == "ready"
 
         async def write(i: int, task: Any, started: float) -> None:
