@@ -120,6 +120,12 @@ class Hub:
             len(ws) for ws in self._by_pool.values()
         )
 
+    @property
+    def parked_count(self) -> int:
+        """Waiters whose coroutine is asleep in ``wait()`` right now."""
+        indexes = (self._by_task, self._by_pool)
+        return sum(w._fut is not None for index in indexes for ws in index.values() for w in ws)
+
     @contextmanager
     def watch_task(self, task_id: UUID, *, terminal_only: bool = False) -> Iterator[Waiter]:
         """Register a waiter for ``task_id`` for the duration of the block; a ``terminal_only``

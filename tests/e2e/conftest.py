@@ -38,10 +38,15 @@ def deployment(failed: Callable[[], bool]) -> Iterator[Deployment]:
 
 
 @pytest.fixture
-def stack(dsn: str) -> Iterator[Stack]:
-    """One `inferq serve` on a fresh database, with tokens and a model; workers on demand."""
+def stack(dsn: str, failed: Callable[[], bool]) -> Iterator[Stack]:
+    """One `inferq serve` on a fresh database, with tokens and a model; workers on demand.
+    When the test fails, the tail of every process's log is printed with its report."""
     s = Stack(dsn).start()
     try:
         yield s
     finally:
         s.stop()
+        if failed():
+            for proc in s.procs:
+                tail = proc.text().splitlines()[-80:]
+                print(f"--- {proc.log_path} (last {len(tail)} lines)", *tail, sep="\n")

@@ -145,6 +145,10 @@ async def restart_postgres(gen: Load, dep: Deployment, notes: dict[str, Any]) ->
     notes["postgres_down_s"] = round(time.monotonic() - start, 2)
 
 
+# Ample for a request already sent to commit, however loaded the replicas.
+IN_FLIGHT_S = 1.0
+
+
 async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
     """A worker running a streamed task that a native SSE client is reading right now."""
     found: list[tuple[int, str]] = []
@@ -165,6 +169,9 @@ async def _kill_worker_mid_stream(gen: Load, dep: Deployment) -> tuple[int, str]
     for _ in range(20):
         worker, task_id = await _victim(gen, dep)
         await in_thread(dep.kill_worker, worker)
+        # An outcome the worker sent just before it died may still be on its way through a
+        # replica: let it land before judging (the lease, 4 s, keeps the rescue well ahead).
+        await asyncio.sleep(IN_FLIGHT_S)
         status = dep.query("SELECT status::text FROM inferq.task WHERE id = %s", (task_id,))
         if status[0][0] not in TERMINAL:
             return worker, task_id

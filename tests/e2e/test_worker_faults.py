@@ -95,6 +95,24 @@ def test_a_stalled_worker_s_late_posts_are_refused_and_change_nothing(stack: Sta
     assert first.events("task_completed", task_id=task_id) == []
 
 
+def test_a_worker_paused_past_its_session_s_ttl_takes_work_once_it_resumes(
+    stack: Stack,
+) -> None:
+    worker = echo_worker(stack, 0.0)
+    ttl_s = float(FAST_LEASES["INFERQ_SESSION_TTL_S"])
+    time.sleep(HEARTBEAT_S)  # its claim long-poll is open
+    worker.signal(signal.SIGSTOP)
+    # A stall (swapping, a debugger, an overloaded host) outlasting the session: the daemon
+    # reaps it while the worker's long-poll on it is still open.
+    time.sleep(ttl_s + 2 * float(FAST_LEASES["INFERQ_MAINTENANCE_INTERVAL_S"]) + 0.5)
+    worker.signal(signal.SIGCONT)
+    task_id = stack.submit(words(3))["id"]
+    # Well before that long-poll's 30 s would end.
+    worker.wait_event("task_completed", timeout_s=10.0, task_id=task_id)
+    assert len(worker.events("session_bound")) == 2
+    assert stack.task(task_id)["status"] == "completed"
+
+
 def test_a_cancel_reaches_the_handler_within_a_heartbeat(stack: Stack) -> None:
     worker = echo_worker(stack, 0.2)
     task_id = stack.submit(words(200), streaming=True)["id"]

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from inferq.settings import Settings
-from tests.api_helpers import POOL, Server, Tokens, auth, make_tokens, serve_app
+from tests.api_helpers import POOL, Server, Tokens, auth, make_tokens, poll_until, serve_app
 
 pytestmark = pytest.mark.db
 
@@ -279,3 +279,27 @@ async def test_a_session_reaped_elsewhere_claims_nothing(
         assert r.json()["results"][0]["error"]["code"] == "lease_lost"
         task = (await http.get(f"/v1/tasks/{tid}", headers=auth(tokens.alice))).json()
     assert task["status"] == "pending"
+
+
+async def test_a_long_poll_whose_session_is_reaped_answers_404_when_work_arrives(
+    app: tuple[Server, Tokens], dsn: str
+) -> None:
+    server, tokens = app
+    async with httpx.AsyncClient(
+        base_url=server.url, headers=auth(tokens.worker), timeout=60
+    ) as http:
+        sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
+        claim = asyncio.create_task(
+            http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 30})
+        )
+        # Until the long-poll, its session checked, sleeps.
+        await poll_until(lambda: server.replica.service.hub.parked_count > 0)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("DELETE FROM inferq.worker_session WHERE id = %s", (sid,))
+        [tid] = await submit(http, tokens)
+        # Told at once that its session is gone (it binds again), not after 30 s of nothing.
+        r = await asyncio.wait_for(claim, 10)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "session_not_found"
+        task = (await http.get(f"/v1/tasks/{tid}", headers=auth(tokens.alice))).json()
+    assert task["status"] == "pending"  # left for a live worker

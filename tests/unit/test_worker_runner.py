@@ -102,13 +102,15 @@ class FakeDaemon:
                 tasks = self._take(sid, body["claim"])
                 return httpx.Response(200, json={"results": results, "tasks": tasks})
             if parts[2] == "claim":
-                while not self.pending:
+                # A session reaped during the long-poll claims nothing until the poll ends.
+                while not self.pending or sid not in self.sessions:
                     self.new_work.clear()
                     try:
                         await asyncio.wait_for(self.new_work.wait(), body["wait_s"])
                     except TimeoutError:
                         break
-                return httpx.Response(200, json={"tasks": self._take(sid, body["max_tasks"])})
+                taken = self._take(sid, body["max_tasks"]) if sid in self.sessions else []
+                return httpx.Response(200, json={"tasks": taken})
             # heartbeat
             mine = [t for t in body["tasks"] if self.held.get(t, ("",))[0] == sid]
             gone = [t for t in body["tasks"] if t not in mine and t not in self.cancelled]
@@ -368,6 +370,25 @@ async def test_a_reaped_session_binds_again(daemon: FakeDaemon, client: WorkerCl
     worker.stop()
     await run
     assert worker.session_id != first
+
+
+async def test_a_claim_long_poll_on_a_reaped_session_is_cut_by_binding_again(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        return "ok"
+
+    worker = Worker(client, ["p"], handler, claim_wait_s=30.0)
+    run = asyncio.create_task(worker.run())
+    await daemon.until(lambda: "POST sessions/*/claim" in daemon.calls)
+    daemon.sessions.clear()  # reaped while the long-poll is open; the next heartbeat learns it
+    await daemon.until(lambda: daemon.calls.count("POST sessions") == 2)
+    (task_id,) = daemon.add()
+    # Taken by the new session at once, not when the old session's 30 s long-poll ends.
+    await daemon.until(lambda: task_id in daemon.outcomes, timeout_s=5.0)
+    worker.stop()
+    await run
+    assert daemon.outcomes[task_id] == ("complete", "ok")
 
 
 async def test_a_worker_started_before_the_daemon_binds_once_it_answers(

@@ -213,8 +213,9 @@ class ApiContext:
         self._session_owner.pop(session_id, None)
         self._session_touched.pop(session_id, None)
 
-    async def live_session(self, session_id: UUID) -> WorkerSession:
-        """The live session, its lifetime extended; raises SessionNotFound when it is gone.
+    async def live_session(self, session_id: UUID, *, extend: bool = True) -> WorkerSession:
+        """The live session, its lifetime extended unless ``extend`` is False; raises
+        SessionNotFound when it is gone or expired.
 
         A claim extends the session, but a worker claims after every batch it receives: an
         UPDATE (a commit, an fsync) per claim is costly. The extension is written at most once
@@ -224,8 +225,8 @@ class ApiContext:
         ttl_s = self.settings.session_ttl_s
         now = time.monotonic()
         touched = self._session_touched.get(session_id)
-        if touched is not None and now - touched < ttl_s / 10:
-            return await self.sessions.get(session_id)
+        if not extend or (touched is not None and now - touched < ttl_s / 10):
+            return await self.sessions.get(session_id, live=True)
         session = await self.sessions.get(session_id, touch_ttl_s=ttl_s)
         if len(self._session_touched) > 100_000:
             self._session_touched.clear()

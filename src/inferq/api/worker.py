@@ -155,7 +155,7 @@ async def claim_answer(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait_s, ctx.settings.max_wait_s)
     tasks: list[Task] = []
-    checked = False
+    checks = 0
     # Interest is registered before the first claim, so work that arrives in between wakes us.
     async with ctx.service.pool_waiter(pools) as waiter:
         while not ctx.drain.draining:
@@ -164,11 +164,13 @@ async def claim_answer(
             )
             if tasks:
                 break
-            if not checked:
-                # Nothing to take: a session that is gone is told so (404) rather than left
-                # waiting, and a live one is extended (heartbeats extend it too).
-                await ctx.live_session(sid)
-                checked = True
+            # Nothing to take. An expired session never claims anything, so a long-poll must not
+            # outlive it: each time it finds nothing (at the start, and after a wake) a session
+            # that is gone or expired is told so (404: bind again). The first check extends a
+            # live one; later ones do not, or an open long-poll would keep the session of a
+            # stalled worker alive (its heartbeats are what show it runs).
+            await ctx.live_session(sid, extend=checks == 0)
+            checks += 1
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

@@ -58,6 +58,12 @@ GET = render(
     )
 )
 
+GET_LIVE = render(
+    sql.SQL(
+        "SELECT {cols} FROM inferq.worker_session WHERE id = %(id)s AND expires_at > now()"
+    ).format(cols=_SESSION_COLUMNS)
+)
+
 TOUCH = render(
     sql.SQL(
         """
@@ -150,12 +156,15 @@ class WorkerSessionRepository:
             assert session is not None
             return session
 
-    async def get(self, session_id: UUID, *, touch_ttl_s: float | None = None) -> WorkerSession:
-        """The live session (extended by ``touch_ttl_s`` when given); raises SessionNotFound."""
+    async def get(
+        self, session_id: UUID, *, touch_ttl_s: float | None = None, live: bool = False
+    ) -> WorkerSession:
+        """The session; raises SessionNotFound. ``live``: one that has not expired either
+        (its reaper may not have run yet). ``touch_ttl_s``: the live session, extended by it."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(WorkerSession))
             if touch_ttl_s is None:
-                await cur.execute(GET, {"id": session_id})
+                await cur.execute(GET_LIVE if live else GET, {"id": session_id})
             else:
                 await cur.execute(TOUCH, {"id": session_id, "ttl_s": touch_ttl_s})
             session = await cur.fetchone()

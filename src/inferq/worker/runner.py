@@ -100,6 +100,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._rebind_lock = asyncio.Lock()
         self._claim_parked = False  # the claim loop waits for a free slot (no long-poll open)
+        # The claim loop's call in flight, with the session it claims for.
+        self._claim_call: tuple[UUID, asyncio.Future[list[WorkerTask]]] | None = None
         self.outcomes = OutcomeBatcher(
             client, claim_room=self._claim_room, on_claimed=self._on_claimed
         )
@@ -173,6 +175,11 @@ class Worker:
             except WorkerApiError as exc:
                 # The loops come back here with the stale id on their next call.
                 log.warning("session_bind_failed", error=str(exc))
+                return
+            # A claim long-poll open on the lost session can never return work (the daemon
+            # claims nothing for an expired session): cut it, so the new session claims now.
+            if self._claim_call is not None and self._claim_call[0] == stale:
+                self._claim_call[1].cancel()
 
     async def _unbind(self) -> None:
         if self.session_id is None:
@@ -197,10 +204,16 @@ class Worker:
                     self._claim_parked = False
             sid = self.session_id
             assert sid is not None
+            call = asyncio.ensure_future(
+                self.client.claim(sid, self.capacity - len(self._held), self.claim_wait_s)
+            )
+            self._claim_call = (sid, call)
             try:
-                tasks = await self.client.claim(
-                    sid, self.capacity - len(self._held), self.claim_wait_s
-                )
+                tasks = await call
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the loop itself is being stopped
+                continue  # _rebind cut a long-poll on the lost session: claim on the new one
             except SessionNotFoundError:
                 await self._rebind(sid)
                 continue
