@@ -48,5 +48,5 @@ def stack(dsn: str, failed: Callable[[], bool]) -> Iterator[Stack]:
         s.stop()
         if failed():
             for proc in s.procs:
-                tail = proc.text().splitlines()[-80:]
-                print(f"--- {proc.log_path} (last {len(tail)} lines)", *tail, sep="\n")
+                tail = proc.log_text().splitlines()[-80:]
+                print(f"--- {proc.log} (last {len(tail)} lines)", *tail, sep="\n")

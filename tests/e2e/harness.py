@@ -13,6 +13,7 @@ fencing (I5) from the database itself rather than from what the clients happened
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -73,6 +74,9 @@ CREATE TRIGGER e2e_audit_task AFTER INSERT OR UPDATE ON inferq.task
 """
 
 
+T = TypeVar("T")
+
+
 class HarnessError(RuntimeError):
     """The e2e deployment could not be set up (a missing binary, a process that died)."""
 
@@ -89,14 +93,16 @@ def find_binary(name: str) -> str:
     return path
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; HarnessError naming ``what`` at the deadline."""
+def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, what: str = "it") -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; HarnessError
+    naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(delay)
+        value = predicate()
+        if value:
+            return value
+        time.sleep(delay)  # the polling period of a deadline loop, not a wait for an event
         delay = min(delay * 1.5, 0.25)
     raise HarnessError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
@@ -110,7 +116,7 @@ def _http_ok(url: str) -> bool:
 
 @dataclass
 class Proc:
-    """One child process and its log file."""
+    """One child process; its stdout and stderr go to one log file (appended to on restart)."""
 
     name: str
     args: list[str]
@@ -119,7 +125,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, user: str | None = None) -> None:
+    def start(self, user: str | None = None) -> Proc:
         with self.log.open("ab") as out:
             out.write(f"\n=== start {' '.join(self.args)}\n".encode())
             out.flush()
@@ -132,6 +138,7 @@ class Proc:
                 start_new_session=True,
                 user=user,
             )
+        return self
 
     @property
     def pid(self) -> int:
@@ -151,9 +158,10 @@ class Proc:
         return self.popen.wait(timeout=timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        """SIGTERM (after SIGCONT, for a stopped process), then SIGKILL after ``timeout_s``."""
         if not self.alive():
             return
+        self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
             self.wait(timeout_s)
@@ -163,6 +171,34 @@ class Proc:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The JSON log lines (with ``event`` and the given fields) written so far."""
+        found = []
+        for line in self.log_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if event is not None and entry.get("event") != event:
+                continue
+            if all(entry.get(k) == v for k, v in match.items()):
+                found.append(entry)
+        return found
+
+    def wait_event(self, event: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
+        """The first log line of ``event`` with the given fields, once it is written."""
+
+        def seen() -> dict[str, Any] | None:
+            hits = self.events(event, **match)
+            if not hits and not self.alive():
+                raise HarnessError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return hits[0] if hits else None
+
+        found: dict[str, Any] = wait_until(seen, timeout_s, f"{self.name} to log {event} {match}")
+        return found
 
 
 @dataclass

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import psycopg
 
 from inferq.db.cluster import free_port
 from inferq.db.tokens import hash_token, new_secret
+from tests.e2e.harness import Proc, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "default"
@@ -39,89 +37,6 @@ FAST_LEASES = {
     "INFERQ_SSE_HEARTBEAT_S": "1",
     "INFERQ_SAFETY_POLL_S": "2",
 }
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "it") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(0.02)  # the polling period of a deadline loop, not a wait for an event
-
-
-@dataclass
-class Proc:
-    """A child process whose stdout and stderr go to one log file."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        if self.popen is None:
-            return None
-        if self.alive():
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait(timeout_s)
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The JSON log lines (with ``event`` and the given fields) written so far."""
-        found = []
-        for line in self.text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            if event is not None and entry.get("event") != event:
-                continue
-            if all(entry.get(k) == v for k, v in match.items()):
-                found.append(entry)
-        return found
-
-    def wait_event(self, event: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
-        def seen() -> dict[str, Any] | None:
-            if not self.alive() and not self.events(event, **match):
-                raise AssertionError(f"{self.name} exited:\n{self.text()[-3000:]}")
-            hits = self.events(event, **match)
-            return hits[0] if hits else None
-
-        found: dict[str, Any] = wait_until(seen, timeout_s, f"{self.name} to log {event} {match}")
-        return found
 
 
 @dataclass
@@ -169,7 +84,7 @@ class Stack:
 
     def _ready(self, serve: Proc) -> bool:
         if not serve.alive():
-            raise AssertionError(f"inferq serve exited:\n{serve.text()[-3000:]}")
+            raise AssertionError(f"inferq serve exited:\n{serve.log_text()[-3000:]}")
         try:
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -216,7 +131,7 @@ class Stack:
         script = str(REPO / "tests" / "fake_upstream.py")
         argv = [sys.executable, script, "--port", str(port), "--mode", mode]
         proc = self.spawn(f"upstream-{mode}", [*argv, "--delay", str(delay_s)])
-        wait_until(lambda: "ready" in proc.text(), 30, "the fake upstream")
+        wait_until(lambda: "ready" in proc.log_text(), 30, "the fake upstream")
         return f"http://127.0.0.1:{port}/v1"
 
     # -- client side --------------------------------------------------------------------------
