@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,14 @@ async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
             return
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         await asyncio.sleep(0.01)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Return once ``await check()`` holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.02)
 
 
 def last_user_text(request: dict[str, Any]) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from tests.api_helpers import (
     Tokens,
     auth,
     count_rows,
+    eventually,
     make_tokens,
     poll_until,
     serve_app,
@@ -39,14 +39,6 @@ async def running(
         httpx.AsyncClient(base_url=server.url, timeout=20) as http,
     ):
         yield server, tokens, http
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Return once ``await check()`` holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.02)
 
 
 async def submit(http: httpx.AsyncClient, tokens: Tokens, request: object = CHAT) -> str:

@@ -11,7 +11,16 @@ import psycopg
 import pytest
 
 from inferq.settings import Settings
-from tests.api_helpers import POOL, Server, Tokens, auth, make_tokens, poll_until, serve_app
+from tests.api_helpers import (
+    POOL,
+    Server,
+    Tokens,
+    auth,
+    eventually,
+    make_tokens,
+    poll_until,
+    serve_app,
+)
 
 pytestmark = pytest.mark.db
 
@@ -282,20 +291,30 @@ async def test_a_session_reaped_elsewhere_claims_nothing(
 
 
 async def test_a_long_poll_whose_session_is_reaped_answers_404_when_work_arrives(
-    app: tuple[Server, Tokens], dsn: str
+    settings: Settings, dsn: str
 ) -> None:
-    server, tokens = app
-    async with httpx.AsyncClient(
-        base_url=server.url, headers=auth(tokens.worker), timeout=60
-    ) as http:
+    # A worker stalled past its session's TTL: no heartbeat extends the session, the reaper
+    # removes it, and the long-poll it left open on it is still parked.
+    short = settings.model_copy(update={"session_ttl_s": 1.0})
+    tokens = await make_tokens(short, dsn)
+    async with (
+        serve_app(short, dsn) as server,
+        httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker), timeout=60) as http,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+    ):
         sid = (await http.post("/v1/worker/sessions", json={"pools": [POOL]})).json()["session_id"]
         claim = asyncio.create_task(
             http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 30})
         )
-        # Until the long-poll, its session checked, sleeps.
         await poll_until(lambda: server.replica.service.hub.parked_count > 0)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await conn.execute("DELETE FROM inferq.worker_session WHERE id = %s", (sid,))
+
+        async def expired() -> bool:
+            query = "SELECT expires_at < now() FROM inferq.worker_session WHERE id = %s"
+            row = await (await conn.execute(query, (sid,))).fetchone()
+            return bool(row and row[0])
+
+        await eventually(expired)
+        await conn.execute("DELETE FROM inferq.worker_session WHERE id = %s", (sid,))
         [tid] = await submit(http, tokens)
         # Told at once that its session is gone (it binds again), not after 30 s of nothing.
         r = await asyncio.wait_for(claim, 10)

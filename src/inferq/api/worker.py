@@ -12,9 +12,11 @@ one statement, hence one notifying commit.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
@@ -155,7 +157,7 @@ async def claim_answer(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait_s, ctx.settings.max_wait_s)
     tasks: list[Task] = []
-    checks = 0
+    live_until = -math.inf  # the session's expiry as last read, on the loop's clock
     # Interest is registered before the first claim, so work that arrives in between wakes us.
     async with ctx.service.pool_waiter(pools) as waiter:
         while not ctx.drain.draining:
@@ -165,12 +167,18 @@ async def claim_answer(
             if tasks:
                 break
             # Nothing to take. An expired session never claims anything, so a long-poll must not
-            # outlive it: each time it finds nothing (at the start, and after a wake) a session
-            # that is gone or expired is told so (404: bind again). The first check extends a
-            # live one; later ones do not, or an open long-poll would keep the session of a
-            # stalled worker alive (its heartbeats are what show it runs).
-            await ctx.live_session(sid, extend=checks == 0)
-            checks += 1
+            # outlive it: a session that is gone or expired is told so (404: bind again). It is
+            # checked when the first claim finds nothing (a live one is extended), and again
+            # after a wake that found nothing once its expiry as last read has passed; only
+            # heartbeats extend it then, or an open long-poll would keep a stalled worker's
+            # session alive. An expiry only moves forward and the reaper removes a session only
+            # after it, so a reaped session is found at the first wake after the reap, and a
+            # live one costs no read per wake.
+            if loop.time() >= live_until:
+                first = live_until == -math.inf
+                session = await ctx.live_session(sid, extend=first)
+                left_s = (session.expires_at - datetime.now(UTC)).total_seconds()
+                live_until = loop.time() + left_s
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
