@@ -126,6 +126,11 @@ async def _held_tasks(stack: Stack, n: int, *, streaming: bool) -> tuple[uuid.UU
     held = await tasks.claim(session, [pool_name], limit=n, lease_s=3600)
     if streaming:
         held = [await tasks.start(t.id, session, t.attempt) for t in held]
+    # A live table has statistics (autovacuum analyzes it as it fills). Without them the planner
+    # reads a guarded write (id, session, attempt) through the session's index, stepping over
+    # every task the session holds (all n here) instead of one primary-key lookup.
+    async with stack.pool.connection() as conn:
+        await conn.execute("ANALYZE inferq.task")
     return session, held
 
 
