@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import psycopg
 
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
@@ -128,9 +130,12 @@ async def _held_tasks(stack: Stack, n: int, *, streaming: bool) -> tuple[uuid.UU
         held = [await tasks.start(t.id, session, t.attempt) for t in held]
     # A live table has statistics (autovacuum analyzes it as it fills). Without them the planner
     # reads a guarded write (id, session, attempt) through the session's index, stepping over
-    # every task the session holds (all n here) instead of one primary-key lookup.
+    # every task the session holds (all n here) instead of one primary-key lookup. A checkpoint
+    # (where the role may) keeps the previous scenario's writes from being flushed meanwhile.
     async with stack.pool.connection() as conn:
         await conn.execute("ANALYZE inferq.task")
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("CHECKPOINT")
     return session, held
 
 
