@@ -181,6 +181,17 @@ def error_response(exc: BaseException) -> Response:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif mapping.status == 503:
         headers["Retry-After"] = "1"
+    return Response(
+        orjson.dumps(error_json(exc, mapping)),
+        status_code=mapping.status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def error_json(exc: BaseException, mapping: Mapping | None = None) -> dict[str, Any]:
+    """The JSON body of :func:`error_response` for ``exc`` (its status: ``lookup(exc)``)."""
+    mapping = mapping or lookup(exc)
     if isinstance(exc, errors.InferqError):
         message = exc.message
     elif isinstance(exc, psycopg.Error) and mapping.status == 400:
@@ -190,18 +201,12 @@ def error_response(exc: BaseException) -> Response:
         message = "the database is unavailable; retry"
     else:
         message = "internal error; see the server log"
-    body = error_body(
+    return error_body(
         message,
         mapping.type,
         mapping.code,
         param=getattr(exc, "param", None),
         task=getattr(exc, "task", None),
-    )
-    return Response(
-        orjson.dumps(body),
-        status_code=mapping.status,
-        headers=headers,
-        media_type="application/json",
     )
 
 

@@ -20,14 +20,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferq.api.auth import check_pools, worker_token
 from inferq.api.body import documented, json_body, read_document, validate
 from inferq.api.context import ApiContext, get_ctx
-from inferq.api.errors import InvalidBody, ShuttingDown, error_response
+from inferq.api.errors import InvalidBody, ShuttingDown, error_json, lookup
 from inferq.api.render import (
     INT4_MAX,
     json_response,
@@ -353,11 +352,11 @@ def _outcome_json(task_id: UUID, result: Finished | Exception) -> dict[str, Any]
         state = {"id": task_id, "status": result.status.value, "attempt": result.attempt}
         return {"id": task_id, "status_code": 200, "task": state}
     # The very answer the single route gives for this error, status and body alike.
-    refused = error_response(result)
-    error = orjson.loads(refused.body)["error"]
+    mapping = lookup(result)
+    error = error_json(result, mapping)["error"]
     return {
         "id": task_id,
-        "status_code": refused.status_code,
+        "status_code": mapping.status,
         "task": error.get("task"),
         "error": error,
     }
