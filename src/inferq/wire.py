@@ -188,21 +188,6 @@ class OutcomesRequest(_Wire):
     claim: int = Field(default=0, ge=0, le=1000)
 
 
-class OutcomeResult(_Lenient):
-    """The answer for one outcome: ``status_code`` is what the single route would answer;
-    ``task`` is the task's state (id, status, attempt) when known, ``error`` set on a refusal."""
-
-    id: UUID
-    status_code: int
-    task: dict[str, Any] | None = None
-    error: ErrorBody | None = None
-
-
-class OutcomesResponse(_Lenient):
-    results: list[OutcomeResult]
-    tasks: list[WorkerTask] = []
-
-
 # -- admin ------------------------------------------------------------------------------------
 
 
