@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import psycopg
-import uvicorn
 from psycopg import sql
 
 from inferq.daemon import DrainingServer, Replica
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
 from inferq.db.tokens import TokenRepository
+from inferq.runtime import uvicorn_config
 from inferq.settings import Settings
 
 POOL = "gpu-a"
@@ -50,14 +50,7 @@ async def serve_app(settings: Settings, dsn: str) -> AsyncIterator[Server]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     async with Replica(settings, dsn) as replica:
-        config = uvicorn.Config(
-            replica.app(),
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
+        config = uvicorn_config(replica.app(), timeout_graceful_shutdown=2)
         server = _QuietServer(config, replica)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         await poll_until(lambda: server.started or task.done())

@@ -32,7 +32,7 @@ from inferq.db.migrations import Migrator
 from inferq.db.pool import Pool, create_pool
 from inferq.maintenance import Maintenance
 from inferq.relay import ChunkRelay
-from inferq.runtime import freeze_startup_heap, run
+from inferq.runtime import freeze_startup_heap, run, uvicorn_config
 from inferq.service import TaskService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -154,15 +154,10 @@ class DrainingServer(uvicorn.Server):
 async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
     """Run one replica until SIGTERM/SIGINT, then drain and stop."""
     async with Replica(settings, dsn) as replica:
-        config = uvicorn.Config(
+        config = uvicorn_config(
             replica.app(),
             host=host,
             port=port,
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
         server = DrainingServer(config, replica)

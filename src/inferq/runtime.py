@@ -1,5 +1,8 @@
 """How long-running inferq processes (replica, worker, bench stacks) run.
 
+``uvicorn_config``: the HTTP server settings of ``inferq serve``, shared with the bench's
+parked app (which measures that server's own memory floor) and the tests' in-process servers.
+
 ``run``: the process's event loop is uvloop when it is installed (it is with the server; a
 bare worker install may lack it), else asyncio's own.
 
@@ -16,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import uvicorn
 
 T = TypeVar("T")
 
@@ -39,3 +45,19 @@ def freeze_startup_heap() -> None:
     """Collect once, then exempt every surviving object from future collections."""
     gc.collect()
     gc.freeze()
+
+
+def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools, no lifespan (the
+    caller starts and stops the replica), inferq's own logging (no access log, no default log
+    config), no Server header; ``options`` add to or override these."""
+    import uvicorn
+
+    defaults: dict[str, Any] = {
+        "http": "httptools",
+        "lifespan": "off",
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+    }
+    return uvicorn.Config(app, **(defaults | options))

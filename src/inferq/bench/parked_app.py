@@ -13,7 +13,7 @@ import asyncio
 import sys
 from typing import Any
 
-from inferq.runtime import freeze_startup_heap, run
+from inferq.runtime import freeze_startup_heap, run, uvicorn_config
 
 _parked = 0
 
@@ -35,16 +35,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def main() -> None:
     import uvicorn
 
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        http="httptools",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-    )
+    config = uvicorn_config(app, host="127.0.0.1", port=int(sys.argv[1]))
     freeze_startup_heap()
     run(uvicorn.Server(config).serve())
 
