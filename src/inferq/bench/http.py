@@ -11,12 +11,11 @@ Design decisions:
   keep-alive connection. With that many clients the p50 is mostly queueing (clients / rate),
   so one client alone is measured first: the latency of a request that waits behind nothing.
   A few requests per client warm the connections up before the clock starts.
-- The clients are ``_Connection``, a minimal HTTP/1.1 client on an asyncio protocol, not httpx:
-  on two cores the load generator shares the CPUs with what it measures, and httpx cost about
-  1 ms of CPU per request here, as much as a worker spends on a task. The minimal client only
-  speaks what our replicas answer on loopback (keep-alive, ``Content-Length`` bodies) and
-  refuses anything else. Its own CPU per request (this thread's CPU time over the load phase)
-  is measured as ``http.loadgen_cpu_ms_per_request``, so a reader can check it stays small.
+- The clients drive the worker transport's HTTP/1.1 connection (``inferq.worker._http``, an
+  asyncio protocol) directly, not httpx: on two cores the load generator shares the CPUs with
+  what it measures, and httpx cost about 1 ms of CPU per request here, as much as a worker
+  spends on a task. Its own CPU per request (this thread's CPU time over the load phase) is
+  measured as ``http.loadgen_cpu_ms_per_request``, so a reader can check it stays small.
 - Memory (``measure_wait_memory``, a replica of its own with no worker): its resident set
   (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait``
   long-polls parked on pending tasks of a pool no worker serves. The long-polls are raw
@@ -39,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import orjson
@@ -51,6 +50,7 @@ from inferq.db.tasks import NewTask, TaskRepository
 from inferq.db.tokens import TokenRepository
 from inferq.runtime import run
 from inferq.settings import Settings
+from inferq.worker._http import Connection
 
 WORKER_CAPACITY = 32
 WARMUP_PER_CLIENT = 5
@@ -316,21 +316,26 @@ async def _load(
     samples: list[float] = []
     remaining = requests
 
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: inferq\r\n"
+        f"Authorization: Bearer {setup.client_token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
     async def client(i: int) -> None:
         nonlocal remaining
         host, port = urls[i % len(urls)].removeprefix("http://").split(":")
-        conn = await _Connection.open(host, int(port))
-        request = conn.request_bytes("/v1/chat/completions", setup.client_token, body)
+        _, conn = await asyncio.get_running_loop().create_connection(Connection, host, int(port))
         try:
             for _ in range(WARMUP_PER_CLIENT):
-                _check(*await conn.send(request))
+                _check(await conn.exchange(head, body, b"POST"))
             await start.wait()
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
-                answer = await conn.send(request)
+                answer = await conn.exchange(head, body, b"POST")
                 samples.append(time.perf_counter() - t0)
-                _check(*answer)
+                _check(answer)
         finally:
             conn.close()
 
@@ -357,86 +362,10 @@ async def _load(
     }
 
 
-def _check(status: int, body: bytes) -> None:
+def _check(answer: tuple[int, bytes, Any, bytes, bool]) -> None:
+    status, _, _, content, _ = answer
     if status != 200:
-        raise RuntimeError(f"HTTP {status}: {body[:300].decode(errors='replace')}")
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time: just enough for the load.
-
-    Answers must carry ``Content-Length`` (ours do); anything else is refused loudly rather
-    than misread. Not a general HTTP client: no chunked bodies, redirects, TLS or pipelining.
-    """
-
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
-        self._head_end = -1
-        self._length = -1
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> _Connection:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(cls, host, port)
-        return conn
-
-    def request_bytes(self, path: str, token: str, body: bytes) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: inferq\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    async def send(self, request: bytes) -> tuple[int, bytes]:
-        """Write ``request`` and return (status, body) of its answer."""
-        if self._transport is None or self._transport.is_closing():
-            raise ConnectionError("the connection is closed")
-        self._answer = asyncio.get_running_loop().create_future()
-        self._transport.write(request)
-        return await self._answer
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
-        self._transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_exception(exc or ConnectionError("the server closed the connection"))
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if self._head_end < 0:
-            self._head_end = self._buffer.find(b"\r\n\r\n")
-            if self._head_end < 0:
-                return
-            self._length = self._content_length(bytes(self._buffer[: self._head_end]))
-        end = self._head_end + 4 + self._length
-        if len(self._buffer) < end or self._answer is None:
-            return
-        status = int(self._buffer[9:12])
-        body = bytes(self._buffer[self._head_end + 4 : end])
-        del self._buffer[:end]
-        self._head_end = self._length = -1
-        if not self._answer.done():
-            self._answer.set_result((status, body))
-
-    def _content_length(self, head: bytes) -> int:
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                return int(value)
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_exception(
-                ValueError(f"an answer without Content-Length: {head[:300]!r}")
-            )
-        self.close()
-        return 1 << 62  # never complete: the connection is closing
+        raise RuntimeError(f"HTTP {status}: {content[:300].decode(errors='replace')}")
 
 
 async def _until_waiting(start: asyncio.Event, tasks: list[asyncio.Task[None]], n: int) -> None:

@@ -32,8 +32,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_HEAD_BYTES = 64 * 1024
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection; at most one request at a time."""
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; at most one request at a time (``exchange``). The transport
+    below pools them; the bench's load generator drives them directly."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -207,7 +208,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         else:
             self._ssl = None
             self._verify = verify
-        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], deque[Connection]] = {}
         self._open: dict[tuple[str, str, int], int] = {}
         # Requests waiting for a slot, per origin.
         self._waiting: dict[tuple[str, str, int], deque[asyncio.Future[None]]] = {}
@@ -251,7 +252,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
 
     async def _acquire(
         self, origin: tuple[str, str, int], timeouts: dict[str, float | None]
-    ) -> _Connection:
+    ) -> Connection:
         if self._closed:
             raise RuntimeError("the transport is closed")
         idle = self._idle.setdefault(origin, deque())
@@ -288,7 +289,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             self._wake_one(origin)
             raise
 
-    async def _connect(self, origin: tuple[str, str, int], connect_s: float | None) -> _Connection:
+    async def _connect(self, origin: tuple[str, str, int], connect_s: float | None) -> Connection:
         scheme, host, port = origin
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
@@ -297,7 +298,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(connect_s):
                 _, conn = await loop.create_connection(
-                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None
+                    Connection, host, port, ssl=tls, server_hostname=host if tls else None
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
@@ -305,7 +306,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"connecting to {host}:{port}: {exc}") from exc
         return conn
 
-    def _release(self, origin: tuple[str, str, int], conn: _Connection, reusable: bool) -> None:
+    def _release(self, origin: tuple[str, str, int], conn: Connection, reusable: bool) -> None:
         if reusable and not conn.closed and not self._closed:
             self._idle[origin].append(conn)
         else:
