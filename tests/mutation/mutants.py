@@ -1,0 +1,225 @@
+"""The mutants: small, meaningful breakages of inferq that the test suite must catch.
+
+Each mutant is one or more exact text edits (the pattern must occur exactly once in its file,
+see ``tests.mutation.run``) and the tests that must fail under it. When the code moves, update
+the pattern here: the run fails loudly on a pattern that no longer matches, it never skips it.
+A mutant names the smallest set of tests that kills it, so the whole run stays within CI's
+budget (15 minutes on a 2-core machine); prefer integration tests to e2e ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    path: str  # relative to the repository root
+    find: str
+    replace: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mutant:
+    name: str
+    why: str  # what a user would suffer
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+    timeout_s: float = 60.0
+
+
+TASKS = "src/inferq/db/tasks.py"
+SESSIONS = "src/inferq/db/sessions.py"
+TRIGGERS = "sql/0002_triggers.sql"
+REPO_TESTS = "tests/integration/test_task_repository.py"
+
+
+def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
+    return (Edit(path, find, replace),)
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- the claim ----------------------------------------------------------------------------
+    Mutant(
+        "claim_ignores_priority",
+        "a priority 10 task waits behind older priority 0 work",
+        _one(TASKS, "    ORDER BY priority DESC, created_at, id\n    LIMIT least(",
+             "    ORDER BY created_at, id\n    LIMIT least("),
+        (f"{REPO_TESTS}::test_claim_takes_priority_then_fifo_and_only_requested_pools",),
+    ),
+    Mutant(
+        "claim_without_skip_locked",
+        "claimers queue behind each other's row locks instead of taking other rows",
+        _one(TASKS, "    FOR UPDATE SKIP LOCKED\n)", "    FOR UPDATE\n)"),
+        (f"{REPO_TESTS}::test_claimers_never_wait_on_each_others_locks",),
+        timeout_s=30.0,
+    ),
+    Mutant(
+        "expired_session_claims",
+        "a worker whose session expired (its tasks already reverted) keeps taking work",
+        _one(TASKS, "SELECT CASE WHEN s.expires_at > now() THEN", "SELECT CASE WHEN true THEN"),
+        (f"{REPO_TESTS}::test_a_bound_claim_needs_a_live_session_row",),
+    ),
+    Mutant(
+        "claim_past_capacity",
+        "a worker of capacity 2 is handed a third task",
+        _one(TASKS, "greatest(0, s.capacity - (", "greatest(0, s.capacity + 1 - ("),
+        (f"{REPO_TESTS}::test_a_session_never_claims_past_its_capacity",),
+    ),
+    # -- the state machine --------------------------------------------------------------------
+    Mutant(
+        "transition_running_to_claimed",
+        "a running task can be pushed back to claimed, in both the trigger and the Python table",
+        (
+            Edit(TRIGGERS, "WHEN 'running' THEN new_status IN ('completed',",
+                 "WHEN 'running' THEN new_status IN ('claimed', 'completed',"),
+            Edit("src/inferq/domain/task.py",
+                 "{TaskStatus.COMPLETED, TaskStatus.ERROR, TaskStatus.CANCELLED, TaskStatus.PENDING}",
+                 "{TaskStatus.CLAIMED, TaskStatus.COMPLETED, TaskStatus.ERROR, "
+                 "TaskStatus.CANCELLED, TaskStatus.PENDING}"),
+        ),
+        ("tests/integration/test_transitions.py",),
+    ),
+    # -- attempt fencing and leases -----------------------------------------------------------
+    Mutant(
+        "complete_ignores_attempt",
+        "a stale worker's late result overwrites the answer of the attempt that holds the task",
+        _one(TASKS, '_HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND '
+             't.attempt = %(attempt)s")',
+             '_HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s")'),
+        (f"{REPO_TESTS}::test_stale_attempt_is_rejected_for_complete_fail_and_chunks",),
+    ),
+    Mutant(
+        "heartbeat_keeps_old_leases",
+        "a heartbeating worker still loses its running tasks when the first lease runs out",
+        _one(SESSIONS,
+             "UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => "
+             "%(lease_s)s)\n    FROM sess",
+             "UPDATE inferq.task t SET lease_expires_at = t.lease_expires_at\n    FROM sess"),
+        ("tests/integration/test_leases.py",),
+    ),
+    Mutant(
+        "lost_one_attempt_too_many",
+        "a task lost max_attempts times is queued once more instead of ending in error",
+        _one(TASKS, "t.attempt - t.releases >= t.max_attempts", "t.attempt - t.releases > t.max_attempts"),
+        ("tests/integration/test_maintenance.py::test_rescuer_fails_a_task_after_max_attempts_with_a_message",),
+    ),
+    Mutant(
+        "rescuer_takes_live_leases",
+        "a task running on a healthy worker is taken away and run a second time",
+        _one(TASKS, "  AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now())\n",
+             "  AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now()) + interval '1 hour'\n"),
+        (f"{REPO_TESTS}::test_revert_expired_uses_the_clock_and_ends_in_error_after_max_attempts",),
+    ),
+    Mutant(
+        "release_uses_up_an_attempt",
+        "a worker's graceful shutdown counts against the task's max_attempts",
+        _one(TASKS, "releases = t.releases + CASE WHEN %(graceful)s::boolean THEN 1 ELSE 0 END",
+             "releases = t.releases"),
+        (f"{REPO_TESTS}::test_a_graceful_release_does_not_use_up_an_attempt",),
+    ),
+    Mutant(
+        "reaper_reaps_live_sessions",
+        "a worker that heartbeats on time has its session deleted and its tasks reverted",
+        _one(SESSIONS, "    WHERE expires_at < coalesce(%(now)s::timestamptz, now())\n",
+             "    WHERE expires_at < coalesce(%(now)s::timestamptz, now()) + interval '1 hour'\n"),
+        ("tests/integration/test_maintenance.py::test_reaper_reverts_the_tasks_of_a_dead_session",),
+    ),
+    Mutant(
+        "stale_chunks_stored",
+        "a worker that lost its lease still streams its chunks into the new attempt's readers",
+        _one("src/inferq/db/chunks.py", "        AND t.attempt = c.attempt AND t.status IN ('claimed', 'running')",
+             "        AND t.status IN ('claimed', 'running')"),
+        ("tests/integration/test_relay.py::test_a_stale_attempt_gets_lease_lost_and_others_still_land",),
+    ),
+    # -- owner scoping ------------------------------------------------------------------------
+    Mutant(
+        "cancel_ignores_owner",
+        "any client can cancel another owner's task by id",
+        _one(TASKS, "WHERE t.id = %(id)s AND t.owner_id = %(owner)s AND t.status IN",
+             "WHERE t.id = %(id)s AND t.status IN"),
+        ("tests/integration/test_api_bad_input.py",),
+    ),
+    Mutant(
+        "get_ignores_owner",
+        "a client reads another owner's prompt and answer by id",
+        _one(TASKS, 'GET_OWNED = render(_GET + sql.SQL(" AND t.owner_id = %(owner)s"))',
+             "GET_OWNED = render(_GET)"),
+        (f"{REPO_TESTS}::test_another_owner_sees_nothing",),
+    ),
+    # -- maintenance --------------------------------------------------------------------------
+    Mutant(
+        "gc_deletes_recent_rows",
+        "finished tasks are deleted long before INFERQ_RETENTION_S",
+        _one(TASKS, "                       - make_interval(secs => %(retention_s)s)",
+             "                       + make_interval(secs => %(retention_s)s)"),
+        (f"{REPO_TESTS}::test_gc_with_a_fixed_clock",),
+    ),
+    Mutant(
+        "gc_never_expires_pending",
+        "a task no worker serves stays pending forever instead of failing after the timeout",
+        _one(TASKS, "now()) - make_interval(secs => %(timeout_s)s)",
+             "now()) - make_interval(secs => %(timeout_s)s) * 1000"),
+        (f"{REPO_TESTS}::test_gc_with_a_fixed_clock",),
+    ),
+    # -- idempotency --------------------------------------------------------------------------
+    Mutant(
+        "idempotency_ignores_the_request",
+        "a reused Idempotency-Key with a different request silently returns the old task",
+        _one(TASKS, "                if not same:\n", "                if False:\n"),
+        (f"{REPO_TESTS}::test_enqueue_with_the_same_idempotency_key_returns_the_first_task",),
+    ),
+    # -- notifications and wakeups ------------------------------------------------------------
+    Mutant(
+        "listener_skips_resync",
+        "a waiter whose notification was sent while the listener reconnected waits for the poll",
+        _one("src/inferq/db/listener.py", "            self.hub.resync_all()\n", ""),
+        ("tests/integration/test_listener.py::test_lost_notifications_are_recovered_by_reconnect_and_resync",),
+    ),
+    Mutant(
+        "no_notify_on_completion",
+        "a client waiting on a running task learns it finished only at the next safety poll",
+        _one(TRIGGERS, "            WHERE n.status IS DISTINCT FROM o.status\n",
+             "            WHERE n.status IS DISTINCT FROM o.status AND o.status <> 'running'\n"),
+        ("tests/integration/test_notify.py::test_one_notification_per_status_change_with_the_documented_payload",),
+    ),
+    # -- streams ------------------------------------------------------------------------------
+    Mutant(
+        "stream_skips_a_gap",
+        "a reader delivers chunk 3 before chunk 2 when another replica's flush lags",
+        _one("src/inferq/service.py", "if chunk[0] != last_seq + 1:", "if chunk[0] <= last_seq:"),
+        ("tests/integration/test_service.py",),
+    ),
+    Mutant(
+        "resume_ignores_last_event_id",
+        "a resumed stream replays every chunk from the start",
+        _one("src/inferq/service.py",
+             "attempt, last_seq = after if after is not None else (_live_attempt(task), 0)",
+             "attempt, last_seq = (_live_attempt(task), 0)"),
+        ("tests/integration/test_service.py::test_events_resume_after_a_seq_for_a_finished_task",),
+    ),
+    # -- drain --------------------------------------------------------------------------------
+    Mutant(
+        "drain_accepts_new_work",
+        "a replica shutting down still accepts submits that it will not see through",
+        _one("src/inferq/api/context.py",
+             "        if self.draining:\n            raise ShuttingDown",
+             "        if False:\n            raise ShuttingDown"),
+        ("tests/integration/test_api_ops.py::test_drain_turns_ready_red_and_ends_waits_and_streams",),
+    ),
+    # -- the OpenAI routes --------------------------------------------------------------------
+    Mutant(
+        "openai_disconnect_keeps_task",
+        "a client that hung up still has its generation run on a GPU",
+        _one("src/inferq/api/openai.py", "            on_disconnect=abandon,\n",
+             "            on_disconnect=None,\n"),
+        ("tests/integration/test_api_disconnect.py",),
+    ),
+    Mutant(
+        "sync_timeout_keeps_task",
+        "a sync call answered 504 leaves its task queued, to run for nobody",
+        _one("src/inferq/api/openai.py", "except (WaitTimeout, ShuttingDown):",
+             "except (ShuttingDown,):"),
+        ("tests/integration/test_api_openai.py",),
+    ),
+)  # fmt: skip
