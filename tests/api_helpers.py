@@ -15,11 +15,10 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from inferq.daemon import DrainingServer, Replica
+from inferq.daemon import DrainingServer, Replica, uvicorn_config
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
 from inferq.db.tokens import TokenRepository
-from inferq.runtime import uvicorn_config
 from inferq.settings import Settings
 
 POOL = "gpu-a"
@@ -44,13 +43,16 @@ class _QuietServer(DrainingServer):
 
 
 @contextlib.asynccontextmanager
-async def serve_app(settings: Settings, dsn: str) -> AsyncIterator[Server]:
-    """A Replica on ``dsn`` behind uvicorn (httptools) on a free port of 127.0.0.1."""
+async def serve_app(
+    settings: Settings, dsn: str, *, fast_path: bool = True
+) -> AsyncIterator[Server]:
+    """A Replica on ``dsn`` behind uvicorn (httptools) on a free port of 127.0.0.1; without
+    ``fast_path`` every request goes through FastAPI's own routing."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     async with Replica(settings, dsn) as replica:
-        config = uvicorn_config(replica.app(), timeout_graceful_shutdown=2)
+        config = uvicorn_config(replica.app(fast_path=fast_path), timeout_graceful_shutdown=2)
         server = _QuietServer(config, replica)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         await poll_until(lambda: server.started or task.done())

@@ -16,9 +16,10 @@ from uuid import UUID
 
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import Pool, create_pool
-from inferq.db.tokens import Role, TokenRepository
+from inferq.db.stats import StatsRepository
+from inferq.db.tokens import TokenRepository
+from inferq.domain.records import Role
 from inferq.errors import ConfigurationError
-from inferq.metrics import queue_stats
 from inferq.settings import Settings
 
 T = TypeVar("T")
@@ -121,7 +122,7 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
     """`inferq status`: tasks per pool and status, and live worker sessions."""
 
     async def work(pool: Pool) -> int:
-        stats = await queue_stats(pool)
+        stats = await StatsRepository(pool).queue()
         if args.json:
             print(json.dumps(stats.as_json(), indent=2))
             return 0

@@ -1,4 +1,8 @@
-"""The composition root of `inferq serve`: pool → listener → service → maintenance → HTTP.
+"""The composition root of `inferq serve`: pool → repositories → listener → services →
+maintenance → HTTP.
+
+``uvicorn_config``: the HTTP server settings of ``inferq serve``, shared with the bench's
+parked app (which measures that server's own memory floor) and the tests' in-process servers.
 
 ``Replica`` starts the parts in that order and stops them in reverse; tests use it to run
 real apps in-process. ``serve_command`` adds the embedded database, uvicorn (uvloop +
@@ -26,14 +30,34 @@ from typing import Any
 import structlog
 import uvicorn
 
-from inferq.api import ApiContext, create_app
+from inferq.api import create_app
+from inferq.db.chunks import ChunkRepository
+from inferq.db.leases import LeaseRepository
 from inferq.db.listener import Listener
+from inferq.db.llms import LlmRepository
 from inferq.db.migrations import Migrator
 from inferq.db.pool import Pool, create_pool
+from inferq.db.sessions import WorkerSessionRepository
+from inferq.db.stats import StatsRepository
+from inferq.db.tasks import TaskRepository
+from inferq.db.tokens import TokenRepository
 from inferq.maintenance import Maintenance
-from inferq.relay import ChunkRelay
-from inferq.runtime import freeze_startup_heap, run, uvicorn_config
-from inferq.service import TaskService
+from inferq.metrics import Metrics
+from inferq.runtime import freeze_startup_heap, run
+from inferq.services import (
+    AdminService,
+    Authenticator,
+    ClaimService,
+    CompletionService,
+    Drain,
+    HealthService,
+    Services,
+    TaskService,
+)
+from inferq.services.limits import PendingLimiter, WaitSlots
+from inferq.services.registry import Registry
+from inferq.services.relay import ChunkRelay
+from inferq.services.waits import WaitService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
 
@@ -41,7 +65,11 @@ log = structlog.get_logger(__name__)
 
 
 class Replica:
-    """One replica's parts around ``dsn``; ``async with`` starts and stops them."""
+    """One replica's parts around ``dsn``; ``async with`` starts and stops them.
+
+    The composition root: each repository is built once here and handed to the services and
+    maintenance loops that use it.
+    """
 
     def __init__(self, settings: Settings, dsn: str, *, maintenance: bool = True) -> None:
         self.settings = settings.model_copy(update={"database_url": dsn})
@@ -49,17 +77,20 @@ class Replica:
         self.run_maintenance = maintenance
         self.pool: Pool | None = None
         self.listener: Listener | None = None
-        self.service: TaskService | None = None
+        self.waits: WaitService | None = None
+        self.relay: ChunkRelay | None = None
         self.maintenance: Maintenance | None = None
-        self.ctx: ApiContext | None = None
+        self.services: Services | None = None
 
     async def start(self) -> None:
         """Refuse a database that is behind (DatabaseBehind names `inferq migrate`), then
         start every part."""
         await asyncio.to_thread(Migrator(self.dsn).check)
         settings = self.settings
-        self.pool = create_pool(settings, self.dsn)
-        await self.pool.open(wait=True, timeout=30.0)
+        self.pool = pool = create_pool(settings, self.dsn)
+        await pool.open(wait=True, timeout=30.0)
+        tasks, chunks = TaskRepository(pool), ChunkRepository(pool)
+        sessions, tokens = WorkerSessionRepository(pool), TokenRepository(pool)
         hub = Hub()
         self.listener = Listener(
             settings,
@@ -68,20 +99,38 @@ class Replica:
             dsn=settings.listen_database_url or self.dsn,
         )
         await self.listener.start()
-        relay = ChunkRelay(self.pool, settings)
-        self.service = TaskService(self.pool, settings, hub=hub, relay=relay)
+        self.waits = waits = WaitService(tasks, chunks, settings, hub=hub)
+        self.relay = relay = ChunkRelay(chunks, tasks, settings)
         if self.run_maintenance:
-            self.maintenance = Maintenance(self.pool, settings)
+            self.maintenance = Maintenance(
+                tasks=tasks,
+                chunks=chunks,
+                sessions=sessions,
+                leases=LeaseRepository(pool),
+                settings=settings,
+            )
             self.maintenance.start()
-        self.ctx = ApiContext(settings, self.pool, self.service, listener=self.listener)
+        self.services = build_services(
+            settings,
+            tasks=tasks,
+            sessions=sessions,
+            tokens=tokens,
+            llms=LlmRepository(pool),
+            stats=StatsRepository(pool),
+            waits=waits,
+            relay=relay,
+            listener=self.listener,
+        )
         log.info("replica_started", listener_healthy=self.listener.healthy)
 
     async def stop(self) -> None:
         """Stop in reverse order; safe after a partial start."""
         if self.maintenance is not None:
             await self.maintenance.stop()
-        if self.service is not None:
-            await self.service.stop()
+        if self.waits is not None:
+            await self.waits.stop()
+        if self.relay is not None:
+            await self.relay.stop()  # flushes buffered chunk posts
         if self.listener is not None:
             await self.listener.stop()
         if self.pool is not None:
@@ -89,13 +138,13 @@ class Replica:
         log.info("replica_stopped")
 
     def _token_revoked(self, token_id: str) -> None:
-        if self.ctx is not None:
-            self.ctx.auth.invalidate(token_id)
+        if self.services is not None:
+            self.services.auth.invalidate(token_id)
 
-    def app(self) -> Any:
+    def app(self, *, fast_path: bool = True) -> Any:
         """The FastAPI app of this replica (after start)."""
-        assert self.ctx is not None, "start the replica first"
-        return create_app(self.ctx)
+        assert self.services is not None, "start the replica first"
+        return create_app(self.services, fast_path=fast_path)
 
     async def __aenter__(self) -> Replica:
         try:
@@ -112,6 +161,77 @@ class Replica:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    tasks: TaskRepository,
+    sessions: WorkerSessionRepository,
+    tokens: TokenRepository,
+    llms: LlmRepository,
+    stats: StatsRepository,
+    waits: WaitService,
+    relay: ChunkRelay,
+    listener: Listener | None = None,
+) -> Services:
+    """Every service of one replica, wired to the given repositories."""
+    metrics = Metrics()
+    drain = Drain()
+
+    def generation() -> int:
+        # Revocations sent while the listener was away are lost: a reconnect drops the cache.
+        return listener.stats.reconnects if listener is not None else 0
+
+    auth = Authenticator(tokens, generation=generation)
+    registry = Registry(llms)
+    slots = WaitSlots(settings.max_waits_per_token, metrics)
+    pending = PendingLimiter(tasks, settings.max_pending_per_token)
+    task_service = TaskService(
+        tasks,
+        registry,
+        waits,
+        settings=settings,
+        drain=drain,
+        slots=slots,
+        pending=pending,
+        metrics=metrics,
+    )
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        drain=drain,
+        auth=auth,
+        tasks=task_service,
+        completions=CompletionService(
+            task_service,
+            tasks,
+            waits,
+            settings=settings,
+            drain=drain,
+            slots=slots,
+            metrics=metrics,
+        ),
+        claims=ClaimService(
+            tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
+        ),
+        admin=AdminService(registry, tokens, stats, auth),
+        health=HealthService(stats, metrics, drain, listener),
+    )
+
+
+def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools, no lifespan (the
+    caller starts and stops the replica), inferq's own logging (no access log, no default log
+    config), no Server header; ``options`` add to or override these."""
+    defaults: dict[str, Any] = {
+        "http": "httptools",
+        "lifespan": "off",
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+    }
+    return uvicorn.Config(app, **(defaults | options))
 
 
 class DrainingServer(uvicorn.Server):
@@ -138,8 +258,8 @@ class DrainingServer(uvicorn.Server):
             return
         if self.drain_started is None:
             self.drain_started = time.monotonic()
-        assert self.replica.ctx is not None
-        self.replica.ctx.drain.start()
+        assert self.replica.services is not None
+        self.replica.services.drain.start()
         log.info("drain_started", reason=reason)
         self._drain_task = asyncio.create_task(self._stop_after_delay())
 

@@ -87,6 +87,60 @@ class LimitExceeded(InferqError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDown(LimitExceeded):
+    """This replica is shutting down; retry, another replica will answer."""
+
+
+class ClientGone(InferqError):
+    """The client closed the connection while its request waited."""
+
+
+class TooManyWaits(LimitExceeded):
+    """This token has too many open waits and streams (INFERQ_MAX_WAITS_PER_TOKEN)."""
+
+
+class TooManyPending(LimitExceeded):
+    """This token's owner has too many pending tasks (INFERQ_MAX_PENDING_PER_TOKEN)."""
+
+
+# -- who may do what --------------------------------------------------------------------------
+
+
+class Unauthorized(InferqError):
+    """Missing or invalid bearer token: send `Authorization: Bearer <token>`."""
+
+
+class Forbidden(InferqError):
+    """This token may not use this route."""
+
+
+class TokenNotFound(InferqError):
+    """No such token (or it is already revoked)."""
+
+
+class InvalidRequest(InferqError):
+    """The request is invalid."""
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# -- the database, as the repositories report it ----------------------------------------------
+
+
+class DatabaseError(InferqError):
+    """The database failed; see the server log."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database is unavailable; retry."""
+
+
+class InvalidValue(InvalidRequest):
+    """The database refused a value of the request."""
+
+
 def context(**values: Any) -> str:
     """Render key=value pairs for an error message."""
     return ", ".join(f"{k}={v}" for k, v in values.items())

@@ -1,58 +1,20 @@
-"""Prometheus metrics of one replica (a registry per app) and the queue statistics query.
+"""Prometheus metrics of one replica, in a registry of its own (tests build several apps).
 
-Gauges that describe the database (tasks by pool and status, queue depth, sessions) are read
-with one grouped query at scrape time, so every replica reports the same cluster-wide figures;
+Gauges that describe the database (tasks by pool and status, queue depth, sessions) are set
+from ``QueueStats`` (inferq.db.stats), so every replica reports the same cluster-wide figures;
 counters and histograms (requests, waits, claims, listener) are this replica's own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from inferq.db.pool import Pool
-
-STATS = """
-SELECT 'task' AS kind, pool_name::text, status::text, count(*)::bigint, 0::bigint
-FROM inferq.task GROUP BY pool_name, status
-UNION ALL
-SELECT 'session', '', '', count(*)::bigint, coalesce(sum(capacity), 0)::bigint
-FROM inferq.worker_session WHERE expires_at > now()
-"""
+from inferq.domain.records import QueueStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStats:
-    """Task counts per pool and status, and the live worker sessions."""
-
-    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
-    sessions: int = 0
-    capacity: int = 0
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "pools": self.tasks,
-            "sessions": {"live": self.sessions, "capacity": self.capacity},
-        }
-
-
-async def queue_stats(pool: Pool) -> QueueStats:
-    """Read the queue statistics in one statement."""
-    tasks: dict[str, dict[str, int]] = {}
-    sessions = capacity = 0
-    async with pool.connection() as conn:
-        cur = await conn.execute(STATS)
-        for kind, pool_name, status, n, cap in await cur.fetchall():
-            if kind == "task":
-                tasks.setdefault(pool_name, {})[status] = int(n)
-            else:
-                sessions, capacity = int(n), int(cap)
-    return QueueStats(tasks, sessions, capacity)
 
 
 # The distinct pools one replica labels its own series with; the rest share OTHER_POOLS, a

@@ -1,7 +1,5 @@
-"""How long-running inferq processes (replica, worker, bench stacks) run.
-
-``uvicorn_config``: the HTTP server settings of ``inferq serve``, shared with the bench's
-parked app (which measures that server's own memory floor) and the tests' in-process servers.
+"""How long-running inferq processes (replica, worker, bench stacks) run; imports nothing
+server-side, so the worker uses it too.
 
 ``run``: the process's event loop is uvloop when it is installed (it is with the server; a
 bare worker install may lack it), else asyncio's own.
@@ -19,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    import uvicorn
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -45,19 +40,3 @@ def freeze_startup_heap() -> None:
     """Collect once, then exempt every surviving object from future collections."""
     gc.collect()
     gc.freeze()
-
-
-def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
-    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools, no lifespan (the
-    caller starts and stops the replica), inferq's own logging (no access log, no default log
-    config), no Server header; ``options`` add to or override these."""
-    import uvicorn
-
-    defaults: dict[str, Any] = {
-        "http": "httptools",
-        "lifespan": "off",
-        "log_config": None,
-        "access_log": False,
-        "server_header": False,
-    }
-    return uvicorn.Config(app, **(defaults | options))

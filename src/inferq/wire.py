@@ -5,14 +5,18 @@ Imports only pydantic, so a worker installs without the server's packages.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PoolName = str
 JsonValue = Any
+
+# The inferq.pool_name domain of sql/0001_schema.sql: what a task's pool can be.
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}", re.ASCII)
 
 
 class _Wire(BaseModel):
@@ -87,6 +91,17 @@ class BindRequest(_Wire):
     pools: list[PoolName] = Field(min_length=1, max_length=64)
     capacity: int = Field(default=1, ge=1, le=10_000)
     name: str | None = Field(default=None, max_length=200)
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, pools: list[str]) -> list[str]:
+        # No task can ever be queued in such a pool: a typo would bind a session that idles.
+        for pool in pools:
+            if not POOL_NAME.fullmatch(pool):
+                raise ValueError(
+                    f"{pool[:70]!r} is not a pool name (letters, digits, `_.:-`, at most 63)"
+                )
+        return pools
 
 
 class WorkerTask(_Lenient):
@@ -209,7 +224,8 @@ class LlmOut(_Lenient):
 class TokenIn(_Wire):
     owner: str = Field(min_length=1, max_length=200)
     role: Literal["client", "worker", "admin"] = "client"
-    pools: list[PoolName] | None = None
+    # None: every pool. An empty list would be stored as NULL too, silently widening it.
+    pools: list[PoolName] | None = Field(default=None, min_length=1)
     label: str | None = Field(default=None, max_length=200)
 
 
@@ -222,3 +238,105 @@ class TokenOut(_Lenient):
     created_at: datetime
     revoked_at: datetime | None = None
     secret: str | None = None  # only in the answer to a create
+
+
+class LlmList(_Lenient):
+    data: list[LlmOut]
+
+
+class LlmDeleted(_Lenient):
+    deleted: str
+
+
+class TokenList(_Lenient):
+    data: list[TokenOut]
+
+
+class TokenRevoked(_Lenient):
+    revoked: UUID
+
+
+class QueueStatsOut(_Lenient):
+    pools: dict[str, dict[str, int]]  # pool -> status -> count
+    sessions: dict[str, int]  # live, capacity
+
+
+# -- worker outcomes --------------------------------------------------------------------------
+
+
+class TaskState(_Lenient):
+    id: UUID
+    status: str
+    attempt: int
+
+
+class OutcomeResult(_Lenient):
+    """One item's answer: the status code and body its single route would have given."""
+
+    id: UUID
+    status_code: int
+    task: TaskState | None = None
+    error: ErrorBody | None = None
+
+
+class OutcomesResponse(_Lenient):
+    results: list[OutcomeResult]
+    tasks: list[WorkerTask] = []
+
+
+# -- OpenAI shapes (answers are the worker's, relayed as they are) ----------------------------
+
+
+class ModelOut(_Lenient):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    pool: str | None = None
+    tier: str | None = None
+
+
+class ModelList(_Lenient):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class _OpenAIRequest(BaseModel):
+    """The fields inferq reads of an OpenAI request; the body is queued as it came."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=200)
+    stream: bool | None = False
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[Any]
+
+
+class TextCompletionRequest(_OpenAIRequest):
+    prompt: Any
+
+
+class CompletionOut(_Lenient):
+    """A chat.completion or text_completion object, exactly as the worker produced it; with
+    ``stream: true`` the answer is ``text/event-stream`` of its chunk objects instead."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+# -- operations -------------------------------------------------------------------------------
+
+
+class HealthOut(_Lenient):
+    status: str
+
+
+class ReadyOut(_Lenient):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]

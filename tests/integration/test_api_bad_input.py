@@ -354,9 +354,9 @@ async def test_too_many_waits_is_429(settings: Settings, dsn: str) -> None:
         first = asyncio.create_task(
             http.get(f"/v1/tasks/{tid}/wait?timeout=5", headers=auth(tokens.alice), timeout=10)
         )
-        ctx = server.replica.ctx
-        assert ctx is not None
-        await poll_until(lambda: bool(ctx._waits))
+        svc = server.replica.services
+        assert svc is not None
+        await poll_until(lambda: svc.tasks.slots.open_count > 0)
         second = await http.get(f"/v1/tasks/{tid}/wait?timeout=5", headers=auth(tokens.alice))
         other = await http.get(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))
         await http.post(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))

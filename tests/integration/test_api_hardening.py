@@ -128,9 +128,9 @@ async def test_openai_call_refused_for_too_many_waits_writes_nothing(
         held = asyncio.create_task(
             http.get(f"/v1/tasks/{tid}/wait?timeout=10", headers=auth(tokens.alice))
         )
-        ctx = server.replica.ctx
-        assert ctx is not None
-        await poll_until(lambda: bool(ctx._waits))
+        svc = server.replica.services
+        assert svc is not None
+        await poll_until(lambda: svc.tasks.slots.open_count > 0)
         before = count_rows(dsn)
         r = await http.post(
             "/v1/chat/completions", json={"model": MODEL, **CHAT}, headers=auth(tokens.alice)
@@ -149,9 +149,9 @@ async def test_a_wait_whose_client_left_frees_its_slot(settings: Settings, dsn: 
             left = asyncio.create_task(
                 gone.get(f"/v1/tasks/{tid}/wait?timeout=60", headers=auth(tokens.alice))
             )
-            ctx = server.replica.ctx
-            assert ctx is not None
-            await poll_until(lambda: bool(ctx._waits))
+            svc = server.replica.services
+            assert svc is not None
+            await poll_until(lambda: svc.tasks.slots.open_count > 0)
             left.cancel()  # httpx closes the connection of a cancelled request
             with contextlib.suppress(asyncio.CancelledError):
                 await left
@@ -174,7 +174,7 @@ async def test_a_claim_whose_worker_left_takes_no_work(settings: Settings, dsn: 
                     headers=auth(tokens.worker),
                 )
             )
-            hub = server.replica.service.hub  # type: ignore[union-attr]
+            hub = server.replica.waits.hub  # type: ignore[union-attr]
             await poll_until(lambda: hub.waiter_count > 0)
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):

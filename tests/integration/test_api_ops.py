@@ -124,8 +124,8 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
     app: tuple[Server, Tokens],
 ) -> None:
     server, tokens = app
-    ctx = server.replica.ctx
-    assert ctx is not None
+    svc = server.replica.services
+    assert svc is not None
     async with httpx.AsyncClient(
         base_url=server.url, headers=auth(tokens.alice), timeout=30
     ) as http:
@@ -135,8 +135,8 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
         async with http.stream(
             "POST", "/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT}
         ) as stream:
-            await poll_until(lambda: ctx.metrics.open_waits._value.get() == 3)
-            ctx.drain.start()
+            await poll_until(lambda: svc.metrics.open_waits._value.get() == 3)
+            svc.drain.start()
             body = (await stream.aread()).decode()
         waited, synced = await wait, await sync
         ready = await http.get("/readyz")
@@ -158,12 +158,12 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
 async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone(
     app: tuple[Server, Tokens],
 ) -> None:
-    # guarded() runs the wait in the caller's own task and cancels that task on drain.
-    from inferq.api.errors import ShuttingDown
+    # Drain.guarded() runs the wait in the caller's own task and cancels that task on drain.
+    from inferq.errors import ShuttingDown
 
     server, _ = app
-    ctx = server.replica.ctx
-    assert ctx is not None
+    svc = server.replica.services
+    assert svc is not None
     parked = asyncio.Event()
 
     async def forever() -> None:
@@ -171,7 +171,7 @@ async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone
         await asyncio.sleep(3600)
 
     # A cancellation that is not the drain's (a server stopping) stays a cancellation.
-    stopped = asyncio.create_task(ctx.guarded(forever()))
+    stopped = asyncio.create_task(svc.drain.guarded(forever()))
     await parked.wait()
     stopped.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -179,7 +179,7 @@ async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone
 
     async def drained_then_more() -> str:
         with pytest.raises(ShuttingDown):
-            await ctx.guarded(forever())
+            await svc.drain.guarded(forever())
         # No cancellation is left on the task: what runs next in it (the error answer) is
         # not cut short, and timeouts and task groups in it still tell theirs apart.
         current = asyncio.current_task()
@@ -190,7 +190,7 @@ async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone
     parked.clear()
     task = asyncio.create_task(drained_then_more())
     await parked.wait()
-    ctx.drain.start()
+    svc.drain.start()
     assert await task == "carried on"
 
 

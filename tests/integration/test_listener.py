@@ -86,7 +86,7 @@ async def test_lost_notifications_are_recovered_by_reconnect_and_resync(
     stack = await Stack.open(settings.model_copy(update={"safety_poll_s": 3600}))
     try:
         ids = await insert_tasks(admin, 20)
-        waits = [asyncio.create_task(stack.service.wait_terminal(i, 120)) for i in ids]
+        waits = [asyncio.create_task(stack.waits.wait_terminal(i, 120)) for i in ids]
         await until(lambda: stack.hub.waiter_count == 20)
         assert stack.listener.healthy
         old_pid = stack.listener.backend_pid
@@ -112,7 +112,7 @@ async def test_ten_thousand_waiters_share_one_listen_connection(
     stack = await Stack.open(settings.model_copy(update={"safety_poll_s": 3600}))
     try:
         ids = await insert_tasks(admin, 10_000)
-        waits = [asyncio.create_task(stack.service.wait_terminal(i, 300)) for i in ids]
+        waits = [asyncio.create_task(stack.waits.wait_terminal(i, 300)) for i in ids]
         await until(lambda: stack.hub.waiter_count == 10_000, 120)
         await finish(admin, ids)
         done = await asyncio.wait_for(asyncio.gather(*waits), 120)

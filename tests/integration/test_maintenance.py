@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from inferq.db.chunks import ChunkIn, ChunkRepository
+from inferq.db.leases import LeaseRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task, TaskStatus
@@ -36,8 +37,8 @@ async def claimed(pool: Any, *, max_attempts: int = 3, ttl_s: float = 30) -> tup
 
 async def test_leadership_passes_to_another_replica_when_the_holder_stops(pool: Any) -> None:
     t0 = await db_now(pool)
-    a = Leadership(pool, "collector", "replica-a", ttl_s=15)
-    b = Leadership(pool, "collector", "replica-b", ttl_s=15)
+    a = Leadership(LeaseRepository(pool), "collector", "replica-a", ttl_s=15)
+    b = Leadership(LeaseRepository(pool), "collector", "replica-b", ttl_s=15)
     assert await a.acquire(now=t0)
     assert not await b.acquire(now=t0 + timedelta(seconds=1))
     assert await a.acquire(now=t0 + timedelta(seconds=10))  # renewed until t0 + 25 s
@@ -52,7 +53,11 @@ async def test_leadership_passes_to_another_replica_when_the_holder_stops(pool: 
 
 async def test_only_the_leader_sweeps(pool: Any, settings: Settings) -> None:
     sweeps = [
-        SweepLoop(Rescuer(pool), Leadership(pool, "rescuer", name, ttl_s=60), 1.0)
+        SweepLoop(
+            Rescuer(TaskRepository(pool)),
+            Leadership(LeaseRepository(pool), "rescuer", name, ttl_s=60),
+            1.0,
+        )
         for name in ("a", "b")
     ]
     assert [await s.run_round() for s in sweeps] == [True, False]
@@ -64,8 +69,15 @@ async def test_rescuer_reverts_an_expired_lease_and_the_next_claim_is_a_new_atte
 ) -> None:
     _, task = await claimed(pool)
     assert task.lease_expires_at is not None
-    assert await Rescuer(pool).run_once(now=task.lease_expires_at - timedelta(seconds=1)) == []
-    (reverted,) = await Rescuer(pool).run_once(now=task.lease_expires_at + timedelta(seconds=1))
+    assert (
+        await Rescuer(TaskRepository(pool)).run_once(
+            now=task.lease_expires_at - timedelta(seconds=1)
+        )
+        == []
+    )
+    (reverted,) = await Rescuer(TaskRepository(pool)).run_once(
+        now=task.lease_expires_at + timedelta(seconds=1)
+    )
     assert reverted.status is TaskStatus.PENDING and reverted.claimed_by is None
     session = await WorkerSessionRepository(pool).bind("o", ["p"], 1, ttl_s=30)
     (again,) = await TaskRepository(pool).claim(session.id, ["p"], limit=1, lease_s=30)
@@ -75,7 +87,9 @@ async def test_rescuer_reverts_an_expired_lease_and_the_next_claim_is_a_new_atte
 async def test_rescuer_fails_a_task_after_max_attempts_with_a_message(pool: Any) -> None:
     _, task = await claimed(pool, max_attempts=1)
     assert task.lease_expires_at is not None
-    (failed,) = await Rescuer(pool).run_once(now=task.lease_expires_at + timedelta(seconds=1))
+    (failed,) = await Rescuer(TaskRepository(pool)).run_once(
+        now=task.lease_expires_at + timedelta(seconds=1)
+    )
     assert failed.status is TaskStatus.ERROR
     assert failed.error_message is not None
     assert "max_attempts=1" in failed.error_message and "lease expired" in failed.error_message
@@ -83,7 +97,7 @@ async def test_rescuer_fails_a_task_after_max_attempts_with_a_message(pool: Any)
 
 async def test_reaper_reverts_the_tasks_of_a_dead_session(pool: Any) -> None:
     _, task = await claimed(pool, ttl_s=30)
-    reaper = SessionReaper(pool)
+    reaper = SessionReaper(WorkerSessionRepository(pool))
     assert await reaper.run_once(now=await db_now(pool)) == []
     (reverted,) = await reaper.run_once(now=await db_now(pool) + timedelta(seconds=60))
     assert reverted.id == task.id and reverted.status is TaskStatus.PENDING
@@ -99,7 +113,7 @@ async def test_collector_expires_stale_pending_and_deletes_old_terminal_rows(
     await ChunkRepository(pool).append([ChunkIn(done.id, sid, done.attempt, 1, "x")])
     finished = await tasks.complete(done.id, sid, done.attempt, {"ok": True})
     assert finished.completed_at is not None
-    collector = Collector(pool, settings)
+    collector = Collector(TaskRepository(pool), ChunkRepository(pool), settings)
 
     now = stale.created_at + timedelta(seconds=settings.pending_timeout_s + 1)
     result = await collector.run_once(now=now)
@@ -133,7 +147,9 @@ class FlakySweep:
 
 async def test_the_loop_survives_a_failing_sweep(pool: Any) -> None:
     sweep = FlakySweep()
-    loop = SweepLoop(sweep, Leadership(pool, "flaky", "me", ttl_s=60), interval_s=0.01)
+    loop = SweepLoop(
+        sweep, Leadership(LeaseRepository(pool), "flaky", "me", ttl_s=60), interval_s=0.01
+    )
     runner = asyncio.create_task(loop.run())
     try:
         async with asyncio.timeout(10):

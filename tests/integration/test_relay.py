@@ -14,7 +14,7 @@ from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task
 from inferq.errors import LeaseLost
-from inferq.relay import ChunkRelay
+from inferq.services.relay import ChunkRelay
 from inferq.settings import Settings
 
 pytestmark = pytest.mark.db
@@ -22,7 +22,11 @@ pytestmark = pytest.mark.db
 
 @pytest.fixture
 async def relay(pool: Any, settings: Settings) -> AsyncIterator[ChunkRelay]:
-    r = ChunkRelay(pool, settings.model_copy(update={"chunk_flush_ms": 20}))
+    r = ChunkRelay(
+        ChunkRepository(pool),
+        TaskRepository(pool),
+        settings.model_copy(update={"chunk_flush_ms": 20}),
+    )
     yield r
     await r.stop()
 
@@ -69,7 +73,11 @@ async def test_a_repeated_post_is_harmless(pool: Any, relay: ChunkRelay) -> None
 
 async def test_stop_flushes_what_is_buffered(pool: Any, settings: Settings) -> None:
     # Flushes at least ten minutes apart: after the first one, only stop() can flush.
-    relay = ChunkRelay(pool, settings.model_copy(update={"chunk_flush_ms": 600_000}))
+    relay = ChunkRelay(
+        ChunkRepository(pool),
+        TaskRepository(pool),
+        settings.model_copy(update={"chunk_flush_ms": 600_000}),
+    )
     sid, (task,) = await held_tasks(pool, 1)
     # An idle relay flushes a post at once.
     assert await relay.post(task.id, sid, task.attempt, [(1, '"x"')]) == 1

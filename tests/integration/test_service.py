@@ -1,4 +1,5 @@
-"""TaskService against a real PostgreSQL: transitions, waits, event streams, two replicas."""
+"""WaitService and the relay against a real PostgreSQL: transitions, waits, event streams,
+two replicas."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from inferq.errors import (
     TaskNotFound,
     WaitTimeout,
 )
-from inferq.service import ChunkEvent, Event, ResetEvent, StatusEvent, TaskService
+from inferq.services.waits import ChunkEvent, Event, ResetEvent, StatusEvent
 from inferq.settings import Settings
 
 pytestmark = pytest.mark.db
@@ -60,17 +61,17 @@ async def make_stack(settings: Settings) -> AsyncIterator[Callable[..., Awaitabl
         await s.close()
 
 
-async def submit(service: TaskService, **kw: Any) -> Task:
-    result = await service.tasks.enqueue(
+async def submit(stack: Stack, **kw: Any) -> Task:
+    result = await stack.tasks.enqueue(
         owner_id=OWNER, pool_name=POOL, request_body={"prompt": "hi"}, **kw
     )
     return result.task
 
 
-async def claim_one(service: TaskService, task_id: UUID | None = None) -> tuple[UUID, Task]:
+async def claim_one(stack: Stack, task_id: UUID | None = None) -> tuple[UUID, Task]:
     """Bind a worker session and claim one task (the given one when it is the only pending)."""
-    session = await WorkerSessionRepository(service.pool).bind(OWNER, [POOL], 1, ttl_s=30)
-    claimed = await service.tasks.claim(session.id, [POOL], limit=1, lease_s=30)
+    session = await WorkerSessionRepository(stack.pool).bind(OWNER, [POOL], 1, ttl_s=30)
+    claimed = await stack.tasks.claim(session.id, [POOL], limit=1, lease_s=30)
     assert len(claimed) == 1
     if task_id is not None:
         assert claimed[0].id == task_id
@@ -89,18 +90,18 @@ def chunks_of(events: list[Event]) -> list[tuple[int, int, str]]:
 
 
 async def test_enqueue_creates_a_pending_task(stack: Stack) -> None:
-    task = await submit(stack.service, priority=3)
-    fetched = await stack.service.tasks.get(task.id, OWNER)
+    task = await submit(stack, priority=3)
+    fetched = await stack.tasks.get(task.id, OWNER)
     assert fetched.status is TaskStatus.PENDING
     assert (fetched.pool_name, fetched.priority, fetched.attempt) == (POOL, 3, 0)
 
 
 async def test_racing_claimers_never_take_the_same_task(stack: Stack) -> None:
-    ids = {(await submit(stack.service)).id for _ in range(20)}
+    ids = {(await submit(stack)).id for _ in range(20)}
     sessions = WorkerSessionRepository(stack.pool)
     workers = [await sessions.bind(OWNER, [POOL], 5, ttl_s=30) for _ in range(8)]
     results = await asyncio.gather(
-        *(stack.service.tasks.claim(w.id, [POOL], limit=5, lease_s=30) for w in workers)
+        *(stack.tasks.claim(w.id, [POOL], limit=5, lease_s=30) for w in workers)
     )
     claimed = [t.id for batch in results for t in batch]
     assert len(claimed) == len(set(claimed)) == 20
@@ -108,11 +109,11 @@ async def test_racing_claimers_never_take_the_same_task(stack: Stack) -> None:
 
 
 async def test_complete_fail_and_cancel_end_tasks(stack: Stack) -> None:
-    tasks = stack.service.tasks
-    a, b, c = [await submit(stack.service) for _ in range(3)]
-    sid, ta = await claim_one(stack.service, a.id)
+    tasks = stack.tasks
+    a, b, c = [await submit(stack) for _ in range(3)]
+    sid, ta = await claim_one(stack, a.id)
     done = await tasks.complete(a.id, sid, ta.attempt, {"text": "ok"})
-    sid, tb = await claim_one(stack.service, b.id)
+    sid, tb = await claim_one(stack, b.id)
     failed = await tasks.fail(b.id, sid, tb.attempt, "CUDA out of memory")
     cancelled = await tasks.cancel(c.id, OWNER)
     assert (done.status, done.response_body) == (TaskStatus.COMPLETED, {"text": "ok"})
@@ -121,9 +122,9 @@ async def test_complete_fail_and_cancel_end_tasks(stack: Stack) -> None:
 
 
 async def test_terminal_transitions_are_idempotent(stack: Stack) -> None:
-    tasks = stack.service.tasks
-    task = await submit(stack.service)
-    sid, held = await claim_one(stack.service, task.id)
+    tasks = stack.tasks
+    task = await submit(stack)
+    sid, held = await claim_one(stack, task.id)
     first = await tasks.complete(task.id, sid, held.attempt, {"text": "ok"})
     again = await tasks.complete(task.id, sid, held.attempt, {"text": "ok"})
     assert again == first
@@ -131,18 +132,18 @@ async def test_terminal_transitions_are_idempotent(stack: Stack) -> None:
         await tasks.complete(task.id, sid, held.attempt, {"text": "different"})
     with pytest.raises(InvalidTransition):
         await tasks.cancel(task.id, OWNER)
-    other = await submit(stack.service)
+    other = await submit(stack)
     assert (await tasks.cancel(other.id, OWNER)) == (await tasks.cancel(other.id, OWNER))
 
 
 async def test_disconnect_reverts_the_sessions_tasks(stack: Stack) -> None:
-    task = await submit(stack.service)
-    sid, held = await claim_one(stack.service, task.id)
-    reverted = await stack.service.tasks.revert_session(sid)
+    task = await submit(stack)
+    sid, held = await claim_one(stack, task.id)
+    reverted = await stack.tasks.revert_session(sid)
     assert [t.status for t in reverted] == [TaskStatus.PENDING]
     with pytest.raises(LeaseLost):
-        await stack.service.tasks.complete(task.id, sid, held.attempt, {})
-    _, again = await claim_one(stack.service, task.id)
+        await stack.tasks.complete(task.id, sid, held.attempt, {})
+    _, again = await claim_one(stack, task.id)
     assert again.attempt == held.attempt + 1
 
 
@@ -150,76 +151,75 @@ async def test_disconnect_reverts_the_sessions_tasks(stack: Stack) -> None:
 
 
 async def test_wait_for_a_terminal_task_returns_at_once(stack: Stack) -> None:
-    task = await submit(stack.service)
-    sid, held = await claim_one(stack.service, task.id)
-    await stack.service.tasks.complete(task.id, sid, held.attempt, {"text": "ok"})
-    got = await asyncio.wait_for(stack.service.wait_for(task.id, 3600), 5)
+    task = await submit(stack)
+    sid, held = await claim_one(stack, task.id)
+    await stack.tasks.complete(task.id, sid, held.attempt, {"text": "ok"})
+    got = await asyncio.wait_for(stack.waits.wait_for(task.id, 3600), 5)
     assert got.response_body == {"text": "ok"}
 
 
 async def test_wait_for_wakes_on_completion(stack: Stack) -> None:
-    task = await submit(stack.service)
-    waiting = asyncio.create_task(stack.service.wait_for(task.id, 60, owner_id=OWNER))
+    task = await submit(stack)
+    waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60, owner_id=OWNER))
     await until(lambda: stack.hub.waiter_count == 1)
-    sid, held = await claim_one(stack.service, task.id)
-    await stack.service.tasks.complete(task.id, sid, held.attempt, {"text": "done"})
+    sid, held = await claim_one(stack, task.id)
+    await stack.tasks.complete(task.id, sid, held.attempt, {"text": "done"})
     got = await asyncio.wait_for(waiting, 5)
     assert got.status is TaskStatus.COMPLETED
     assert got.response_body == {"text": "done"}
 
 
 async def test_wait_for_raises_on_cancel(stack: Stack) -> None:
-    task = await submit(stack.service)
-    waiting = asyncio.create_task(stack.service.wait_for(task.id, 60))
+    task = await submit(stack)
+    waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60))
     await until(lambda: stack.hub.waiter_count == 1)
-    await stack.service.tasks.cancel(task.id, OWNER, reason="user pressed stop")
+    await stack.tasks.cancel(task.id, OWNER, reason="user pressed stop")
     with pytest.raises(TaskCancelled, match="user pressed stop"):
         await asyncio.wait_for(waiting, 5)
 
 
 async def test_wait_for_raises_the_workers_message(stack: Stack) -> None:
-    task = await submit(stack.service)
-    waiting = asyncio.create_task(stack.service.wait_for(task.id, 60))
+    task = await submit(stack)
+    waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60))
     await until(lambda: stack.hub.waiter_count == 1)
-    sid, held = await claim_one(stack.service, task.id)
-    await stack.service.tasks.fail(task.id, sid, held.attempt, "model exploded")
+    sid, held = await claim_one(stack, task.id)
+    await stack.tasks.fail(task.id, sid, held.attempt, "model exploded")
     with pytest.raises(TaskFailed, match="model exploded") as exc:
         await asyncio.wait_for(waiting, 5)
     assert exc.value.task is not None and exc.value.task.id == task.id
 
 
 async def test_wait_for_times_out_with_the_current_state(stack: Stack) -> None:
-    task = await submit(stack.service)
+    task = await submit(stack)
     with pytest.raises(WaitTimeout) as exc:
-        await stack.service.wait_for(task.id, 0.05)
+        await stack.waits.wait_for(task.id, 0.05)
     assert exc.value.task is not None and exc.value.task.status is TaskStatus.PENDING
-    current = await stack.service.wait_terminal(task.id, 0.05)
+    current = await stack.waits.wait_terminal(task.id, 0.05)
     assert current.status is TaskStatus.PENDING
     assert stack.hub.waiter_count == 0
 
 
 async def test_waits_on_another_owners_task_are_not_found(stack: Stack) -> None:
-    task = await submit(stack.service)
+    task = await submit(stack)
     with pytest.raises(TaskNotFound):
-        await stack.service.wait_for(task.id, 1, owner_id="mallory")
+        await stack.waits.wait_for(task.id, 1, owner_id="mallory")
     with pytest.raises(TaskNotFound):
-        await anext(aiter(stack.service.events(task.id, owner_id="mallory")))
+        await anext(aiter(stack.waits.events(task.id, owner_id="mallory")))
 
 
 # -- events -----------------------------------------------------------------------------------
 
 
 async def test_events_stream_chunks_in_order_then_the_result(stack: Stack) -> None:
-    service = stack.service
-    task = await submit(service, streaming=True)
-    reader = asyncio.create_task(collect(service.events(task.id, owner_id=OWNER)))
+    task = await submit(stack, streaming=True)
+    reader = asyncio.create_task(collect(stack.waits.events(task.id, owner_id=OWNER)))
     await until(lambda: stack.hub.waiter_count == 1)
-    sid, held = await claim_one(service, task.id)
-    await service.tasks.start(task.id, sid, held.attempt)
+    sid, held = await claim_one(stack, task.id)
+    await stack.tasks.start(task.id, sid, held.attempt)
     for seq in range(1, 31, 3):
         batch = [(s, f'{{"t":{s}}}') for s in range(seq, seq + 3)]
-        assert await service.post_chunks(task.id, sid, held.attempt, batch) == seq + 2
-    await service.tasks.complete(task.id, sid, held.attempt, {"text": "all"})
+        assert await stack.relay.post(task.id, sid, held.attempt, batch) == seq + 2
+    await stack.tasks.complete(task.id, sid, held.attempt, {"text": "all"})
     events = await asyncio.wait_for(reader, 10)
     assert chunks_of(events) == [(1, s, f'{{"t":{s}}}') for s in range(1, 31)]
     assert isinstance(events[0], StatusEvent) and events[0].task.status is TaskStatus.PENDING
@@ -229,43 +229,41 @@ async def test_events_stream_chunks_in_order_then_the_result(stack: Stack) -> No
 
 
 async def test_events_resume_after_a_seq_for_a_finished_task(stack: Stack) -> None:
-    service = stack.service
-    task = await submit(service, streaming=True)
-    sid, held = await claim_one(service, task.id)
-    await service.post_chunks(task.id, sid, held.attempt, [(s, str(s)) for s in range(1, 11)])
-    await service.tasks.complete(task.id, sid, held.attempt, {})
-    events = await collect(service.events(task.id, after=(held.attempt, 7)))
+    task = await submit(stack, streaming=True)
+    sid, held = await claim_one(stack, task.id)
+    await stack.relay.post(task.id, sid, held.attempt, [(s, str(s)) for s in range(1, 11)])
+    await stack.tasks.complete(task.id, sid, held.attempt, {})
+    events = await collect(stack.waits.events(task.id, after=(held.attempt, 7)))
     assert [c[1] for c in chunks_of(events)] == [8, 9, 10]
     assert isinstance(events[-1], StatusEvent) and events[-1].task.terminal
 
 
 async def test_chunks_of_a_lost_lease_are_refused(stack: Stack) -> None:
-    task = await submit(stack.service)
-    sid, held = await claim_one(stack.service, task.id)
+    task = await submit(stack)
+    sid, held = await claim_one(stack, task.id)
     with pytest.raises(LeaseLost):
-        await stack.service.post_chunks(task.id, sid, held.attempt + 1, [(1, "{}")])
+        await stack.relay.post(task.id, sid, held.attempt + 1, [(1, "{}")])
 
 
 async def test_reader_sees_a_reset_when_the_task_is_reverted_and_reclaimed(stack: Stack) -> None:
-    service = stack.service
-    task = await submit(service, streaming=True)
+    task = await submit(stack, streaming=True)
     events: list[Event] = []
     seen = asyncio.Event()
 
     async def read() -> None:
-        async for event in service.events(task.id):
+        async for event in stack.waits.events(task.id):
             events.append(event)
             if isinstance(event, ChunkEvent) and event.seq == 2:
                 seen.set()
 
     reader = asyncio.create_task(read())
-    sid, first = await claim_one(service, task.id)
-    await service.post_chunks(task.id, sid, first.attempt, [(1, '"a1"'), (2, '"a2"')])
+    sid, first = await claim_one(stack, task.id)
+    await stack.relay.post(task.id, sid, first.attempt, [(1, '"a1"'), (2, '"a2"')])
     await asyncio.wait_for(seen.wait(), 10)
-    await service.tasks.revert_session(sid, "worker lost")
-    sid2, second = await claim_one(service, task.id)
-    await service.post_chunks(task.id, sid2, second.attempt, [(1, '"b1"')])
-    await service.tasks.complete(task.id, sid2, second.attempt, {"text": "b"})
+    await stack.tasks.revert_session(sid, "worker lost")
+    sid2, second = await claim_one(stack, task.id)
+    await stack.relay.post(task.id, sid2, second.attempt, [(1, '"b1"')])
+    await stack.tasks.complete(task.id, sid2, second.attempt, {"text": "b"})
     await asyncio.wait_for(reader, 10)
     resets = [i for i, e in enumerate(events) if isinstance(e, ResetEvent)]
     assert len(resets) == 1
@@ -285,11 +283,11 @@ async def test_completion_through_b_wakes_a_waiter_on_a(
     # A long safety poll: only the notification can wake the waiter in time.
     a = await make_stack(safety_poll_s=3600)
     b = await make_stack(safety_poll_s=3600)
-    task = await submit(b.service)
-    waiting = asyncio.create_task(a.service.wait_for(task.id, 60))
+    task = await submit(b)
+    waiting = asyncio.create_task(a.waits.wait_for(task.id, 60))
     await until(lambda: a.hub.waiter_count == 1)
-    sid, held = await claim_one(b.service, task.id)
-    await b.service.tasks.complete(task.id, sid, held.attempt, {"text": "from b"})
+    sid, held = await claim_one(b, task.id)
+    await b.tasks.complete(task.id, sid, held.attempt, {"text": "from b"})
     got = await asyncio.wait_for(waiting, 10)
     assert got.response_body == {"text": "from b"}
     assert a.listener.stats.notifications >= 1
@@ -299,19 +297,19 @@ async def test_chunks_posted_alternately_through_two_replicas_reach_a_third_in_o
     make_stack: Callable[..., Awaitable[Stack]],
 ) -> None:
     a, b, c = [await make_stack(safety_poll_s=3600) for _ in range(3)]
-    task = await submit(a.service, streaming=True)
-    reader = asyncio.create_task(collect(c.service.events(task.id)))
+    task = await submit(a, streaming=True)
+    reader = asyncio.create_task(collect(c.waits.events(task.id)))
     await until(lambda: c.hub.waiter_count == 1)
-    sid, held = await claim_one(a.service, task.id)
+    sid, held = await claim_one(a, task.id)
     # Posts alternate between A and B without waiting for each other, so flushes race.
     posts = []
     for seq in range(1, 101):
         via = a if seq % 2 else b
-        posts.append(via.service.post_chunks(task.id, sid, held.attempt, [(seq, str(seq))]))
+        posts.append(via.relay.post(task.id, sid, held.attempt, [(seq, str(seq))]))
         if seq % 10 == 0:
             await asyncio.gather(*posts)
             posts = []
-    await a.service.tasks.complete(task.id, sid, held.attempt, {"n": 100})
+    await a.tasks.complete(task.id, sid, held.attempt, {"n": 100})
     events = await asyncio.wait_for(reader, 20)
     assert chunks_of(events) == [(held.attempt, s, str(s)) for s in range(1, 101)]
     assert isinstance(events[-1], StatusEvent) and events[-1].task.status is TaskStatus.COMPLETED
@@ -323,11 +321,11 @@ async def test_poll_only_mode_resolves_waiters_without_listen(
     import psycopg
 
     a = await make_stack(poll_only=True, safety_poll_s=0.05)
-    task = await submit(a.service)
-    waiting = asyncio.create_task(a.service.wait_for(task.id, 30))
+    task = await submit(a)
+    waiting = asyncio.create_task(a.waits.wait_for(task.id, 30))
     await until(lambda: a.hub.waiter_count == 1)
-    sid, held = await claim_one(a.service, task.id)
-    await a.service.tasks.complete(task.id, sid, held.attempt, {"text": "polled"})
+    sid, held = await claim_one(a, task.id)
+    await a.tasks.complete(task.id, sid, held.attempt, {"text": "polled"})
     assert (await asyncio.wait_for(waiting, 10)).response_body == {"text": "polled"}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(
@@ -343,9 +341,9 @@ async def test_new_work_wakes_a_claim_long_poll_on_another_replica(
 ) -> None:
     a = await make_stack(safety_poll_s=3600)
     b = await make_stack(safety_poll_s=3600)
-    async with a.service.pool_waiter([POOL, "other"]) as waiter:
+    async with a.waits.pool_waiter([POOL, "other"]) as waiter:
         woken = asyncio.create_task(waiter.wait(60))
-        await submit(b.service)
+        await submit(b)
         assert await asyncio.wait_for(woken, 10) is True
         assert await waiter.wait(0.01) is False  # nothing new since
     assert a.hub.waiter_count == 0

@@ -14,7 +14,13 @@ from inferq.db.chunks import ChunkIn, ChunkRepository
 from inferq.db.pool import Pool
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import TaskStatus
-from inferq.errors import IdempotencyConflict, InvalidTransition, LeaseLost, TaskNotFound
+from inferq.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    InvalidValue,
+    LeaseLost,
+    TaskNotFound,
+)
 
 pytestmark = pytest.mark.db
 
@@ -101,18 +107,9 @@ async def test_claim_takes_priority_then_fifo_and_only_requested_pools(pool: Poo
     got = await repo.claim(uuid.uuid4(), ["p1"], limit=10, lease_s=30)
     assert [t.id for t in got] != []
     assert sorted(t.id for t in got) == sorted([high.id, low.id, low2.id])
-    pending = await repo.find_pending(["p1", "p2"])
-    assert [t.id for t in pending] == [other.id]
+    assert (await repo.get(other.id)).status is TaskStatus.PENDING
     for t in got:
         assert t.status is TaskStatus.CLAIMED and t.attempt == 1 and t.lease_expires_at
-
-
-async def test_find_pending_is_the_drain_order(pool: Pool) -> None:
-    repo = TaskRepository(pool)
-    a = await enqueue(repo)
-    b = await enqueue(repo, priority=3)
-    c = await enqueue(repo)
-    assert [t.id for t in await repo.find_pending(["p1"])] == [b.id, a.id, c.id]
 
 
 async def test_full_lifecycle_and_idempotent_complete(pool: Pool) -> None:
@@ -245,7 +242,7 @@ async def test_revert_session_gives_back_held_tasks(pool: Pool) -> None:
     for t in reverted:
         assert t.status is TaskStatus.PENDING and t.claimed_by is None
     assert (await repo.get(untouched.id)).claimed_by == other
-    assert await repo.held_by(session) == []
+    assert {(await repo.get(t.id)).claimed_by for t in reverted} == {None}
 
 
 async def test_revert_expired_uses_the_clock_and_ends_in_error_after_max_attempts(
@@ -306,11 +303,11 @@ async def test_gc_with_a_fixed_clock(pool: Pool) -> None:
         await repo.get(done.id)
 
 
-async def test_batched_enqueue_start_and_complete(pool: Pool) -> None:
-    from inferq.db.tasks import NewTask
+async def test_the_benchmarks_batched_enqueue_start_and_complete(pool: Pool) -> None:
+    from inferq.bench.queries import BenchTasks, NewTask
 
-    repo = TaskRepository(pool)
-    made = await repo.enqueue_many(
+    repo, bench = TaskRepository(pool), BenchTasks(pool)
+    made = await bench.enqueue_many(
         [NewTask("alice", "p1", {"n": i}, agent_id=None if i % 2 else "a") for i in range(20)]
     )
     assert len(made) == 20 and {t.status for t in made} == {TaskStatus.PENDING}
@@ -318,11 +315,11 @@ async def test_batched_enqueue_start_and_complete(pool: Pool) -> None:
     got = await repo.claim(session, ["p1"], limit=20, lease_s=30)
     assert [t.request_body["n"] for t in got] == list(range(20))  # FIFO
     stale = got[0]
-    started = await repo.start_many([(t.id, session, t.attempt) for t in got[1:]])
+    started = await bench.start_many([(t.id, session, t.attempt) for t in got[1:]])
     assert len(started) == 19 and {t.status for t in started} == {TaskStatus.RUNNING}
     results = [(t.id, session, t.attempt, {"echo": t.request_body}) for t in got]
     results[0] = (stale.id, session, stale.attempt + 7, {"stale": True})  # a wrong attempt
-    done = await repo.complete_many(results)
+    done = await bench.complete_many(results)
     assert {t.id for t in done} == {t.id for t in got[1:]}
     assert all(t.response_body == {"echo": t.request_body} for t in done)
     assert (await repo.get(stale.id)).status is TaskStatus.CLAIMED
@@ -351,9 +348,8 @@ async def test_a_session_never_claims_past_its_capacity(pool: Pool) -> None:
     for _ in range(5):
         await enqueue(repo)
     session = await WorkerSessionRepository(pool).bind("w", ["p1"], 2, ttl_s=30)
-    assert len(await repo.claim(session.id, ["p1"], limit=10, lease_s=30)) == 2
+    held, _ = await repo.claim(session.id, ["p1"], limit=10, lease_s=30)
     assert await repo.claim(session.id, ["p1"], limit=10, lease_s=30) == []
-    [held, _] = await repo.held_by(session.id)
     await repo.complete(held.id, session.id, held.attempt, {})
     assert len(await repo.claim(session.id, ["p1"], limit=10, lease_s=30)) == 1
 
@@ -439,7 +435,7 @@ async def test_finish_many_a_refused_value_fails_only_its_own_item(pool: Pool) -
         [Outcome(a.id, a.attempt, response={"ok": 1}), Outcome(b.id, b.attempt, error="nul\x00")],
     )
     assert results[0] == Finished(a.id, TaskStatus.COMPLETED, a.attempt)
-    assert isinstance(results[1], psycopg.errors.DataError)
+    assert isinstance(results[1], InvalidValue)  # a psycopg error never leaves inferq.db
     assert (await repo.get(b.id)).status is TaskStatus.CLAIMED  # nothing written for it
 
 

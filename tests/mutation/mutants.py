@@ -28,7 +28,8 @@ class Mutant:
     timeout_s: float = 60.0
 
 
-TASKS = "src/inferq/db/tasks.py"
+TASKS = "src/inferq/db/task_queries.py"
+REPOSITORY = "src/inferq/db/tasks.py"
 SESSIONS = "src/inferq/db/sessions.py"
 TRIGGERS = "sql/0002_triggers.sql"
 REPO_TESTS = "tests/integration/test_task_repository.py"
@@ -166,7 +167,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "idempotency_ignores_the_request",
         "a reused Idempotency-Key with a different request silently returns the old task",
-        _one(TASKS, "                if not same:\n", "                if False:\n"),
+        _one(REPOSITORY, "                if not same:\n", "                if False:\n"),
         (f"{REPO_TESTS}::test_enqueue_with_the_same_idempotency_key_returns_the_first_task",),
     ),
     # -- notifications and wakeups ------------------------------------------------------------
@@ -187,13 +188,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "stream_skips_a_gap",
         "a reader delivers chunk 3 before chunk 2 when another replica's flush lags",
-        _one("src/inferq/service.py", "if chunk[0] != last_seq + 1:", "if chunk[0] <= last_seq:"),
+        _one("src/inferq/services/waits.py", "if chunk[0] != last_seq + 1:", "if chunk[0] <= last_seq:"),
         ("tests/integration/test_service.py",),
     ),
     Mutant(
         "resume_ignores_last_event_id",
         "a resumed stream replays every chunk from the start",
-        _one("src/inferq/service.py",
+        _one("src/inferq/services/waits.py",
              "attempt, last_seq = after if after is not None else (_live_attempt(task), 0)",
              "attempt, last_seq = (_live_attempt(task), 0)"),
         ("tests/integration/test_service.py::test_events_resume_after_a_seq_for_a_finished_task",),
@@ -202,7 +203,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "drain_accepts_new_work",
         "a replica shutting down still accepts submits that it will not see through",
-        _one("src/inferq/api/context.py",
+        _one("src/inferq/services/drain.py",
              "        if self.draining:\n            raise ShuttingDown",
              "        if False:\n            raise ShuttingDown"),
         ("tests/integration/test_api_ops.py::test_drain_turns_ready_red_and_ends_waits_and_streams",),
@@ -211,14 +212,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "openai_disconnect_keeps_task",
         "a client that hung up still has its generation run on a GPU",
-        _one("src/inferq/api/openai.py", "            on_disconnect=abandon,\n",
-             "            on_disconnect=None,\n"),
+        _one("src/inferq/services/completions.py", "                on_gone=call.abandon,\n",
+             "                on_gone=None,\n"),
         ("tests/integration/test_api_disconnect.py",),
     ),
     Mutant(
         "sync_timeout_keeps_task",
         "a sync call answered 504 leaves its task queued, to run for nobody",
-        _one("src/inferq/api/openai.py", "except (WaitTimeout, ShuttingDown):",
+        _one("src/inferq/services/completions.py", "except (WaitTimeout, ShuttingDown):",
              "except (ShuttingDown,):"),
         ("tests/integration/test_api_openai.py",),
     ),

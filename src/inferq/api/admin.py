@@ -2,115 +2,89 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from inferq.api.auth import admin_token
 from inferq.api.body import documented, json_body
-from inferq.api.context import ApiContext, get_ctx
-from inferq.api.errors import InvalidBody, InvalidRequest, TokenNotFound
-from inferq.api.render import json_response
-from inferq.db.llms import Llm
-from inferq.db.tokens import ApiToken
-from inferq.errors import UnknownModel
-from inferq.metrics import queue_stats
-from inferq.wire import LlmIn, TokenIn
+from inferq.api.deps import Admin, Svc
+from inferq.api.errors import ERRORS
+from inferq.api.render import json_response, llm_json, token_json
+from inferq.errors import InvalidRequest
+from inferq.wire import (
+    LlmDeleted,
+    LlmIn,
+    LlmList,
+    LlmOut,
+    QueueStatsOut,
+    TokenIn,
+    TokenList,
+    TokenOut,
+    TokenRevoked,
+)
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
-
-Ctx = Annotated[ApiContext, Depends(get_ctx)]
-Admin = Annotated[ApiToken, Depends(admin_token)]
-
-
-def llm_json(llm: Llm) -> dict[str, Any]:
-    return {
-        "name": llm.name,
-        "pool": llm.pool_name,
-        "model": llm.model,
-        "tier": llm.tier,
-        "created_at": llm.created_at,
-    }
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
 
 
-def token_json(token: ApiToken, secret: str | None = None) -> dict[str, Any]:
-    return {
-        "id": token.id,
-        "owner": token.owner_id,
-        "role": token.role,
-        "pools": token.pools,
-        "label": token.label,
-        "created_at": token.created_at,
-        "revoked_at": token.revoked_at,
-        "secret": secret,
-    }
-
-
-@router.get("/llms", summary="List the LLM registry")
-async def list_llms(ctx: Ctx, admin: Admin) -> Response:
-    return json_response({"data": [llm_json(x) for x in await ctx.llms.all()]})
+@router.get("/llms", response_model=LlmList, summary="List the LLM registry")
+async def list_llms(svc: Svc, admin: Admin) -> Response:
+    return json_response({"data": [llm_json(x) for x in await svc.admin.llms()]})
 
 
 @router.post(
-    "/llms", status_code=201, summary="Add or replace a model", openapi_extra=documented(LlmIn)
+    "/llms",
+    status_code=201,
+    response_model=LlmOut,
+    summary="Add or replace a model",
+    openapi_extra=documented(LlmIn),
 )
 async def put_llm(
-    ctx: Ctx, admin: Admin, body: Annotated[LlmIn, Depends(json_body(LlmIn))]
+    svc: Svc, admin: Admin, body: Annotated[LlmIn, Depends(json_body(LlmIn))]
 ) -> Response:
-    llm = await ctx.llms.put(body.name, body.pool, body.model, body.tier)
-    ctx.forget_llm(llm.name)
+    llm = await svc.admin.put_llm(body.name, body.pool, body.model, body.tier)
     return json_response(llm_json(llm), 201)
 
 
 # `:path`: registry names are often Hugging Face ids such as meta-llama/Llama-3-8B.
-@router.delete("/llms/{name:path}", summary="Remove a model")
-async def delete_llm(ctx: Ctx, admin: Admin, name: str) -> Response:
-    if not await ctx.llms.remove(name):
-        raise UnknownModel(f"model {name!r} does not exist")
-    ctx.forget_llm(name)
+@router.delete("/llms/{name:path}", response_model=LlmDeleted, summary="Remove a model")
+async def delete_llm(svc: Svc, admin: Admin, name: str) -> Response:
+    await svc.admin.remove_llm(name)
     return json_response({"deleted": name})
 
 
-@router.get("/tokens", summary="List tokens (never their secrets)")
-async def list_tokens(ctx: Ctx, admin: Admin) -> Response:
-    return json_response({"data": [token_json(t) for t in await ctx.tokens.all()]})
+@router.get("/tokens", response_model=TokenList, summary="List tokens (never their secrets)")
+async def list_tokens(svc: Svc, admin: Admin) -> Response:
+    return json_response({"data": [token_json(t) for t in await svc.admin.token_list()]})
 
 
 @router.post(
     "/tokens",
     status_code=201,
+    response_model=TokenOut,
     summary="Create a token; the secret is shown once",
     openapi_extra=documented(TokenIn),
 )
 async def create_token(
-    ctx: Ctx, admin: Admin, body: Annotated[TokenIn, Depends(json_body(TokenIn))]
+    svc: Svc, admin: Admin, body: Annotated[TokenIn, Depends(json_body(TokenIn))]
 ) -> Response:
-    if body.pools is not None and not body.pools:
-        # The repository stores an empty list as NULL, which means every pool.
-        raise InvalidBody(
-            "pools: name at least one pool, or send null for a token that serves every pool",
-            param="pools",
-        )
-    token, secret = await ctx.tokens.create(
-        body.owner, body.role, pools=body.pools, label=body.label
-    )
+    token, secret = await svc.admin.create_token(body.owner, body.role, body.pools, body.label)
     return json_response(token_json(token, secret), 201)
 
 
-@router.delete("/tokens/{token_id}", summary="Revoke a token")
-async def revoke_token(ctx: Ctx, admin: Admin, token_id: str) -> Response:
+@router.delete("/tokens/{token_id}", response_model=TokenRevoked, summary="Revoke a token")
+async def revoke_token(svc: Svc, admin: Admin, token_id: str) -> Response:
     try:
         tid = UUID(token_id)
     except ValueError:
         raise InvalidRequest("token ids are UUIDs", param="token_id") from None
-    if not await ctx.tokens.revoke(tid):
-        raise TokenNotFound(f"token {tid} does not exist or is already revoked")
-    ctx.auth.invalidate(tid)
+    await svc.admin.revoke_token(tid)
     return json_response({"revoked": tid})
 
 
-@router.get("/stats", summary="Task counts per pool and status, live sessions")
-async def stats(ctx: Ctx, admin: Admin) -> Response:
-    return json_response((await queue_stats(ctx.pool)).as_json())
+@router.get(
+    "/stats", response_model=QueueStatsOut, summary="Task counts per pool and status, sessions"
+)
+async def stats(svc: Svc, admin: Admin) -> Response:
+    return json_response((await svc.admin.queue()).as_json())

@@ -1,8 +1,9 @@
-"""create_app: the FastAPI application of one replica around an ApiContext.
+"""create_app: the FastAPI application of one replica around its Services.
 
 The request middleware (request id, log, metrics, body limit) is the outermost layer, in
-front of FastAPI's own stack, and the hot client routes are answered directly under it
-(inferq.api.direct); every other request goes through FastAPI as usual.
+front of FastAPI's own stack, and the hot routes are answered under it by the fast path
+(inferq.api.fastpath), derived from the same route declarations; every other request goes
+through FastAPI as usual.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from inferq import __version__
 from inferq.api import admin, errors, openai, ops, tasks, worker
 from inferq.api.body import openapi_schemas
-from inferq.api.context import ApiContext
-from inferq.api.direct import DirectRoutes
+from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
 from inferq.api.render import OrjsonResponse
+from inferq.services import Services
 
 
 class InferqApp(FastAPI):
-    """FastAPI, behind the request middleware and the direct routes."""
+    """FastAPI, behind the request middleware and the fast path."""
 
     front: ASGIApp
 
@@ -37,9 +38,10 @@ class InferqApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
-    """The HTTP API (docs/protocol.md) over ``ctx``; the caller owns the context's lifetime
-    (the pool, listener and service are started before and stopped after serving)."""
+def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
+    """The HTTP API (docs/protocol.md) over ``services``; the caller owns their lifetime (the
+    pool, listener and loops are started before and stopped after serving). Without
+    ``fast_path`` every request goes through FastAPI (the parity test compares both)."""
     app = InferqApp(
         title="inferq",
         version=__version__,
@@ -49,15 +51,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.ctx = ctx
+    app.state.services = services
     errors.install(app)
-    for module in (ops, tasks, openai, worker, admin):
-        app.include_router(module.router)
+    routers = [module.router for module in (ops, tasks, openai, worker, admin)]
+    for router in routers:
+        app.include_router(router)
     app.front = RequestMiddleware(
         app.fastapi,
-        metrics=ctx.metrics,
-        max_body_bytes=ctx.settings.max_body_bytes,
-        direct=DirectRoutes(ctx),
+        metrics=services.metrics,
+        max_body_bytes=services.settings.max_body_bytes,
+        fast_path=FastPath(routers, services) if fast_path else None,
     )
     generate = app.openapi
 

@@ -87,7 +87,7 @@ def validate(model: type[M], doc: Any) -> M:
 
 async def read_document(request: Request) -> Any:
     """The request's checked JSON document, with the limits of the app's settings."""
-    settings = request.app.state.ctx.settings
+    settings = request.app.state.services.settings
     raw = await request.body()
     return parse_json(raw, request.headers.get("content-type", ""), settings.max_json_depth)
 

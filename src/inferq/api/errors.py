@@ -1,9 +1,9 @@
 """The one table that maps every error to an HTTP status and OpenAI's error object.
 
-Routes never catch: domain errors (inferq.errors), the API's own errors below, validation
-errors and database errors all end here. Database errors caused by the input (a value the
-schema refuses) are 400s; an unreachable database is a 503 with Retry-After; only a bug is a
-500, and even that answers with the same JSON shape.
+Routes never catch: domain errors (inferq.errors, the repositories' included), the body errors
+below and validation errors all end here. A value the database refuses is a 400 naming the
+field; an unreachable database is a 503 with Retry-After; only a bug is a 500, and even that
+answers with the same JSON shape. ``ERRORS`` documents the error answers in /openapi.json.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import psycopg
-import psycopg_pool
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,75 +21,36 @@ from starlette.responses import Response
 
 from inferq import errors
 from inferq.domain.task import Task
+from inferq.wire import ErrorResponse
 
 log = structlog.get_logger(__name__)
 
 
-# -- errors raised by the HTTP layer itself ---------------------------------------------------
+# -- errors of the request body, raised by the HTTP layer itself -----------------------------
 
 
-class ApiError(errors.InferqError):
-    """The request was refused."""
-
-
-class Unauthorized(ApiError):
-    """Missing or invalid bearer token: send `Authorization: Bearer <token>`."""
-
-
-class Forbidden(ApiError):
-    """This token may not use this route."""
-
-
-class BodyTooLarge(ApiError):
+class BodyTooLarge(errors.InferqError):
     """The request body is larger than INFERQ_MAX_BODY_BYTES."""
 
 
-class InvalidJson(ApiError):
+class InvalidJson(errors.InferqError):
     """The request body is not valid JSON."""
 
 
-class JsonTooDeep(ApiError):
+class JsonTooDeep(errors.InferqError):
     """The request body nests deeper than INFERQ_MAX_JSON_DEPTH."""
 
 
-class NulCharacter(ApiError):
+class NulCharacter(errors.InferqError):
     """The request body contains a NUL character (\\u0000), which PostgreSQL cannot store."""
 
 
-class UnsupportedMediaType(ApiError):
+class UnsupportedMediaType(errors.InferqError):
     """The request body must be JSON: send `Content-Type: application/json`."""
 
 
-class InvalidRequest(ApiError):
-    """The request is invalid."""
-
-    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class TokenNotFound(ApiError):
-    """No such token (or it is already revoked)."""
-
-
-class InvalidBody(InvalidRequest):
+class InvalidBody(errors.InvalidRequest):
     """The request body does not match the route's schema."""
-
-
-class ClientGone(ApiError):
-    """The client closed the connection while its request waited."""
-
-
-class ShuttingDown(errors.LimitExceeded):
-    """This replica is shutting down; retry, another replica will answer."""
-
-
-class TooManyWaits(errors.LimitExceeded):
-    """This token has too many open waits and streams (INFERQ_MAX_WAITS_PER_TOKEN)."""
-
-
-class TooManyPending(errors.LimitExceeded):
-    """This token's owner has too many pending tasks (INFERQ_MAX_PENDING_PER_TOKEN)."""
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -106,22 +65,23 @@ class Mapping:
 
 # Looked up along the exception's MRO, so the most specific class wins.
 ERROR_TABLE: dict[type[BaseException], Mapping] = {
-    Unauthorized: Mapping(401, "authentication_error", "invalid_api_key"),
-    Forbidden: Mapping(403, "permission_error", "forbidden"),
+    errors.Unauthorized: Mapping(401, "authentication_error", "invalid_api_key"),
+    errors.Forbidden: Mapping(403, "permission_error", "forbidden"),
     BodyTooLarge: Mapping(413, "invalid_request_error", "body_too_large"),
     InvalidJson: Mapping(400, "invalid_request_error", "invalid_json"),
     JsonTooDeep: Mapping(400, "invalid_request_error", "json_too_deep"),
     NulCharacter: Mapping(400, "invalid_request_error", "nul_character"),
     UnsupportedMediaType: Mapping(415, "invalid_request_error", "unsupported_media_type"),
-    InvalidRequest: Mapping(400, "invalid_request_error", "invalid_request"),
+    errors.InvalidRequest: Mapping(400, "invalid_request_error", "invalid_request"),
+    errors.InvalidValue: Mapping(400, "invalid_request_error", "invalid_value"),
     InvalidBody: Mapping(422, "invalid_request_error", "invalid_body"),
     # nginx's "client closed request": nobody reads it, but the log and metrics show it.
-    ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),
-    ShuttingDown: Mapping(503, "service_unavailable", "shutting_down"),
-    TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
-    TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
+    errors.ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),
+    errors.ShuttingDown: Mapping(503, "service_unavailable", "shutting_down"),
+    errors.TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
+    errors.TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
     errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
-    TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
+    errors.TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
     errors.TaskNotFound: Mapping(404, "not_found_error", "task_not_found"),
     errors.UnknownModel: Mapping(404, "not_found_error", "model_not_found"),
     errors.SessionNotFound: Mapping(404, "not_found_error", "session_not_found"),
@@ -132,15 +92,29 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.TaskFailed: Mapping(502, "server_error", "task_failed"),
     errors.WaitTimeout: Mapping(504, "timeout_error", "wait_timeout"),
     errors.MigrationError: Mapping(503, "service_unavailable", "database_behind"),
+    errors.DatabaseUnavailable: Mapping(503, "service_unavailable", "database_unavailable"),
+    errors.DatabaseError: Mapping(500, "server_error", "internal_error"),
     errors.InferqError: Mapping(500, "server_error", None),
-    # A value the schema refuses (a CHECK, a domain, a too-long text) is the client's fault.
-    psycopg.errors.DataError: Mapping(400, "invalid_request_error", "invalid_value"),
-    psycopg.errors.IntegrityError: Mapping(400, "invalid_request_error", "invalid_value"),
-    psycopg.OperationalError: Mapping(503, "service_unavailable", "database_unavailable"),
-    psycopg_pool.PoolTimeout: Mapping(503, "service_unavailable", "database_unavailable"),
 }
 
 INTERNAL = Mapping(500, "server_error", "internal_error")
+
+# The error answers every API route may give, for the OpenAPI document.
+ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request (`invalid_request`, `invalid_json`, `invalid_value`, ...)",
+        401: "missing or invalid bearer token",
+        403: "this token may not do that",
+        404: "no such task, model, session or route (another owner's task alike)",
+        409: "the task is not in a state that allows it",
+        413: "body too large",
+        415: "the body must be JSON",
+        422: "the body does not match the schema",
+        429: "a limit was reached (`Retry-After`)",
+        503: "shutting down or database unavailable (`Retry-After`)",
+    }.items()
+}
 
 
 def lookup(exc: BaseException) -> Mapping:
@@ -194,9 +168,6 @@ def error_json(exc: BaseException, mapping: Mapping | None = None) -> dict[str, 
     mapping = mapping or lookup(exc)
     if isinstance(exc, errors.InferqError):
         message = exc.message
-    elif isinstance(exc, psycopg.Error) and mapping.status == 400:
-        diag = exc.diag.message_primary or str(exc)
-        message = f"the database refused a value of the request: {diag}"
     elif mapping.status == 503:
         message = "the database is unavailable; retry"
     else:
@@ -247,5 +218,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     # Known errors go through the exception middleware (answered, not re-raised); only the
     # catch-all Exception handler sits in the server-error middleware, which logs a traceback.
-    for cls in (errors.InferqError, psycopg.Error, psycopg_pool.PoolTimeout, Exception):
+    for cls in (errors.InferqError, Exception):
         app.add_exception_handler(cls, _on_error)

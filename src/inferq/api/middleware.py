@@ -5,7 +5,7 @@ refuse an oversized body before a byte of it is read. A declared Content-Length 
 is answered 413 at once; a body without one (chunked) is counted as it arrives and the read
 that crosses the limit raises BodyTooLarge, which the error table answers with the same 413.
 It is the outermost layer of the app (see inferq.api.app), in front of FastAPI's own stack and
-of the direct routes alike. An open long-poll keeps its frame alive, so it allocates little:
+of the fast path alike. An open long-poll keeps its frame alive, so it allocates little:
 no context manager for the log binding, no receive wrapper for a body of declared length.
 """
 
@@ -24,7 +24,7 @@ from inferq.api.errors import BodyTooLarge, error_body
 from inferq.metrics import Metrics
 
 if TYPE_CHECKING:
-    from inferq.api.direct import DirectRoutes
+    from inferq.api.fastpath import FastPath
 
 log = structlog.get_logger("inferq.api")
 
@@ -34,7 +34,8 @@ _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 class RequestMiddleware:
     """Wraps the app: every HTTP request gets an id, a log line, metrics and the body limit.
 
-    A request that ``direct`` matches is answered by it instead of ``app`` (inferq.api.direct).
+    A request that ``fast_path`` matches is answered by it instead of ``app``
+    (inferq.api.fastpath).
     """
 
     def __init__(
@@ -43,12 +44,12 @@ class RequestMiddleware:
         *,
         metrics: Metrics,
         max_body_bytes: int,
-        direct: DirectRoutes | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.direct = direct
+        self.fast_path = fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,12 +82,13 @@ class RequestMiddleware:
                 # Only a body without a declared length needs counting as it arrives (a
                 # request with neither header has no body at all).
                 receive = self._limited(receive)
-            found = self.direct.match(scope) if self.direct is not None else None
+            fast = self.fast_path
+            found = fast.match(scope) if fast is not None else None
             if found is None:
                 await self.app(scope, receive, send_with_id)
             else:
-                assert self.direct is not None
-                await self.direct.answer(scope, receive, send_with_id, found)
+                assert fast is not None
+                await fast.answer(scope, receive, send_with_id, found)
         finally:
             self._record(scope, status, time.perf_counter() - started)
 

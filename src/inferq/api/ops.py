@@ -3,53 +3,42 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from inferq.api.context import ApiContext, get_ctx
+from inferq.api.deps import Svc
 from inferq.api.render import json_response
-from inferq.metrics import queue_stats
+from inferq.wire import HealthOut, ReadyOut
 
 router = APIRouter(tags=["ops"])
 
-Ctx = Annotated[ApiContext, Depends(get_ctx)]
 
-
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", response_model=HealthOut, summary="The process is alive")
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Ready for traffic: database and listener up, not draining")
-async def readyz(ctx: Ctx) -> Response:
-    checks: dict[str, str] = {}
-    checks["draining"] = "yes" if ctx.drain.draining else "no"
-    listener = ctx.listener
-    checks["listener"] = "down" if listener is not None and not listener.healthy else "ok"
-    try:
-        async with asyncio.timeout(2.0), ctx.pool.connection(timeout=2.0) as conn:
-            await conn.execute("SELECT 1")
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"down: {type(exc).__name__}"
-    ready = checks["database"] == "ok" and checks["listener"] == "ok" and not ctx.drain.draining
-    headers = None if ready else {"Retry-After": "1"}
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "not ready (see checks)"}},
+    summary="Ready for traffic: database and listener up, not draining",
+)
+async def readyz(svc: Svc) -> Response:
+    readiness = await svc.health.readiness()
     return json_response(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
-        200 if ready else 503,
-        headers,
+        {"status": "ready" if readiness.ready else "unavailable", "checks": readiness.checks},
+        200 if readiness.ready else 503,
+        None if readiness.ready else {"Retry-After": "1"},
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(ctx: Ctx) -> Response:
-    # The process metrics are still worth a scrape while the database is away.
-    with contextlib.suppress(Exception):
-        ctx.metrics.set_queue(await queue_stats(ctx.pool))
-    ctx.metrics.set_listener(ctx.listener)
-    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    summary="Prometheus metrics",
+)
+async def metrics(svc: Svc) -> Response:
+    return Response(await svc.health.metrics_page(), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ from uuid import UUID
 import structlog
 from starlette.responses import Response
 
+from inferq.domain.records import ApiToken, Llm
 from inferq.domain.task import Task
 from inferq.errors import TaskNotFound
 from inferq.jsontext import dumps
@@ -65,6 +66,41 @@ def worker_task_json(task: Task) -> dict[str, Any]:
         "request": task.request_body,
         "priority": task.priority,
         "lease_expires_at": task.lease_expires_at,
+    }
+
+
+def model_json(llm: Llm) -> dict[str, Any]:
+    """OpenAI's model object for a registry entry."""
+    return {
+        "id": llm.name,
+        "object": "model",
+        "created": int(llm.created_at.timestamp()),
+        "owned_by": "inferq",
+        "pool": llm.pool_name,
+        "tier": llm.tier,
+    }
+
+
+def llm_json(llm: Llm) -> dict[str, Any]:
+    return {
+        "name": llm.name,
+        "pool": llm.pool_name,
+        "model": llm.model,
+        "tier": llm.tier,
+        "created_at": llm.created_at,
+    }
+
+
+def token_json(token: ApiToken, secret: str | None = None) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "owner": token.owner_id,
+        "role": token.role,
+        "pools": token.pools,
+        "label": token.label,
+        "created_at": token.created_at,
+        "revoked_at": token.revoked_at,
+        "secret": secret,
     }
 
 

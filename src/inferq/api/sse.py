@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from inferq.api.render import task_json
 from inferq.domain.task import TaskStatus
 from inferq.jsontext import dumps
-from inferq.service import ChunkEvent, Event, ResetEvent, StatusEvent
+from inferq.services.waits import ChunkEvent, Event, ResetEvent, StatusEvent
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +46,16 @@ async def close_quietly(it: AsyncIterator[Any]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+async def prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """``first``, then the events of ``rest`` (closed with this generator)."""
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await close_quietly(rest)
 
 
 async def native_frames(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:

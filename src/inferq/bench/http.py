@@ -43,10 +43,10 @@ from typing import Any
 import httpx
 import orjson
 
+from inferq.bench.queries import BenchTasks, NewTask
 from inferq.db.cluster import free_port
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
-from inferq.db.tasks import NewTask, TaskRepository
 from inferq.db.tokens import TokenRepository
 from inferq.runtime import run
 from inferq.settings import Settings
@@ -437,7 +437,7 @@ async def _pending_tasks(dsn: str, setup: _Setup, count: int) -> list[str]:
     pool = create_pool(Settings(database_url=dsn, pool_min_size=1, pool_max_size=2))
     await pool.open(wait=True)
     try:
-        repo = TaskRepository(pool)
+        repo = BenchTasks(pool)
         ids: list[str] = []
         item = NewTask(owner_id=setup.owner, pool_name=setup.idle_pool, request_body=BODY)
         while len(ids) < count:

@@ -13,7 +13,8 @@ import asyncio
 import sys
 from typing import Any
 
-from inferq.runtime import freeze_startup_heap, run, uvicorn_config
+from inferq.daemon import uvicorn_config
+from inferq.runtime import freeze_startup_heap, run
 
 _parked = 0
 

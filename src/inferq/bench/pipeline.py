@@ -2,12 +2,12 @@
 
 Design decisions:
 
-- No HTTP: producers call ``TaskRepository.enqueue_many``, workers ``claim`` (a batch),
-  ``start_many`` and ``complete_many``, i.e. the batched statements a daemon groups requests
-  into. Each statement is one notifying commit for a whole batch, which is what lets the rate
-  pass the ~4,500 notifying commits/s ceiling of this machine.
-- Every task has a waiter in a TaskService fed by a Listener, exactly as a sync HTTP call
-  waits (``TaskService.wait_terminal``: register, read, sleep, batched re-read on wake). A task
+- No HTTP: producers call ``BenchTasks.enqueue_many`` (inferq.bench.queries), workers
+  ``claim`` (a batch), ``start_many`` and ``complete_many``, i.e. the batched statements a
+  daemon groups requests into. Each statement is one notifying commit for a whole batch,
+  which is what lets the rate pass the ~4,500 notifying commits/s ceiling of this machine.
+- Every task has a waiter in a WaitService fed by a Listener, exactly as a sync HTTP call
+  waits (``WaitService.wait_terminal``: register, read, sleep, batched re-read on wake). A task
   counts only when its waiter has seen it completed, so the figure includes the notification
   round trip and the batched re-reads, not just the writes.
 - Producers enqueue ``BATCH`` tasks per statement; ``WORKERS`` workers each claim up to
@@ -28,10 +28,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from inferq.bench.queries import NewTask
 from inferq.bench.wakeups import Stack, run_child, spawn_replica
-from inferq.db.tasks import NewTask
 from inferq.domain.task import Task, TaskStatus
-from inferq.service import TaskService
 from inferq.settings import Settings
 
 BATCH = 100
@@ -57,9 +56,9 @@ async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> PipelineR
     try:
         if not await asyncio.to_thread(parent_end.poll, 60) or parent_end.recv() != "ready":
             raise RuntimeError("pipeline: the worker process did not start")
-        async with _stack(dsn, producers + 2) as service:
+        async with _stack(dsn, producers + 2) as stack:
             cpu0 = time.process_time()
-            rate = await _produce_and_wait(service, pool_name, producers=producers, tasks=tasks)
+            rate = await _produce_and_wait(stack, pool_name, producers=producers, tasks=tasks)
             cpu = time.process_time() - cpu0
         if not await asyncio.to_thread(parent_end.poll, 60):
             raise RuntimeError("pipeline: the worker process did not finish")
@@ -73,21 +72,19 @@ async def measure_pipeline(dsn: str, *, producers: int, tasks: int) -> PipelineR
 
 
 @asynccontextmanager
-async def _stack(dsn: str, connections: int) -> AsyncIterator[TaskService]:
-    """A replica's wakeup machinery: pool, hub, Listener, TaskService."""
+async def _stack(dsn: str, connections: int) -> AsyncIterator[Stack]:
+    """A replica's wakeup machinery: pool, hub, Listener, WaitService."""
     stack = await Stack.open(
         Settings(database_url=dsn, pool_min_size=connections, pool_max_size=connections + 4)
     )
     try:
-        yield stack.service
+        yield stack
     finally:
         await stack.close()
 
 
-async def _produce_and_wait(
-    service: TaskService, pool_name: str, *, producers: int, tasks: int
-) -> float:
-    repo = service.tasks
+async def _produce_and_wait(stack: Stack, pool_name: str, *, producers: int, tasks: int) -> float:
+    repo = stack.bench
     waits: list[asyncio.Task[Task]] = []
 
     async def produce(count: int) -> None:
@@ -96,7 +93,7 @@ async def _produce_and_wait(
             count -= n
             items = [NewTask(owner_id="bench", pool_name=pool_name, request_body=REQUEST)] * n
             for task in await repo.enqueue_many(items):
-                waits.append(asyncio.create_task(service.wait_terminal(task.id, WAIT_S)))
+                waits.append(asyncio.create_task(stack.waits.wait_terminal(task.id, WAIT_S)))
 
     shares = [tasks // producers + (1 if i < tasks % producers else 0) for i in range(producers)]
     started_at = time.perf_counter()
@@ -118,27 +115,27 @@ async def _work(dsn: str, pool_name: str, tasks: int, conn: Connection) -> None:
     completed = 0
     done = asyncio.Event()
 
-    async def work(service: TaskService) -> None:
+    async def work(stack: Stack) -> None:
         nonlocal completed
-        repo = service.tasks
+        repo, bench = stack.tasks, stack.bench
         session = uuid.uuid4()
-        async with service.pool_waiter([pool_name]) as waiter:
+        async with stack.waits.pool_waiter([pool_name]) as waiter:
             while not done.is_set():
                 claimed = await repo.claim(session, [pool_name], limit=BATCH, lease_s=60)
                 if not claimed:
                     await _first(waiter.wait(1.0), done.wait())
                     continue
-                started = await repo.start_many([(t.id, session, t.attempt) for t in claimed])
+                started = await bench.start_many([(t.id, session, t.attempt) for t in claimed])
                 results = [(t.id, session, t.attempt, RESPONSE) for t in started]
                 # Read the counter after the await: `completed += len(await ...)` would load it
                 # before and lose the other workers' updates.
-                done_now = await repo.complete_many(results)
+                done_now = await bench.complete_many(results)
                 completed += len(done_now)
                 if completed >= tasks:
                     done.set()
 
-    async with _stack(dsn, WORKERS + 1) as service:
-        workers = [asyncio.create_task(work(service)) for _ in range(WORKERS)]
+    async with _stack(dsn, WORKERS + 1) as stack:
+        workers = [asyncio.create_task(work(stack)) for _ in range(WORKERS)]
         conn.send("ready")
         cpu0 = time.process_time()
         await asyncio.wait_for(done.wait(), WAIT_S)

@@ -26,24 +26,31 @@ from typing import Any
 import orjson
 import psycopg
 
+from inferq.bench.queries import BenchTasks
+from inferq.db.chunks import ChunkRepository
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
+from inferq.db.tasks import TaskRepository
 from inferq.logs import configure_logging
 from inferq.runtime import freeze_startup_heap, run
-from inferq.service import ChunkEvent, StatusEvent, TaskService
+from inferq.services.relay import ChunkRelay
+from inferq.services.waits import ChunkEvent, StatusEvent, WaitService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
 
 
 @dataclass
 class Stack:
-    """One replica's wakeup machinery: pool, hub, listener, service."""
+    """One replica's wakeup machinery: pool, repositories, hub, listener, waits, relay."""
 
     settings: Settings
     pool: Pool
     hub: Hub
     listener: Listener
-    service: TaskService
+    tasks: TaskRepository
+    waits: WaitService
+    relay: ChunkRelay
+    bench: BenchTasks
 
     @classmethod
     async def open(cls, settings: Settings) -> Stack:
@@ -53,12 +60,23 @@ class Stack:
         hub = Hub()
         listener = Listener(settings, hub)
         await listener.start()
-        stack = cls(settings, pool, hub, listener, TaskService(pool, settings, hub=hub))
+        tasks, chunks = TaskRepository(pool), ChunkRepository(pool)
+        stack = cls(
+            settings,
+            pool,
+            hub,
+            listener,
+            tasks,
+            WaitService(tasks, chunks, settings, hub=hub),
+            ChunkRelay(chunks, tasks, settings),
+            BenchTasks(pool),
+        )
         freeze_startup_heap()  # as `inferq serve` does once started
         return stack
 
     async def close(self) -> None:
-        await self.service.stop()
+        await self.waits.stop()
+        await self.relay.stop()
         await self.listener.stop()
         await self.pool.close()
 
@@ -119,7 +137,7 @@ def _settings(dsn: str, **overrides: Any) -> Settings:
 async def _held_tasks(stack: Stack, n: int, *, streaming: bool) -> tuple[uuid.UUID, list[Any]]:
     """``n`` tasks of a fresh pool, claimed by one worker session (running when streaming)."""
     pool_name = f"bench-{uuid.uuid4().hex[:8]}"
-    tasks = stack.service.tasks
+    tasks = stack.tasks
     for _ in range(n):
         await tasks.enqueue(
             owner_id="bench", pool_name=pool_name, request_body=REQUEST, streaming=streaming
@@ -166,7 +184,7 @@ def _waiting_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
         resumed = [0.0] * len(task_ids)
 
         async def wait(i: int, task_id: uuid.UUID) -> None:
-            await a.service.wait_terminal(task_id, 600)
+            await a.waits.wait_terminal(task_id, 600)
             resumed[i] = time.perf_counter()
 
         waits = [asyncio.create_task(wait(i, t)) for i, t in enumerate(task_ids)]
@@ -190,7 +208,7 @@ def _reading_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
 
         async def read(i: int, task_id: uuid.UUID) -> None:
             nonlocal disorder
-            async for event in c.service.events(task_id):
+            async for event in c.waits.events(task_id):
                 if isinstance(event, ChunkEvent):
                     delivered[i].append(time.perf_counter())
                     disorder += event.seq != len(delivered[i])
@@ -225,7 +243,7 @@ async def measure_wake_latency(
         starts, acks = [], []
         for t in held:
             starts.append(time.perf_counter())
-            await b.service.tasks.complete(t.id, session, t.attempt, {"text": "ok"})
+            await b.tasks.complete(t.id, session, t.attempt, {"text": "ok"})
             acks.append(time.perf_counter())
             await asyncio.sleep(max(0.0, starts[-1] + interval_s - time.perf_counter()))
         resumed: list[float] = await asyncio.to_thread(pipe.recv)
@@ -291,14 +309,14 @@ async def measure_relay(
                     )
                 batch = [(n, CHUNK) for n in range(seq + 1, upto + 1)]
                 seq = upto
-                await b.service.post_chunks(task.id, session, task.attempt, batch)
+                await b.relay.post(task.id, session, task.attempt, batch)
 
         cpu0 = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(write(i, t, started) for i, t in enumerate(held)))
         cpu = time.process_time() - cpu0
         for t in held:
-            await b.service.tasks.complete(t.id, session, t.attempt, {"text": "done"})
+            await b.tasks.complete(t.id, session, t.attempt, {"text": "done"})
         delivered, disorder, reader_cpu = await asyncio.to_thread(pipe.recv)
         await asyncio.to_thread(process.join, 30)
         assert disorder == 0, f"{disorder} chunks out of order"
@@ -335,7 +353,7 @@ async def measure_waiter_memory(dsn: str, *, waiters: int = 10_000) -> MemoryFig
             ids = [row[0] for row in await cur.fetchall()]
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
-        parked = [asyncio.create_task(stack.service.wait_terminal(i, 3600)) for i in ids]
+        parked = [asyncio.create_task(stack.waits.wait_terminal(i, 3600)) for i in ids]
         await _until(lambda: stack.hub.waiter_count >= waiters)
         await asyncio.sleep(2.0)  # let every waiter finish its first read and park
         after = tracemalloc.take_snapshot()

@@ -8,6 +8,7 @@ from datetime import datetime
 from uuid import UUID
 
 from inferq.db import channels
+from inferq.db.errors import connect
 from inferq.db.pool import Pool
 
 
@@ -185,7 +186,7 @@ class ChunkRepository:
             "channel": channels.CHUNK,
             "per_payload": TASKS_PER_PAYLOAD,
         }
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(APPEND, params)
             accepted = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
         posted = {(c.task_id, c.attempt) for c in chunks}
@@ -211,7 +212,7 @@ class ChunkRepository:
             "afters": [k[2] for k in keys],
             "page": page,
         }
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(READ_MANY, params)
             rows = await cur.fetchall()
         found: dict[int, list[tuple[int, str]]] = {}
@@ -225,6 +226,6 @@ class ChunkRepository:
 
     async def gc(self, *, retention_s: float, now: datetime | None = None) -> int:
         """Delete chunks nobody can read any more; returns how many."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(GC, {"now": now, "retention_s": retention_s})
             return cur.rowcount

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 from psycopg import sql
 from psycopg.rows import class_row
 
+from inferq.db.errors import connect
 from inferq.db.pool import Pool
+from inferq.domain.records import Llm
 from inferq.errors import UnknownModel
-
-
-@dataclass(frozen=True, slots=True)
-class Llm:
-    name: str
-    pool_name: str
-    model: str
-    tier: str
-    created_at: datetime
-
 
 _COLUMNS = sql.SQL("name, pool_name, model, tier, created_at")
 
@@ -34,7 +23,7 @@ class LlmRepository:
         self, name: str, pool_name: str, model: str | None = None, tier: str = "standard"
     ) -> Llm:
         """Add or replace an entry; queued tasks keep the routing they were enqueued with."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
             await cur.execute(
                 sql.SQL(
@@ -50,7 +39,7 @@ class LlmRepository:
 
     async def resolve(self, name: str) -> Llm:
         """The entry named ``name``; raises UnknownModel."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
             await cur.execute(
                 sql.SQL("SELECT {} FROM inferq.llm WHERE name = %s").format(_COLUMNS), (name,)
@@ -61,12 +50,12 @@ class LlmRepository:
         return llm
 
     async def all(self) -> list[Llm]:
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
             await cur.execute(sql.SQL("SELECT {} FROM inferq.llm ORDER BY name").format(_COLUMNS))
             return await cur.fetchall()
 
     async def remove(self, name: str) -> bool:
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute("DELETE FROM inferq.llm WHERE name = %s", (name,))
             return cur.rowcount > 0

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 from psycopg import sql
 from psycopg.rows import class_row
 
+from inferq.db.errors import connect
 from inferq.db.pool import Pool
 from inferq.db.rows import TASK_SELECT, render, task_row
-from inferq.db.tasks import _REVERT_SET
+from inferq.db.task_queries import REVERT_SET
+from inferq.domain.records import Heartbeat, WorkerSession
 from inferq.domain.task import Task
 from inferq.errors import SessionNotFound
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSession:
-    id: UUID
-    owner_id: str
-    name: str | None
-    pools: list[str]
-    capacity: int
-    created_at: datetime
-    last_seen_at: datetime
-    expires_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """What a heartbeat tells the worker about the tasks it reported."""
-
-    held: dict[UUID, int]  # task id -> attempt, leases extended
-    cancelled: list[UUID]  # reported, and cancelled by their client
-    lost: list[UUID]  # reported, but no longer held (reverted, failed by the rescuer, ...)
-
 
 _SESSION_COLUMNS = sql.SQL(
     "id, owner_id, name, pools, capacity, created_at, last_seen_at, expires_at"
@@ -120,7 +99,7 @@ FROM dead
 WHERE t.claimed_by = dead.id AND t.status IN ('claimed', 'running')
 RETURNING {task_select}
 """
-    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
+    ).format(task_select=TASK_SELECT, revert_set=REVERT_SET)
 )
 
 
@@ -140,7 +119,7 @@ class WorkerSessionRepository:
         name: str | None = None,
     ) -> WorkerSession:
         """Open a session that lives ``ttl_s`` past its last heartbeat."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(WorkerSession))
             await cur.execute(
                 BIND,
@@ -161,7 +140,7 @@ class WorkerSessionRepository:
     ) -> WorkerSession:
         """The session; raises SessionNotFound. ``live``: one that has not expired either
         (its reaper may not have run yet). ``touch_ttl_s``: the live session, extended by it."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(WorkerSession))
             if touch_ttl_s is None:
                 await cur.execute(GET_LIVE if live else GET, {"id": session_id})
@@ -181,7 +160,7 @@ class WorkerSessionRepository:
 
         Raises SessionNotFound when the session expired (its tasks were already reverted).
         """
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(
                 HEARTBEAT,
                 {"id": session_id, "reported": list(reported), "ttl_s": ttl_s, "lease_s": lease_s},
@@ -200,12 +179,12 @@ class WorkerSessionRepository:
 
     async def unbind(self, session_id: UUID) -> None:
         """Delete the session; the caller reverts its tasks first."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             await conn.execute(UNBIND, {"id": session_id})
 
     async def reap(self, now: datetime | None = None) -> list[Task]:
         """Delete sessions that stopped heartbeating and revert the tasks they held."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=task_row)
             await cur.execute(
                 REAP,

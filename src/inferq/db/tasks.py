@@ -1,370 +1,51 @@
-"""TaskRepository: every task transition as one guarded statement on inferq.task."""
+"""TaskRepository: task reads, and every transition as one guarded statement on inferq.task."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import orjson
-import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from inferq.db.errors import connect
 from inferq.db.pool import Pool
-from inferq.db.rows import TASK_SELECT, render, task_row
-from inferq.domain.task import HELD, Task, TaskStatus
+from inferq.db.rows import task_row
+from inferq.db.task_queries import (
+    CANCEL,
+    CLAIM,
+    COMPLETE,
+    COUNT_PENDING,
+    ENQUEUE,
+    FAIL,
+    FINISH_MANY,
+    FINISHED_AMONG,
+    GC_DELETE,
+    GC_PENDING,
+    GET,
+    GET_BY_KEY,
+    GET_MANY,
+    GET_OWNED,
+    LIST,
+    REVERT_EXPIRED,
+    REVERT_ONE,
+    REVERT_SESSION,
+    START,
+)
+from inferq.domain.records import Enqueued, Finished, GcResult, Outcome, Page
+from inferq.domain.task import Task, TaskStatus
 from inferq.errors import (
     IdempotencyConflict,
-    InferqError,
     InvalidTransition,
+    InvalidValue,
     LeaseLost,
+    TaskError,
     TaskNotFound,
 )
 from inferq.jsontext import dumps
-
-_HELD = [s.value for s in HELD]
-
-ENQUEUE = render(
-    sql.SQL(
-        """
-INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
-                              owner_id, agent_id, priority, max_attempts, idempotency_key)
-VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
-        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s)
-ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-GET_BY_KEY = render(
-    sql.SQL(
-        """
-SELECT {task_select} FROM inferq.task t WHERE t.owner_id = %(owner)s AND t.idempotency_key = %(key)s
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-_GET = sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = %(id)s").format(
-    task_select=TASK_SELECT
-)
-GET = render(_GET)
-GET_OWNED = render(_GET + sql.SQL(" AND t.owner_id = %(owner)s"))
-GET_MANY = render(
-    sql.SQL("SELECT {task_select} FROM inferq.task t WHERE t.id = ANY(%(ids)s)").format(
-        task_select=TASK_SELECT
-    )
-)
-
-LIST = render(
-    sql.SQL(
-        """
-SELECT {task_select} FROM inferq.task t
-WHERE t.owner_id = %(owner)s
-  AND (%(status)s::inferq.task_status[] IS NULL OR t.status = ANY(%(status)s))
-  AND (%(agent)s::text IS NULL OR t.agent_id = %(agent)s)
-  AND (%(pool)s::text IS NULL OR t.pool_name = %(pool)s)
-  AND (%(after_ts)s::timestamptz IS NULL OR (t.created_at, t.id) < (%(after_ts)s, %(after_id)s))
-ORDER BY t.created_at DESC, t.id DESC
-LIMIT %(limit)s
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-# SKIP LOCKED: racing claimers each take different rows and never wait on each other. A bound
-# session never holds more than its capacity, and an expired one claims nothing; an id with no
-# session row claims up to the limit (tests, tools) or, when %(unbound)s is 0, nothing.
-CLAIM = render(
-    sql.SQL(
-        """
-WITH room AS (
-    SELECT CASE WHEN s.expires_at > now() THEN greatest(0, s.capacity - (
-        SELECT count(*) FROM inferq.task h
-        WHERE h.claimed_by = s.id AND h.status IN ('claimed', 'running'))) ELSE 0 END AS n
-    FROM inferq.worker_session s WHERE s.id = %(session)s
-), picked AS (
-    SELECT id FROM inferq.task
-    WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
-    ORDER BY priority DESC, created_at, id
-    LIMIT least(%(limit)s, coalesce((SELECT n FROM room), %(unbound)s))
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE inferq.task t
-SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = t.attempt + 1,
-    lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-FROM picked WHERE t.id = picked.id
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-FIND_PENDING = render(
-    sql.SQL(
-        """
-SELECT {task_select} FROM inferq.task t
-WHERE t.status = 'pending' AND t.pool_name = ANY(%(pools)s)
-ORDER BY t.priority DESC, t.created_at, t.id
-LIMIT %(limit)s
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-HELD_BY_SESSION = render(
-    sql.SQL(
-        """
-SELECT {task_select} FROM inferq.task t
-WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
-ORDER BY t.claimed_at
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-# The guard every worker write shares: this session holds this attempt of the task.
-_HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s")
-
-START = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t SET status = 'running', stream_started_at = now()
-WHERE {holds} AND t.status = 'claimed'
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS)
-)
-
-COMPLETE = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t
-SET status = 'completed', response_body = %(body)s, completed_at = now(), lease_expires_at = NULL
-WHERE {holds} AND t.status IN ('claimed', 'running')
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS)
-)
-
-FAIL = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t
-SET status = 'error', error_message = %(message)s, completed_at = now(), lease_expires_at = NULL
-WHERE {holds} AND t.status IN ('claimed', 'running')
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS)
-)
-
-CANCEL = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t
-SET status = 'cancelled', completed_at = now(), lease_expires_at = NULL,
-    error_message = coalesce(%(reason)s, 'cancelled by the client')
-WHERE t.id = %(id)s AND t.owner_id = %(owner)s AND t.status IN ('pending', 'claimed', 'running')
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-# A lost claim (lease expired, session reaped) counts against max_attempts: once the task was
-# lost that often it ends in error. A graceful release (worker shutdown, unbind) never does.
-_LOST_FOR_GOOD = sql.SQL("(NOT %(graceful)s::boolean AND t.attempt - t.releases >= t.max_attempts)")
-_REVERT_SET = sql.SQL(
-    """
-SET status = (CASE WHEN {lost} THEN 'error' ELSE 'pending' END)::inferq.task_status,
-    error_message = CASE WHEN {lost}
-        THEN format('the worker was lost %%s times (max_attempts=%%s); last time %%s',
-                    t.attempt - t.releases, t.max_attempts, %(reason)s::text)
-        ELSE t.error_message END,
-    completed_at = CASE WHEN {lost} THEN now() END,
-    releases = t.releases + CASE WHEN %(graceful)s::boolean THEN 1 ELSE 0 END,
-    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, stream_started_at = NULL
-"""
-).format(lost=_LOST_FOR_GOOD)
-
-REVERT_SESSION = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t {revert_set}
-WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
-)
-
-REVERT_ONE = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t {revert_set}
-WHERE {holds} AND t.status IN ('claimed', 'running')
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS, revert_set=_REVERT_SET)
-)
-
-REVERT_EXPIRED = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t {revert_set}
-WHERE t.status IN ('claimed', 'running')
-  AND t.lease_expires_at < coalesce(%(now)s::timestamptz, now())
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, revert_set=_REVERT_SET)
-)
-
-EXTEND_LEASES = """
-UPDATE inferq.task t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
-RETURNING t.id, t.attempt
-"""
-
-# Batched forms: one statement (so one notifying commit) for many tasks. The statement-level
-# trigger folds their notifications into a few payloads.
-ENQUEUE_MANY = render(
-    sql.SQL(
-        """
-INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
-                              owner_id, agent_id, priority, max_attempts)
-SELECT * FROM unnest(%(pools)s::text[], %(llms)s::text[], %(models)s::text[], %(tiers)s::text[],
-                     %(streaming)s::bool[], %(bodies)s::jsonb[], %(owners)s::text[],
-                     %(agents)s::text[], %(priorities)s::int[], %(max_attempts)s::int[])
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-_HOLDS_MANY = sql.SQL(
-    "t.id = c.id AND t.claimed_by = c.session AND t.attempt = c.attempt "
-    "AND t.status IN ('claimed', 'running')"
-)
-
-START_MANY = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t SET status = 'running', stream_started_at = now()
-FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[]) AS c(id, session, attempt)
-WHERE {holds} AND t.status = 'claimed'
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
-)
-
-COMPLETE_MANY = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t
-SET status = 'completed', response_body = c.body, completed_at = now(), lease_expires_at = NULL
-FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(attempts)s::int[], %(bodies)s::jsonb[])
-    AS c(id, session, attempt, body)
-WHERE {holds}
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT, holds=_HOLDS_MANY)
-)
-
-# Completes and fails of one worker session in one statement: an item with an error fails its
-# task, one without completes it. The items travel as one JSON array (jsonb_to_recordset): far
-# cheaper to send than one array parameter per column with a Jsonb per response. Only
-# (id, status, attempt) come back, not the whole row.
-FINISH_MANY = """
-UPDATE inferq.task t
-SET status = (CASE WHEN c.error IS NULL THEN 'completed' ELSE 'error' END)::inferq.task_status,
-    response_body = CASE WHEN c.error IS NULL THEN c.response ELSE t.response_body END,
-    error_message = coalesce(c.error, t.error_message),
-    completed_at = now(), lease_expires_at = NULL
-FROM jsonb_to_recordset(%(items)s::jsonb)
-    AS c(task_id uuid, attempt int, response jsonb, error text)
-WHERE t.id = c.task_id AND t.claimed_by = %(session)s AND t.attempt = c.attempt
-  AND t.status IN ('claimed', 'running')
-RETURNING t.id, t.status::text, t.attempt
-"""
-
-# Of these tasks, the ones a waiter for the outcome must re-read: ended, or gone.
-FINISHED_AMONG = """
-SELECT u.id FROM unnest(%(ids)s::uuid[]) AS u(id)
-LEFT JOIN inferq.task t ON t.id = u.id
-WHERE t.id IS NULL OR t.status IN ('completed', 'error', 'cancelled')
-"""
-
-GC_PENDING = render(
-    sql.SQL(
-        """
-UPDATE inferq.task t
-SET status = 'error', completed_at = coalesce(%(now)s::timestamptz, now()),
-    error_message = format('not claimed within %%s s (INFERQ_PENDING_TIMEOUT_S): '
-                           'no worker served pool %%s in time', %(timeout_s)s, t.pool_name)
-WHERE t.status = 'pending'
-  AND t.created_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(timeout_s)s)
-RETURNING {task_select}
-"""
-    ).format(task_select=TASK_SELECT)
-)
-
-GC_DELETE = """
-DELETE FROM inferq.task t
-WHERE t.status IN ('completed', 'error', 'cancelled')
-  AND t.completed_at < coalesce(%(now)s::timestamptz, now())
-                       - make_interval(secs => %(retention_s)s)
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """A task to insert with enqueue_many."""
-
-    owner_id: str
-    pool_name: str
-    request_body: Any
-    llm_name: str | None = None
-    model: str | None = None
-    tier: str | None = None
-    streaming: bool = False
-    agent_id: str | None = None
-    priority: int = 0
-    max_attempts: int = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The end of one held task for finish_many: ``error`` fails it, else ``response``
-    completes it."""
-
-    task_id: UUID
-    attempt: int
-    response: Any = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """A task that finish_many ended (or found already ended the same way)."""
-
-    task_id: UUID
-    status: TaskStatus
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class Enqueued:
-    task: Task
-    created: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    tasks: list[Task]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class GcResult:
-    expired_pending: list[Task]
-    deleted: int
 
 
 def encode_cursor(task: Task) -> str:
@@ -394,7 +75,7 @@ class TaskRepository:
         self.pool = pool
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=task_row)
             await cur.execute(query, params)
             return await cur.fetchall()
@@ -459,26 +140,6 @@ class TaskRepository:
                 return Enqueued(existing, created=False)
         raise IdempotencyConflict("could not resolve a concurrent submit; retry the request")
 
-    async def enqueue_many(self, items: Sequence[NewTask]) -> list[Task]:
-        """Insert many pending tasks in one statement (no idempotency keys on this path)."""
-        if not items:
-            return []
-        return await self._all(
-            ENQUEUE_MANY,
-            {
-                "pools": [i.pool_name for i in items],
-                "llms": [i.llm_name for i in items],
-                "models": [i.model for i in items],
-                "tiers": [i.tier for i in items],
-                "streaming": [i.streaming for i in items],
-                "bodies": [Jsonb(i.request_body) for i in items],
-                "owners": [i.owner_id for i in items],
-                "agents": [i.agent_id for i in items],
-                "priorities": [i.priority for i in items],
-                "max_attempts": [i.max_attempts for i in items],
-            },
-        )
-
     async def get(self, task_id: UUID, owner_id: str | None = None) -> Task:
         """The task; raises TaskNotFound when missing or owned by someone else."""
         if owner_id is None:
@@ -489,9 +150,16 @@ class TaskRepository:
             raise TaskNotFound(f"task {task_id} not found")
         return task
 
+    async def count_pending(self, owner_id: str, cap: int) -> int:
+        """How many tasks of the owner are pending, counted up to ``cap``."""
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(COUNT_PENDING, {"owner": owner_id, "cap": cap})
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def finished_among(self, task_ids: Sequence[UUID]) -> set[UUID]:
         """Which of ``task_ids`` are terminal or no longer exist (one small-row statement)."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(FINISHED_AMONG, {"ids": list(task_ids)})
             return {row[0] for row in await cur.fetchall()}
 
@@ -570,14 +238,6 @@ class TaskRepository:
             },
         )
 
-    async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
-        """Pending tasks of ``pools`` in drain order, without claiming them."""
-        return await self._all(FIND_PENDING, {"pools": list(pools), "limit": limit})
-
-    async def held_by(self, session_id: UUID) -> list[Task]:
-        """The claimed and running tasks of a worker session."""
-        return await self._all(HELD_BY_SESSION, {"session": session_id})
-
     async def start(self, task_id: UUID, session_id: UUID, attempt: int) -> Task:
         """claimed -> running. Idempotent for the holder; raises LeaseLost otherwise."""
         params = {"id": task_id, "session": session_id, "attempt": attempt}
@@ -610,46 +270,14 @@ class TaskRepository:
             f"task {task_id} is {current.status}; it cannot be completed", task=current
         )
 
-    async def start_many(self, held: Sequence[tuple[UUID, UUID, int]]) -> list[Task]:
-        """claimed -> running for many (task id, session id, attempt) in one statement.
-
-        Returns the tasks that moved; the caller retries the others one by one with start()
-        to get their precise outcome.
-        """
-        if not held:
-            return []
-        ids, sessions, attempts = zip(*held, strict=True)
-        return await self._all(
-            START_MANY, {"ids": list(ids), "sessions": list(sessions), "attempts": list(attempts)}
-        )
-
-    async def complete_many(self, results: Sequence[tuple[UUID, UUID, int, Any]]) -> list[Task]:
-        """Complete many (task id, session id, attempt, response) in one statement.
-
-        Returns the tasks that completed; the caller retries the others with complete() to get
-        their precise outcome (idempotent repeat, LeaseLost, InvalidTransition).
-        """
-        if not results:
-            return []
-        ids, sessions, attempts, bodies = zip(*results, strict=True)
-        return await self._all(
-            COMPLETE_MANY,
-            {
-                "ids": list(ids),
-                "sessions": list(sessions),
-                "attempts": list(attempts),
-                "bodies": [Jsonb(b) for b in bodies],
-            },
-        )
-
     async def finish_many(
         self, session_id: UUID, outcomes: Sequence[Outcome]
     ) -> list[Finished | Exception]:
         """End many tasks held by one session: one statement for all of them.
 
         Returns one entry per outcome, in order: Finished, or the exception complete() or
-        fail() would have raised for it alone (LeaseLost, InvalidTransition, TaskNotFound, a
-        psycopg DataError for a value the database refuses). Items the statement did not move and
+        fail() would have raised for it alone (LeaseLost, InvalidTransition, TaskNotFound,
+        InvalidValue for a value the database refuses). Items the statement did not move and
         repeats of an id within the call are retried one by one with complete() or fail(), and
         so is every item when one value is refused (which fails the whole statement, writing
         nothing): each gets its precise answer and none is written in part. Errors that are
@@ -666,10 +294,10 @@ class TaskRepository:
         ]
         params = {"session": session_id, "items": dumps(items).decode()}
         try:
-            async with self.pool.connection() as conn:
+            async with connect(self.pool) as conn:
                 cur = await conn.execute(FINISH_MANY, params)
                 rows = await cur.fetchall()
-        except (psycopg.errors.DataError, psycopg.errors.IntegrityError):
+        except InvalidValue:
             rows = []  # one refused value fails the statement: find it item by item
         for task_id, status, attempt in rows:
             results[first[task_id]] = Finished(task_id, TaskStatus(status), attempt)
@@ -684,7 +312,7 @@ class TaskRepository:
                 task = await self.fail(o.task_id, session_id, o.attempt, o.error)
             else:
                 task = await self.complete(o.task_id, session_id, o.attempt, o.response)
-        except (InferqError, psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+        except (TaskError, InvalidValue) as exc:
             return exc
         return Finished(task.id, task.status, task.attempt)
 
@@ -729,12 +357,6 @@ class TaskRepository:
             )
         return current
 
-    async def extend_leases(self, session_id: UUID, lease_s: float) -> dict[UUID, int]:
-        """Push the lease of every task the session holds; returns {task id: attempt}."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(EXTEND_LEASES, {"session": session_id, "lease_s": lease_s})
-            return {row[0]: row[1] for row in await cur.fetchall()}
-
     async def revert_session(
         self, session_id: UUID, reason: str = "worker unbound", *, graceful: bool = True
     ) -> list[Task]:
@@ -757,7 +379,7 @@ class TaskRepository:
     ) -> GcResult:
         """Fail pending tasks older than the timeout; delete terminal rows past retention."""
         expired = await self._all(GC_PENDING, {"now": now, "timeout_s": pending_timeout_s})
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute(GC_DELETE, {"now": now, "retention_s": retention_s})
             deleted = cur.rowcount
         return GcResult(expired, deleted)

@@ -5,33 +5,17 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
 from uuid import UUID
 
 from psycopg import sql
 from psycopg.rows import class_row
 
 from inferq.db import channels
+from inferq.db.errors import connect
 from inferq.db.pool import Pool
+from inferq.domain.records import ApiToken, Role
 
-Role = Literal["client", "worker", "admin"]
 TOKEN_PREFIX = "iq_"
-
-
-@dataclass(frozen=True, slots=True)
-class ApiToken:
-    id: UUID
-    owner_id: str
-    role: str
-    pools: list[str] | None
-    label: str | None
-    created_at: datetime
-    revoked_at: datetime | None
-
-    def may_serve(self, pool: str) -> bool:
-        return self.pools is None or pool in self.pools
 
 
 _COLUMNS = sql.SQL("id, owner_id, role, pools, label, created_at, revoked_at")
@@ -67,7 +51,7 @@ class TokenRepository:
         if pools is not None and not pools:
             raise ValueError("a token's pool list needs at least one pool; omit it for every pool")
         secret = new_secret()
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
             await cur.execute(
                 sql.SQL(
@@ -82,7 +66,7 @@ class TokenRepository:
 
     async def find(self, secret: str) -> ApiToken | None:
         """The live token for ``secret``, or None when unknown or revoked."""
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
             await cur.execute(
                 sql.SQL(
@@ -93,7 +77,7 @@ class TokenRepository:
             return await cur.fetchone()
 
     async def all(self) -> list[ApiToken]:
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(ApiToken))
             await cur.execute(
                 sql.SQL("SELECT {} FROM inferq.api_token ORDER BY created_at").format(_COLUMNS)
@@ -102,7 +86,7 @@ class TokenRepository:
 
     async def revoke(self, token_id: UUID) -> bool:
         """Revoke a token; replicas drop it from their caches on the TOKEN notification."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with connect(self.pool) as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE inferq.api_token SET revoked_at = now() "
                 "WHERE id = %s AND revoked_at IS NULL",
@@ -113,7 +97,7 @@ class TokenRepository:
             return cur.rowcount > 0
 
     async def count(self) -> int:
-        async with self.pool.connection() as conn:
+        async with connect(self.pool) as conn:
             cur = await conn.execute("SELECT count(*) FROM inferq.api_token")
             row = await cur.fetchone()
             return int(row[0]) if row else 0

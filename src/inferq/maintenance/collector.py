@@ -8,7 +8,6 @@ from datetime import datetime
 import structlog
 
 from inferq.db.chunks import ChunkRepository
-from inferq.db.pool import Pool
 from inferq.db.tasks import TaskRepository
 from inferq.settings import Settings
 
@@ -27,9 +26,9 @@ class Collector:
 
     name = "collector"
 
-    def __init__(self, pool: Pool, settings: Settings) -> None:
-        self.tasks = TaskRepository(pool)
-        self.chunks = ChunkRepository(pool)
+    def __init__(self, tasks: TaskRepository, chunks: ChunkRepository, settings: Settings) -> None:
+        self.tasks = tasks
+        self.chunks = chunks
         self.settings = settings
 
     async def run_once(self, now: datetime | None = None) -> Collected:

@@ -6,7 +6,6 @@ from datetime import datetime
 
 import structlog
 
-from inferq.db.pool import Pool
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.domain.task import Task
 
@@ -18,8 +17,8 @@ class SessionReaper:
 
     name = "reaper"
 
-    def __init__(self, pool: Pool) -> None:
-        self.sessions = WorkerSessionRepository(pool)
+    def __init__(self, sessions: WorkerSessionRepository) -> None:
+        self.sessions = sessions
 
     async def run_once(self, now: datetime | None = None) -> list[Task]:
         """Reap sessions expired before ``now`` (database time when None); the reverted tasks."""

@@ -6,7 +6,6 @@ from datetime import datetime
 
 import structlog
 
-from inferq.db.pool import Pool
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task
 
@@ -18,8 +17,8 @@ class Rescuer:
 
     name = "rescuer"
 
-    def __init__(self, pool: Pool) -> None:
-        self.tasks = TaskRepository(pool)
+    def __init__(self, tasks: TaskRepository) -> None:
+        self.tasks = tasks
 
     async def run_once(self, now: datetime | None = None) -> list[Task]:
         """Revert every task whose lease expired before ``now`` (database time when None)."""

@@ -20,7 +20,10 @@ from typing import Protocol
 
 import structlog
 
-from inferq.db.pool import Pool
+from inferq.db.chunks import ChunkRepository
+from inferq.db.leases import LeaseRepository
+from inferq.db.sessions import WorkerSessionRepository
+from inferq.db.tasks import TaskRepository
 from inferq.maintenance.collector import Collector
 from inferq.maintenance.leadership import Leadership
 from inferq.maintenance.reaper import SessionReaper
@@ -85,12 +88,25 @@ class SweepLoop:
 class Maintenance:
     """The collector, rescuer and session reaper loops of one replica."""
 
-    def __init__(self, pool: Pool, settings: Settings, *, holder: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tasks: TaskRepository,
+        chunks: ChunkRepository,
+        sessions: WorkerSessionRepository,
+        leases: LeaseRepository,
+        settings: Settings,
+        holder: str | None = None,
+    ) -> None:
         self.holder = holder or replica_name()
         interval_s = settings.maintenance_interval_s
-        sweeps: list[Sweep] = [Collector(pool, settings), Rescuer(pool), SessionReaper(pool)]
+        sweeps: list[Sweep] = [
+            Collector(tasks, chunks, settings),
+            Rescuer(tasks),
+            SessionReaper(sessions),
+        ]
         self.loops = [
-            SweepLoop(s, Leadership(pool, s.name, self.holder, ttl_s=3 * interval_s), interval_s)
+            SweepLoop(s, Leadership(leases, s.name, self.holder, ttl_s=3 * interval_s), interval_s)
             for s in sweeps
         ]
         self._tasks: list[asyncio.Task[None]] = []

@@ -1,4 +1,4 @@
-"""TaskService: waits, event streams and chunk posts on top of the repositories and wakeups.
+"""WaitService: waits for outcomes, event streams and claim long-polls, woken by the hub.
 
 Design decisions (DESIGN.md "Notifications"):
 
@@ -36,17 +36,15 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from uuid import UUID
 
 import structlog
-from psycopg_pool import AsyncConnectionPool
 
 from inferq.db.chunks import ChunkKey, ChunkRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import TaskCancelled, TaskFailed, TaskNotFound, WaitTimeout
-from inferq.relay import ChunkRelay
 from inferq.settings import Settings
 from inferq.wakeups import CHUNKS_ADDED, TASK_CHANGED, Batcher, Hub, Waiter
 
@@ -101,27 +99,24 @@ class _PoolWaiter:
         return woken
 
 
-class TaskService:
-    """One per replica. Owns no connection: uses the pool, the wakeups hub and the relay.
+class WaitService:
+    """One per replica. Owns no connection: reads through the repositories, woken by the hub.
 
     Without a ``hub`` fed by a Listener, waiters only see the safety poll (poll-only mode).
-    ``stop()`` flushes the relay.
     """
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        tasks: TaskRepository,
+        chunks: ChunkRepository,
         settings: Settings,
         *,
         hub: Hub | None = None,
-        relay: ChunkRelay | None = None,
     ) -> None:
-        self.pool = pool
         self.settings = settings
-        self.tasks = TaskRepository(pool)
-        self.chunks = ChunkRepository(pool)
+        self.tasks = tasks
+        self.chunks = chunks
         self.hub = hub or Hub()
-        self.relay = relay or ChunkRelay(pool, settings)
         window_s = settings.wake_batch_ms / 1000
         self._task_loader: Batcher[UUID, Task] = Batcher(self._fetch_tasks, window_s=window_s)
         self._chunk_loader: Batcher[ChunkKey, list[tuple[int, str]]] = Batcher(
@@ -130,13 +125,12 @@ class TaskService:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
-        """Stop the safety sweep and flush buffered chunk posts."""
+        """Stop the safety sweep."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        await self.relay.stop()
 
     def _ensure_sweeper(self) -> None:
         """Start the safety sweep when the first waiter arrives (it ends when none is left)."""
@@ -306,13 +300,6 @@ class TaskService:
         with self.hub.watch_pools(pools) as waiter:
             self._ensure_sweeper()
             yield _PoolWaiter(waiter)
-
-    async def post_chunks(
-        self, task_id: UUID, session_id: UUID, attempt: int, chunks: Sequence[tuple[int, str]]
-    ) -> int:
-        """Queue (seq, data) chunks for the next flush; returns the task's last stored seq once
-        the flush committed. Raises LeaseLost when the worker no longer holds the attempt."""
-        return await self.relay.post(task_id, session_id, attempt, chunks)
 
 
 def _live_attempt(task: Task) -> int:

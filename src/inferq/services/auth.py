@@ -1,4 +1,4 @@
-"""Bearer tokens: lookup by hash with an in-process cache, role checks, worker pool checks.
+"""Authenticator: bearer secrets to live tokens, with an in-process cache; roles and pools.
 
 The cache maps the secret's hash to the token for ``ttl_s`` (a safety net); a revocation is
 usually seen at once, because the listener calls ``invalidate(token_id)`` on the TOKEN
@@ -9,14 +9,14 @@ lost). Unknown secrets are never cached, so guessing cannot grow memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from uuid import UUID
 
 import structlog
-from fastapi import Request
 
-from inferq.api.errors import Forbidden, Unauthorized
-from inferq.db.tokens import ApiToken, TokenRepository, hash_token
+from inferq.db.tokens import TokenRepository, hash_token
+from inferq.domain.records import ApiToken
+from inferq.errors import Forbidden, Unauthorized
 
 _MAX_SECRET_CHARS = 512
 
@@ -101,16 +101,9 @@ class Role:
         return token
 
 
-def requires(*roles: str) -> Callable[[Request], Awaitable[ApiToken]]:
-    """A FastAPI dependency: the caller's token, which must have one of ``roles`` (or admin)."""
-    role = Role(*roles)
-
-    async def dependency(request: Request) -> ApiToken:
-        auth: Authenticator = request.app.state.ctx.auth
-        return await role.authorize(auth, request.headers.get("authorization"))
-
-    dependency.__name__ = "requires_" + "_".join(sorted(role.allowed))
-    return dependency
+CLIENT = Role("client")
+WORKER = Role("worker")
+ADMIN = Role("admin")
 
 
 def check_pools(token: ApiToken, pools: Iterable[str]) -> None:
@@ -121,10 +114,3 @@ def check_pools(token: ApiToken, pools: Iterable[str]) -> None:
             f"this worker token may not serve pool(s) {', '.join(refused)}; "
             f"it serves {', '.join(token.pools or [])}"
         )
-
-
-CLIENT = Role("client")
-WORKER = Role("worker")
-client_token = requires("client")
-worker_token = requires("worker")
-admin_token = requires("admin")

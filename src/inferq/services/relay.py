@@ -33,7 +33,6 @@ from uuid import UUID
 import structlog
 
 from inferq.db.chunks import AppendResult, ChunkIn, ChunkRepository
-from inferq.db.pool import Pool
 from inferq.db.tasks import TaskRepository
 from inferq.errors import LeaseLost
 from inferq.settings import Settings
@@ -51,9 +50,9 @@ class _Post:
 class ChunkRelay:
     """One per replica; post() from any request handler, stop() on shutdown."""
 
-    def __init__(self, pool: Pool, settings: Settings) -> None:
-        self.chunks = ChunkRepository(pool)
-        self.tasks = TaskRepository(pool)
+    def __init__(self, chunks: ChunkRepository, tasks: TaskRepository, settings: Settings) -> None:
+        self.chunks = chunks
+        self.tasks = tasks
         self.flush_s = settings.chunk_flush_ms / 1000
         self._buffer: list[_Post] = []
         self._has_posts = asyncio.Event()

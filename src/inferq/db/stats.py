@@ -1,0 +1,46 @@
+"""StatsRepository: the queue statistics (tasks per pool and status, live sessions)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inferq.db.errors import connect
+from inferq.db.pool import Pool
+from inferq.domain.records import QueueStats
+from inferq.errors import DatabaseUnavailable
+
+STATS = """
+SELECT 'task' AS kind, pool_name::text, status::text, count(*)::bigint, 0::bigint
+FROM inferq.task GROUP BY pool_name, status
+UNION ALL
+SELECT 'session', '', '', count(*)::bigint, coalesce(sum(capacity), 0)::bigint
+FROM inferq.worker_session WHERE expires_at > now()
+"""
+
+
+class StatsRepository:
+    """Cluster-wide figures read in one grouped statement."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def ping(self, timeout_s: float) -> None:
+        """One round trip within ``timeout_s``; raises DatabaseUnavailable otherwise."""
+        try:
+            async with asyncio.timeout(timeout_s), connect(self.pool, timeout_s) as conn:
+                await conn.execute("SELECT 1")
+        except TimeoutError:
+            raise DatabaseUnavailable(f"no answer within {timeout_s:g} s") from None
+
+    async def queue(self) -> QueueStats:
+        """Task counts per pool and status, and the live worker sessions."""
+        tasks: dict[str, dict[str, int]] = {}
+        sessions = capacity = 0
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(STATS)
+            for kind, pool_name, status, n, cap in await cur.fetchall():
+                if kind == "task":
+                    tasks.setdefault(pool_name, {})[status] = int(n)
+                else:
+                    sessions, capacity = int(n), int(cap)
+        return QueueStats(tasks, sessions, capacity)

@@ -1,0 +1,112 @@
+"""The records the repositories return besides tasks: tokens, models, sessions, results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from inferq.domain.task import Task, TaskStatus
+
+Role = Literal["client", "worker", "admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An API token; only the SHA-256 of its secret is ever stored."""
+
+    id: UUID
+    owner_id: str
+    role: str
+    pools: list[str] | None
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def may_serve(self, pool: str) -> bool:
+        return self.pools is None or pool in self.pools
+
+
+@dataclass(frozen=True, slots=True)
+class Llm:
+    """A registry entry: the model name a client uses, and where it is routed."""
+
+    name: str
+    pool_name: str
+    model: str
+    tier: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSession:
+    id: UUID
+    owner_id: str
+    name: str | None
+    pools: list[str]
+    capacity: int
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a heartbeat tells the worker about the tasks it reported."""
+
+    held: dict[UUID, int]  # task id -> attempt, leases extended
+    cancelled: list[UUID]  # reported, and cancelled by their client
+    lost: list[UUID]  # reported, but no longer held (reverted, failed by the rescuer, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    task: Task
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end of one held task: ``error`` fails it, else ``response`` completes it."""
+
+    task_id: UUID
+    attempt: int
+    response: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A task that an outcome ended (or found already ended the same way)."""
+
+    task_id: UUID
+    status: TaskStatus
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    expired_pending: list[Task]
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Task counts per pool and status, and the live worker sessions."""
+
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
+    sessions: int = 0
+    capacity: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pools": self.tasks,
+            "sessions": {"live": self.sessions, "capacity": self.capacity},
+        }
