@@ -1,5 +1,6 @@
 """Test helpers for the HTTP API: a real replica served by uvicorn on a free port, tokens, and
-a worker loop that speaks the worker API over HTTP."""
+a worker loop that speaks the worker API over HTTP; and the repository-level enqueue the
+integration tests share."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from psycopg import sql
 from inferq.daemon import DrainingServer, Replica
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
+from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.domain.task import Task
 from inferq.runtime import uvicorn_config
 from inferq.settings import Settings
 
@@ -95,6 +98,14 @@ async def make_tokens(settings: Settings, dsn: str) -> Tokens:
     finally:
         await pool.close()
     return Tokens(ids=ids, **made)
+
+
+BODY = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def enqueue(repo: TaskRepository, pool_name: str = "p1", **kw: Any) -> Task:
+    """A pending task of owner alice with BODY, straight through the repository."""
+    return (await repo.enqueue(owner_id="alice", pool_name=pool_name, request_body=BODY, **kw)).task
 
 
 def auth(secret: str) -> dict[str, str]:
