@@ -121,6 +121,20 @@ def count_rows(dsn: str, table: str = "inferq.task") -> int:
         return int(row[0])
 
 
+def read_task(dsn: str, task_id: Any) -> dict[str, Any]:
+    """The task's row as stored (status as text), read past every API layer."""
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute(
+            "SELECT id, owner_id, status::text AS status, attempt, claimed_by, response_body, "
+            "error_message, completed_at FROM inferq.task WHERE id = %s",
+            (task_id,),
+        )
+        row = cur.fetchone()
+        assert row is not None, f"task {task_id} is not in the database"
+        assert cur.description is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
 async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Return once ``predicate()`` holds; fail the test at the deadline."""
     deadline = time.monotonic() + timeout_s
