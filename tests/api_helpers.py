@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 from psycopg import sql
 
@@ -151,6 +152,49 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
     while not await check():
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         await asyncio.sleep(0.02)
+
+
+async def read_events(
+    lines: AsyncIterator[str],
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout_s: float = 30.0,
+) -> list[dict[str, Any]]:
+    """SSE frames from ``response.aiter_lines()``, comments skipped, ``data`` decoded when it is
+    JSON (``[DONE]`` stays text): until the stream ends, or through the first frame for which
+    ``until(frame)`` holds; the same ``lines`` can then be read on. Fails the test when that
+    has not happened by the deadline (heartbeats would otherwise keep a stuck stream open)."""
+    frames: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for line in lines:
+                if line.startswith(":"):
+                    continue
+                if not line:
+                    if current:
+                        frames.append(current)
+                        if until is not None and until(current):
+                            return frames
+                        current = {}
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "data":
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        value = orjson.loads(value)
+                current[field] = value
+    except TimeoutError:
+        raise AssertionError(f"the stream was still open at the deadline, after {frames}") from None
+    return frames
+
+
+async def allow_connections(pg_server: Any, dbname: str, allow: bool) -> None:
+    """Let the database accept new sessions, or refuse them (open ones carry on)."""
+    async with await psycopg.AsyncConnection.connect(pg_server.dsn, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(dbname), sql.Literal(allow)
+            )
+        )
 
 
 def last_user_text(request: dict[str, Any]) -> str:
