@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -13,7 +14,17 @@ import pytest
 
 from inferq.metrics import MAX_POOL_LABELS, OTHER_POOLS
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, Server, Tokens, auth, make_tokens, poll_until, serve_app
+from tests.api_helpers import (
+    MODEL,
+    Server,
+    Tokens,
+    allow_connections,
+    auth,
+    eventually,
+    make_tokens,
+    poll_until,
+    serve_app,
+)
 
 pytestmark = pytest.mark.db
 
@@ -55,6 +66,49 @@ async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
     for path in ("/v1/chat/completions", "/v1/tasks/{task_id}/events", "/v1/worker/sessions"):
         assert path in spec["paths"]
     assert tagged.headers["x-request-id"] == "req-123"
+
+
+async def test_ready_is_red_and_listener_up_is_zero_while_the_listener_is_down(
+    app: tuple[Server, Tokens], dsn: str, pg_server: Any
+) -> None:
+    server, _ = app
+    listener = server.replica.listener
+    assert listener is not None and listener.healthy
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    async with (
+        httpx.AsyncClient(base_url=server.url) as http,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin,
+    ):
+
+        async def ready() -> tuple[httpx.Response, str]:
+            return await http.get("/readyz"), (await http.get("/metrics")).text
+
+        before = await ready()
+        # Hold the listener down: it cannot reconnect while the database refuses new sessions
+        # (the replica's pool keeps the connections it has).
+        await allow_connections(pg_server, str(dbname), False)
+        try:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+            await poll_until(lambda: not listener.healthy)
+            down = await ready()
+        finally:
+            await allow_connections(pg_server, str(dbname), True)
+
+        async def ready_again() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready_again)
+        after = await ready()
+    assert before[0].status_code == 200 and "inferq_listener_up 1.0" in before[1]
+    assert down[0].status_code == 503 and down[0].headers["retry-after"]
+    assert down[0].json() == {
+        "status": "unavailable",
+        "checks": {"draining": "no", "listener": "down", "database": "ok"},
+    }
+    assert "inferq_listener_up 0.0" in down[1]
+    assert after[0].json()["checks"]["listener"] == "ok"
+    assert "inferq_listener_up 1.0" in after[1]
+    assert "inferq_listener_reconnects 1.0" in after[1]
 
 
 async def test_client_chosen_pools_cannot_grow_the_metrics_without_bound(
