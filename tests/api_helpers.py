@@ -1,5 +1,6 @@
 """Test helpers for the HTTP API: a real replica served by uvicorn on a free port, tokens, and
-a worker loop that speaks the worker API over HTTP."""
+a worker loop that speaks the worker API over HTTP; and the repository-level enqueue the
+integration tests share."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 from psycopg import sql
 
 from inferq.daemon import DrainingServer, Replica, uvicorn_config
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
+from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.domain.task import Task
 from inferq.settings import Settings
 
 POOL = "gpu-a"
@@ -99,6 +103,14 @@ async def make_tokens(settings: Settings, dsn: str) -> Tokens:
     return Tokens(ids=ids, **made)
 
 
+BODY = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def enqueue(repo: TaskRepository, pool_name: str = "p1", **kw: Any) -> Task:
+    """A pending task of owner alice with BODY, straight through the repository."""
+    return (await repo.enqueue(owner_id="alice", pool_name=pool_name, request_body=BODY, **kw)).task
+
+
 def auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
@@ -110,6 +122,20 @@ def count_rows(dsn: str, table: str = "inferq.task") -> int:
         row = conn.execute(query).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def read_task(dsn: str, task_id: Any) -> dict[str, Any]:
+    """The task's row as stored (status as text), read past every API layer."""
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute(
+            "SELECT id, owner_id, status::text AS status, attempt, claimed_by, response_body, "
+            "error_message, completed_at FROM inferq.task WHERE id = %s",
+            (task_id,),
+        )
+        row = cur.fetchone()
+        assert row is not None, f"task {task_id} is not in the database"
+        assert cur.description is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
 async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -128,6 +154,49 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
     while not await check():
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         await asyncio.sleep(0.02)
+
+
+async def read_events(
+    lines: AsyncIterator[str],
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout_s: float = 30.0,
+) -> list[dict[str, Any]]:
+    """SSE frames from ``response.aiter_lines()``, comments skipped, ``data`` decoded when it is
+    JSON (``[DONE]`` stays text): until the stream ends, or through the first frame for which
+    ``until(frame)`` holds; the same ``lines`` can then be read on. Fails the test when that
+    has not happened by the deadline (heartbeats would otherwise keep a stuck stream open)."""
+    frames: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for line in lines:
+                if line.startswith(":"):
+                    continue
+                if not line:
+                    if current:
+                        frames.append(current)
+                        if until is not None and until(current):
+                            return frames
+                        current = {}
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "data":
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        value = orjson.loads(value)
+                current[field] = value
+    except TimeoutError:
+        raise AssertionError(f"the stream was still open at the deadline, after {frames}") from None
+    return frames
+
+
+async def allow_connections(pg_server: Any, dbname: str, allow: bool) -> None:
+    """Let the database accept new sessions, or refuse them (open ones carry on)."""
+    async with await psycopg.AsyncConnection.connect(pg_server.dsn, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(dbname), sql.Literal(allow)
+            )
+        )
 
 
 def last_user_text(request: dict[str, Any]) -> str:

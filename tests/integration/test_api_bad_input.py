@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from tests.api_helpers import (
     count_rows,
     make_tokens,
     poll_until,
+    read_task,
     serve_app,
 )
 
@@ -108,6 +110,16 @@ def revoked_token() -> Call:
         return await env.http.post(
             "/v1/tasks", json={"model": MODEL, "request": CHAT}, headers=auth(env.tokens.alice)
         )
+
+    return call
+
+
+def revoked_twice() -> Call:
+    async def call(env: Env) -> httpx.Response:
+        path = f"/v1/admin/tokens/{env.tokens.ids['worker_other']}"
+        first = await env.http.delete(path, headers=auth(env.tokens.admin))
+        assert first.status_code == 200
+        return await env.http.delete(path, headers=auth(env.tokens.admin))
 
     return call
 
@@ -298,6 +310,13 @@ ROWS: list[tuple[str, Call, int, str]] = [
     ),
     ("bad cursor", request("GET", "/v1/tasks?cursor=%%%"), 400, "invalid_request"),
     ("unknown route", request("GET", "/v1/nothing"), 404, "route_not_found"),
+    (
+        "revoke an unknown token",
+        request("DELETE", "/v1/admin/tokens/" + str(uuid.UUID(int=7)), who="admin"),
+        404,
+        "token_not_found",
+    ),
+    ("revoke a revoked token", revoked_twice(), 404, "token_not_found"),
 ]
 
 
@@ -318,7 +337,16 @@ async def test_bad_input(env: Env, dsn: str, call: Call, status: int, code: str)
         assert r.headers["www-authenticate"].startswith("Bearer")
     assert count_rows(dsn) == tasks_before
     assert count_rows(dsn, "inferq.worker_session") == sessions_before
-    # The task another owner poked at is untouched.
+    # The task another owner poked at is untouched, as stored: alice's, pending, never
+    # claimed, no answer.
+    row = read_task(dsn, env.task_id)
+    assert {k: row[k] for k in ("owner_id", "status", "attempt", "claimed_by")} == {
+        "owner_id": "alice",
+        "status": "pending",
+        "attempt": 0,
+        "claimed_by": None,
+    }
+    assert (row["response_body"], row["error_message"], row["completed_at"]) == (None, None, None)
     own = await env.http.get(f"/v1/tasks/{env.task_id}", headers=auth(env.tokens.admin))
     assert own.status_code == 404  # admin is an owner too: scoping holds for every role
     with_owner = await env.http.get(f"/v1/tasks/{env.task_id}", headers=auth(env.tokens.bob))

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from inferq.settings import Settings
@@ -18,6 +17,8 @@ from tests.api_helpers import (
     Tokens,
     auth,
     make_tokens,
+    read_events,
+    read_task,
     running_worker,
     serve_app,
 )
@@ -145,27 +146,6 @@ async def test_cancel_is_idempotent_and_refused_after_completion(
     assert late.json()["error"]["task"]["status"] == "completed"
 
 
-async def read_events(
-    response: httpx.Response, stop_after_id: str | None = None
-) -> list[dict[str, Any]]:
-    """Parse SSE frames until the stream ends (or the frame with ``stop_after_id``)."""
-    frames: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            continue
-        if not line:
-            if current:
-                frames.append(current)
-                if stop_after_id and current.get("id") == stop_after_id:
-                    return frames
-                current = {}
-            continue
-        field, _, value = line.partition(": ")
-        current[field] = orjson.loads(value) if field == "data" else value
-    return frames
-
-
 async def test_events_resume_on_another_replica(
     app: tuple[Server, Tokens], fast: Settings, dsn: str
 ) -> None:
@@ -195,7 +175,7 @@ async def test_events_resume_on_another_replica(
             await post(seq)
         async with client.stream("GET", f"{server.url}/v1/tasks/{tid}/events") as stream:
             assert stream.status_code == 200
-            first = await read_events(stream, stop_after_id="1:2")
+            first = await read_events(stream.aiter_lines(), until=lambda f: f.get("id") == "1:2")
         assert [f["event"] for f in first] == ["status", "chunk", "chunk"]
         assert [f["data"] for f in first[1:]] == [{"n": 1}, {"n": 2}]
 
@@ -208,10 +188,35 @@ async def test_events_resume_on_another_replica(
         async with client.stream(
             "GET", f"{second.url}/v1/tasks/{tid}/events", headers={"Last-Event-ID": "1:2"}
         ) as stream:
-            rest = await read_events(stream)
+            rest = await read_events(stream.aiter_lines())
     chunks = [f for f in rest if f["event"] == "chunk"]
     assert [c["id"] for c in chunks] == ["1:3", "1:4", "1:5"]
     assert [c["data"] for c in chunks] == [{"n": 3}, {"n": 4}, {"n": 5}]
     assert rest[-1]["event"] == "done"
     assert rest[-1]["data"]["status"] == "completed"
     assert rest[-1]["data"]["response"] == {"text": "done"}
+
+
+async def test_a_stream_cut_by_a_drain_ends_with_an_error_event_and_leaves_the_task(
+    app: tuple[Server, Tokens], dsn: str
+) -> None:
+    server, tokens = app
+    svc = server.replica.services
+    assert svc is not None
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.alice)) as http:
+        submitted = await http.post(
+            "/v1/tasks", json={"model": MODEL, "request": CHAT, "streaming": True}
+        )
+        tid = submitted.json()["id"]
+        async with http.stream("GET", f"/v1/tasks/{tid}/events", timeout=20) as stream:
+            lines = stream.aiter_lines()
+            first = await read_events(lines, until=lambda frame: True)
+            svc.drain.start()
+            rest = await read_events(lines)
+    assert first == [{"event": "status", "data": {"id": tid, "status": "pending", "attempt": 0}}]
+    assert [f["event"] for f in rest] == ["error"]
+    error = rest[0]["data"]["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
+    assert "Last-Event-ID" in error["message"]
+    # A drain never cancels work: the task waits for a worker, and its client reconnects.
+    assert read_task(dsn, tid)["status"] == "pending"

@@ -116,11 +116,13 @@ async def test_unknown_model_is_not_found(app: tuple[Server, Tokens], dsn: str) 
 async def test_worker_failure_is_api_error_with_its_message(app: tuple[Server, Tokens]) -> None:
     server, tokens = app
     async with running_worker(EchoWorker(server.url, tokens.worker)):
+        # Sync: 502 server_error task_failed, which the SDK raises as InternalServerError.
         with pytest.raises(openai.APIError) as caught:
             await client(server, tokens.alice).chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "FAIL: CUDA out of memory"}]
             )
-        assert "CUDA out of memory" in caught.value.message
+        # Streaming: the 200 stream ends with an error frame, which the SDK raises as a plain
+        # APIError (no status: the response had already begun).
         with pytest.raises(openai.APIError) as streamed:
             stream = await client(server, tokens.alice).chat.completions.create(
                 model=MODEL,
@@ -129,7 +131,15 @@ async def test_worker_failure_is_api_error_with_its_message(app: tuple[Server, T
             )
             async for _ in stream:
                 pass
-        assert "backend exploded" in streamed.value.message
+    sync_error = caught.value
+    assert type(sync_error) is openai.InternalServerError
+    assert sync_error.status_code == 502
+    assert (sync_error.type, sync_error.code) == ("server_error", "task_failed")
+    assert "CUDA out of memory" in sync_error.message
+    stream_error = streamed.value
+    assert type(stream_error) is openai.APIError
+    assert (stream_error.type, stream_error.code) == ("server_error", "task_failed")
+    assert stream_error.message == "backend exploded"
 
 
 async def test_models_lists_the_registry(app: tuple[Server, Tokens]) -> None:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from inferq.metrics import MAX_POOL_LABELS, OTHER_POOLS
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, Server, Tokens, auth, make_tokens, poll_until, serve_app
+from tests.api_helpers import (
+    MODEL,
+    Server,
+    Tokens,
+    allow_connections,
+    auth,
+    eventually,
+    make_tokens,
+    poll_until,
+    serve_app,
+)
 
 pytestmark = pytest.mark.db
 
@@ -53,6 +66,49 @@ async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
     for path in ("/v1/chat/completions", "/v1/tasks/{task_id}/events", "/v1/worker/sessions"):
         assert path in spec["paths"]
     assert tagged.headers["x-request-id"] == "req-123"
+
+
+async def test_ready_is_red_and_listener_up_is_zero_while_the_listener_is_down(
+    app: tuple[Server, Tokens], dsn: str, pg_server: Any
+) -> None:
+    server, _ = app
+    listener = server.replica.listener
+    assert listener is not None and listener.healthy
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    async with (
+        httpx.AsyncClient(base_url=server.url) as http,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin,
+    ):
+
+        async def ready() -> tuple[httpx.Response, str]:
+            return await http.get("/readyz"), (await http.get("/metrics")).text
+
+        before = await ready()
+        # Hold the listener down: it cannot reconnect while the database refuses new sessions
+        # (the replica's pool keeps the connections it has).
+        await allow_connections(pg_server, str(dbname), False)
+        try:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+            await poll_until(lambda: not listener.healthy)
+            down = await ready()
+        finally:
+            await allow_connections(pg_server, str(dbname), True)
+
+        async def ready_again() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready_again)
+        after = await ready()
+    assert before[0].status_code == 200 and "inferq_listener_up 1.0" in before[1]
+    assert down[0].status_code == 503 and down[0].headers["retry-after"]
+    assert down[0].json() == {
+        "status": "unavailable",
+        "checks": {"draining": "no", "listener": "down", "database": "ok"},
+    }
+    assert "inferq_listener_up 0.0" in down[1]
+    assert after[0].json()["checks"]["listener"] == "ok"
+    assert "inferq_listener_up 1.0" in after[1]
+    assert "inferq_listener_reconnects 1.0" in after[1]
 
 
 async def test_client_chosen_pools_cannot_grow_the_metrics_without_bound(
@@ -98,8 +154,13 @@ async def test_hot_routes_answer_count_and_refuse_like_every_route(
         anonymous = await http.get(url + "?timeout=0")
         worker = await http.get(url + "?timeout=0", headers=auth(tokens.worker))
         foreign = await http.get(url + "?timeout=0", headers=auth(tokens.bob))
+        # docs/protocol.md: bodies are JSON (Content-Type: application/json); a body without
+        # that type is 415 unsupported_media_type, a typed one that does not parse 400.
+        untyped = await http.post("/v1/chat/completions", content=b"{", headers=auth(tokens.alice))
         malformed = await http.post(
-            "/v1/chat/completions", content=b"{", headers=auth(tokens.alice)
+            "/v1/chat/completions",
+            content=b"{",
+            headers={**auth(tokens.alice), "Content-Type": "application/json"},
         )
         metrics = (await http.get("/metrics")).text
     assert waited.status_code == 200 and waited.headers["x-inferq-wait"] == "timeout"
@@ -112,12 +173,16 @@ async def test_hot_routes_answer_count_and_refuse_like_every_route(
     assert worker.status_code == 403
     assert foreign.status_code == 404
     assert foreign.json()["error"]["code"] == "task_not_found"
-    assert malformed.status_code in (400, 415)
-    assert malformed.headers["x-request-id"]
+    assert untyped.status_code == 415
+    assert untyped.json()["error"]["code"] == "unsupported_media_type"
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["code"] == "invalid_json"
+    assert untyped.headers["x-request-id"] and malformed.headers["x-request-id"]
     route = 'route="/v1/tasks/{task_id}/wait"'
     for status in ("200", "401", "403", "404", "422"):
         assert f'method="GET",{route},status="{status}"}} ' in metrics, status
-    assert 'route="/v1/chat/completions",status="' in metrics
+    for status in ("400", "415"):
+        assert f'method="POST",route="/v1/chat/completions",status="{status}"}} ' in metrics
 
 
 async def test_drain_turns_ready_red_and_ends_waits_and_streams(
@@ -205,6 +270,49 @@ async def test_startup_refuses_a_database_that_is_behind(
             pass
 
 
+# What seed_queue() writes, counted by hand: tasks per pool and status, and the live sessions
+# (the expired one counts for nothing).
+SEEDED_STATS = {
+    "pools": {"gpu-a": {"pending": 2, "claimed": 1, "completed": 1}, "gpu-b": {"cancelled": 1}},
+    "sessions": {"live": 2, "capacity": 5},
+}
+
+
+def seed_queue(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "INSERT INTO inferq.task (pool_name, request_body, owner_id) "
+                "SELECT p, '{}', 'alice' FROM unnest(%s::text[]) AS p RETURNING id",
+                (["gpu-a"] * 4 + ["gpu-b"],),
+            ).fetchall()
+        ]
+        paths = (["claimed"], ["claimed", "completed"], ["cancelled"])
+        for task_id, steps in zip(ids[2:], paths, strict=True):
+            for status in steps:
+                conn.execute("UPDATE inferq.task SET status = %s WHERE id = %s", (status, task_id))
+        conn.execute(
+            "INSERT INTO inferq.worker_session (owner_id, pools, capacity, expires_at) VALUES "
+            "('gpus', '{gpu-a}', 4, now() + interval '1 hour'), "
+            "('gpus', '{gpu-b}', 1, now() + interval '1 hour'), "
+            "('gpus', '{gpu-a}', 9, now() - interval '1 second')"
+        )
+
+
+async def test_admin_stats_count_tasks_per_pool_and_status_and_live_sessions(
+    app: tuple[Server, Tokens], dsn: str
+) -> None:
+    server, tokens = app
+    seed_queue(dsn)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        stats = await http.get("/v1/admin/stats", headers=auth(tokens.admin))
+        refused = await http.get("/v1/admin/stats", headers=auth(tokens.alice))
+    assert stats.status_code == 200
+    assert stats.json() == SEEDED_STATS
+    assert refused.status_code == 403
+
+
 def test_admin_cli(
     dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -220,8 +328,9 @@ def test_admin_cli(
     assert main(["llm", "add", "llama3", "--pool", "gpu-a", "--model", "meta/llama3"]) == 0
     assert main(["llm", "list"]) == 0
     assert "meta/llama3" in capsys.readouterr().out
+    seed_queue(dsn)
     assert main(["status", "--json"]) == 0
-    assert '"sessions"' in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out) == SEEDED_STATS
     token_id = listed.split()[0]
     assert main(["token", "revoke", token_id]) == 0
     assert main(["token", "revoke", token_id]) == 1

@@ -9,7 +9,6 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from inferq.bench.wakeups import Stack
 from inferq.db import channels
@@ -17,6 +16,7 @@ from inferq.db.listener import Listener
 from inferq.domain.task import TaskStatus
 from inferq.settings import Settings
 from inferq.wakeups import Hub
+from tests.api_helpers import allow_connections
 
 pytestmark = pytest.mark.db
 
@@ -68,15 +68,6 @@ async def test_notifications_reach_the_hub_and_token_callback(settings: Settings
     finally:
         await listener.stop()
     assert not listener.healthy
-
-
-async def allow_connections(pg_server: Any, dbname: str, allow: bool) -> None:
-    async with await psycopg.AsyncConnection.connect(pg_server.dsn, autocommit=True) as conn:
-        await conn.execute(
-            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-                sql.Identifier(dbname), sql.Literal(allow)
-            )
-        )
 
 
 async def test_lost_notifications_are_recovered_by_reconnect_and_resync(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from inferq.worker._http import AsyncioTransport
 
@@ -180,26 +178,25 @@ async def test_errors_are_httpx_transport_errors(serve: Serve) -> None:
 
 
 @pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and its key (the openssl command)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
-    args += ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)]
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-    return cert, key
-
-
-async def test_https_with_a_verified_certificate(certificate: tuple[Path, Path]) -> None:
-    cert, key = certificate
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for localhost, and a client context that trusts the
+    throwaway authority that signed it (trustme: no openssl command needed)."""
+    authority = trustme.CA()
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(cert, key)
+    authority.issue_cert("localhost").configure_cert(server_tls)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    return server_tls, trusting
+
+
+async def test_https_with_a_verified_certificate(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_tls, trusting = tls
     server = Server(lambda head: fixed(b"over tls"))
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_tls)
     port = listener.sockets[0].getsockname()[1]
     try:
-        trusting = ssl.create_default_context(cafile=str(cert))
         async with httpx.AsyncClient(transport=AsyncioTransport(verify=trusting)) as http:
             assert (await http.get(f"https://localhost:{port}/")).text == "over tls"
             assert (await http.get(f"https://localhost:{port}/")).text == "over tls"

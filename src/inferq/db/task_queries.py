@@ -53,9 +53,55 @@ LIMIT %(limit)s
     ).format(task_select=TASK_SELECT)
 )
 
-# SKIP LOCKED: racing claimers each take different rows and never wait on each other. A bound
-# session never holds more than its capacity, and an expired one claims nothing; an id with no
-# session row claims up to the limit (tests, tools) or, when %(unbound)s is 0, nothing.
+# The head of each requested pool's queue, in drain order, read per pool through
+# task_pending_drain_idx (pool_name, priority DESC, created_at, id). ``pool_name = ANY(...)``
+# cannot use the index's order: PostgreSQL then reads every pending row of every pool and
+# sorts them, on every claim (9.5 ms with 20,000 pending here, against 0.03 ms per pool).
+_POOL_HEADS = sql.SQL(
+    """
+SELECT c.id, c.priority, c.created_at
+FROM unnest(%(pools)s::text[]) AS p(name)
+CROSS JOIN LATERAL (
+    SELECT q.id, q.priority, q.created_at FROM inferq.task q
+    WHERE q.status = 'pending' AND q.pool_name = p.name
+    ORDER BY q.priority DESC, q.created_at, q.id
+    LIMIT {limit}
+    {lock}
+) c
+ORDER BY c.priority DESC, c.created_at, c.id
+LIMIT {limit}
+"""
+)
+
+FIND_PENDING = render(
+    sql.SQL(
+        """
+SELECT {task_select} FROM inferq.task t
+JOIN ({heads}) h ON h.id = t.id
+ORDER BY t.priority DESC, t.created_at, t.id
+"""
+    ).format(
+        task_select=TASK_SELECT,
+        heads=_POOL_HEADS.format(limit=sql.SQL("%(limit)s"), lock=sql.SQL("")),
+    )
+)
+
+HELD_BY_SESSION = render(
+    sql.SQL(
+        """
+SELECT {task_select} FROM inferq.task t
+WHERE t.claimed_by = %(session)s AND t.status IN ('claimed', 'running')
+ORDER BY t.claimed_at
+"""
+    ).format(task_select=TASK_SELECT)
+)
+
+# SKIP LOCKED: racing claimers each take different rows and never wait on each other (each
+# pool's head is locked as it is read, so a locked row is stepped over, not waited for; with
+# several pools up to ``limit`` rows per pool are locked for the statement's instant, and the
+# best of them are claimed). A bound session never holds more than its capacity, and an
+# expired one claims nothing; an id with no session row claims up to the limit (tests, tools)
+# or, when %(unbound)s is 0, nothing.
 CLAIM = render(
     sql.SQL(
         """
@@ -64,21 +110,27 @@ WITH room AS (
         SELECT count(*) FROM inferq.task h
         WHERE h.claimed_by = s.id AND h.status IN ('claimed', 'running'))) ELSE 0 END AS n
     FROM inferq.worker_session s WHERE s.id = %(session)s
-), picked AS (
-    SELECT id FROM inferq.task
-    WHERE status = 'pending' AND pool_name = ANY(%(pools)s)
-    ORDER BY priority DESC, created_at, id
-    LIMIT least(%(limit)s, coalesce((SELECT n FROM room), %(unbound)s))
-    FOR UPDATE SKIP LOCKED
-)
+), wanted AS (
+    SELECT least(%(limit)s, coalesce((SELECT n FROM room), %(unbound)s)) AS n
+), picked AS ({heads})
 UPDATE inferq.task t
 SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = t.attempt + 1,
     lease_expires_at = now() + make_interval(secs => %(lease_s)s)
 FROM picked WHERE t.id = picked.id
 RETURNING {task_select}
 """
-    ).format(task_select=TASK_SELECT)
+    ).format(
+        task_select=TASK_SELECT,
+        heads=_POOL_HEADS.format(
+            limit=sql.SQL("(SELECT n FROM wanted)"), lock=sql.SQL("FOR UPDATE SKIP LOCKED")
+        ),
+    )
 )
+
+# Taken before a bound claim, in the same transaction: two claims of one session (a long-poll
+# and an outcomes call) would otherwise both count the same free room, since a statement only
+# sees what had committed when it began. The second waits here for the first to commit.
+LOCK_SESSION = "SELECT 1 FROM inferq.worker_session WHERE id = %(session)s FOR UPDATE"
 
 # The guard every worker write shares: this session holds this attempt of the task.
 _HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %(attempt)s")

@@ -21,6 +21,7 @@ from inferq.db.task_queries import (
     COUNT_PENDING,
     ENQUEUE,
     FAIL,
+    FIND_PENDING,
     FINISH_MANY,
     FINISHED_AMONG,
     GC_DELETE,
@@ -29,7 +30,9 @@ from inferq.db.task_queries import (
     GET_BY_KEY,
     GET_MANY,
     GET_OWNED,
+    HELD_BY_SESSION,
     LIST,
+    LOCK_SESSION,
     REVERT_EXPIRED,
     REVERT_ONE,
     REVERT_SESSION,
@@ -227,16 +230,30 @@ class TaskRepository:
         while without it an id with no session row is bounded by ``limit`` alone."""
         if limit <= 0:
             return []
-        return await self._all(
-            CLAIM,
-            {
-                "session": session_id,
-                "pools": list(pools),
-                "limit": limit,
-                "lease_s": lease_s,
-                "unbound": 0 if bound else limit,
-            },
-        )
+        params = {
+            "session": session_id,
+            "pools": list(pools),
+            "limit": limit,
+            "lease_s": lease_s,
+            "unbound": 0 if bound else limit,
+        }
+        if not bound:
+            return await self._all(CLAIM, params)
+        # One round trip: the session lock and the claim go out together (pipeline mode).
+        async with connect(self.pool) as conn:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(LOCK_SESSION, params)
+                cur = conn.cursor(row_factory=task_row)
+                await cur.execute(CLAIM, params)
+            return await cur.fetchall()
+
+    async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
+        """Pending tasks of ``pools`` in drain order (priority, then FIFO), without claiming."""
+        return await self._all(FIND_PENDING, {"pools": list(pools), "limit": limit})
+
+    async def held_by(self, session_id: UUID) -> list[Task]:
+        """The claimed and running tasks of a worker session, oldest claim first."""
+        return await self._all(HELD_BY_SESSION, {"session": session_id})
 
     async def start(self, task_id: UUID, session_id: UUID, attempt: int) -> Task:
         """claimed -> running. Idempotent for the holder; raises LeaseLost otherwise."""
