@@ -52,4 +52,5 @@ async def metrics(ctx: Ctx) -> Response:
     with contextlib.suppress(Exception):
         ctx.metrics.set_queue(await queue_stats(ctx.pool))
     ctx.metrics.set_listener(ctx.listener)
+    ctx.metrics.parked_waiters.set(ctx.service.hub.parked_count)
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
