@@ -74,17 +74,17 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, what: str = 
     raise HarnessError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def metric(base_url: str, name: str) -> float:
-    """The value of the unlabelled series ``name`` of the daemon's /metrics (0 when absent or
-    when the daemon does not answer)."""
+def metric(base_url: str, name: str) -> float | None:
+    """The value of the unlabelled series ``name`` of the daemon's /metrics; None when it is
+    absent or the daemon does not answer."""
     try:
         text = httpx.get(base_url + "/metrics", timeout=2.0).text
     except httpx.HTTPError:
-        return 0.0
+        return None
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
-    return 0.0
+    return None
 
 
 def _http_ok(url: str) -> bool:
@@ -432,13 +432,13 @@ class Deployment:
 
         wait_until(ready, timeout_s, f"{proc.name} /readyz")
 
-    def metric(self, index: int, name: str) -> float:
-        """The value of an unlabelled series of a replica's /metrics (0 when unreachable)."""
+    def metric(self, index: int, name: str) -> float | None:
+        """The value of an unlabelled series of a replica's /metrics (None if unreachable)."""
         return metric(self.replica_url(index), name)
 
     def open_waits(self, index: int) -> int:
         """Client waits and streams open on a replica now (its inferq_open_waits gauge)."""
-        return int(self.metric(index, "inferq_open_waits"))
+        return int(self.metric(index, "inferq_open_waits") or 0)
 
     def kill_replica(self, index: int) -> None:
         """SIGKILL: no drain, no cleanup; its connections die with it."""

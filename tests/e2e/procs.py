@@ -188,8 +188,8 @@ class Stack:
                 elif key == "data":
                     data.append(value)
 
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled series of the daemon's /metrics."""
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled series of the daemon's /metrics (None if unreachable)."""
         return metric(self.url, name)
 
     def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -10,7 +10,7 @@ import itertools
 import uuid
 from typing import Any
 
-from tests.e2e.audit import Transition, by_task
+from tests.e2e.audit import Transition, by_task, most_held
 from tests.e2e.checker import check
 
 TASK = str(uuid.UUID(int=0xA11CE))
@@ -171,27 +171,20 @@ def hold(n: int, task: int, change: str, *, xact: int | None = None) -> Transiti
     )
 
 
-def capacity_violations(rows: list[Transition], capacity: int) -> list[str]:
-    violations = check([], {}, by_task(rows), capacity=capacity).violations
-    return [v for v in violations if v.startswith("capacity")]
-
-
-def test_a_session_holding_more_than_its_capacity_is_a_violation() -> None:
+def test_most_held_counts_the_tasks_a_session_held_at_once() -> None:
     # Three claims for one session commit before any of its tasks ends (two in one commit).
     rows = [hold(1, 1, "claim", xact=7), hold(2, 2, "claim", xact=7), hold(3, 3, "claim")]
     rows += [hold(4, 1, "end"), hold(5, 2, "end"), hold(6, 3, "end")]
-    assert capacity_violations(rows, 2) == [
-        f"capacity: session {WORKER_A} held 3 tasks (capacity 2)"
-    ]
-    assert capacity_violations(rows, 3) == []
+    assert most_held(rows) == {WORKER_A: 3}
+    # Ended one at a time between the claims: never more than one.
+    rows = [hold(1, 1, "claim"), hold(2, 1, "end"), hold(3, 2, "claim"), hold(4, 2, "end")]
+    assert most_held(rows) == {WORKER_A: 1}
 
 
-def test_an_end_and_a_claim_in_one_commit_are_not_an_overshoot() -> None:
+def test_an_end_and_a_claim_in_one_commit_are_one_step() -> None:
     rows = [hold(1, 1, "claim"), hold(2, 2, "claim", xact=9), hold(3, 1, "end", xact=9)]
     rows.append(hold(4, 2, "end"))
-    assert capacity_violations(rows, 1) == []
-    # The same changes in two commits, the claim first, are one task too many.
+    assert most_held(rows) == {WORKER_A: 1}
+    # The same changes in two commits, the claim first: two held at once.
     rows[1] = hold(2, 2, "claim", xact=8)
-    assert capacity_violations(rows, 1) == [
-        f"capacity: session {WORKER_A} held 2 tasks (capacity 1)"
-    ]
+    assert most_held(rows) == {WORKER_A: 2}

@@ -99,7 +99,7 @@ def test_a_worker_paused_past_its_session_s_ttl_takes_work_once_it_resumes(
     worker = stack.worker("--backend", "echo")
     session_id = worker.wait_event("session_bound")["session_id"]
     # Its claim long-poll is open: parked on the daemon, where nothing else waits.
-    wait_until(lambda: stack.metric("inferq_parked_waiters") >= 1, 30, "the claim to park")
+    wait_until(lambda: (stack.metric("inferq_parked_waiters") or 0) >= 1, 30, "a parked claim")
     worker.signal(signal.SIGSTOP)
     # A stall (swapping, a debugger, an overloaded host) outlasting the session: the daemon
     # reaps it while the worker's long-poll on it is still open.
