@@ -216,7 +216,7 @@ def build_services(
             tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
         ),
         admin=AdminService(registry, tokens, stats, auth),
-        health=HealthService(stats, metrics, drain, listener),
+        health=HealthService(stats, metrics, drain, waits.hub, listener),
     )
 
 

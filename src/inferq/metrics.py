@@ -71,6 +71,11 @@ class Metrics:
         self.open_waits = Gauge(
             "inferq_open_waits", "Open client waits and streams on this replica", registry=r
         )
+        self.parked_waiters = Gauge(
+            "inferq_parked_waiters",
+            "Client waits, streams and worker claim long-polls parked until a wake, now",
+            registry=r,
+        )
         self.tasks = Gauge(
             "inferq_tasks",
             "Tasks in the database by pool and status",

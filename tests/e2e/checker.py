@@ -2,7 +2,10 @@
 
 I1 no acknowledged task lost · I2 one terminal transition per task · I3 every wait ended by its
 deadline · I4 every stream ordered and gap-free (also across reconnects to other replicas) ·
-I5 no stale write applied. ``check`` returns a Report; ``Report.violations`` must be empty.
+I5 no stale write applied: every result is written by the attempt that holds the row at that
+moment, and every client is given that attempt's answer (the echo backend names its attempt in
+each chunk and response, see ``writer_of``). ``check`` returns a Report; ``Report.violations``
+must be empty.
 
 What counts as acknowledged: a native task once POST /v1/tasks answered 200/201 with its id;
 an OpenAI-style call once it answered 200 (sync) or sent ``[DONE]`` (stream), which is when its
@@ -13,13 +16,16 @@ deadline: a client that gave up is a failure even when no invariant names it.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.loadgen import response_text
+from tests.e2e.audit import HELD, Transition, by_task
+from tests.e2e.audit import read as read_audit
+from tests.e2e.loadgen import response_text, writer
 
 TERMINAL = {"completed", "error", "cancelled"}
 
@@ -47,7 +53,7 @@ def load_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_database(dep: Any) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def read_database(dep: Any) -> tuple[dict[str, dict[str, Any]], dict[str, list[Transition]]]:
     """(tasks by id, audit transitions by task id in commit order) from the e2e database."""
     tasks = {
         str(r[0]): {
@@ -63,15 +69,14 @@ def read_database(dep: Any) -> tuple[dict[str, dict[str, Any]], dict[str, list[d
             "error_message FROM inferq.task"
         )
     }
-    audit: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in dep.query(
-        "SELECT task_id, old_status, new_status, old_attempt, new_attempt, claimed_by "
-        "FROM e2e_audit.transition ORDER BY n"
-    ):
-        audit[str(r[0])].append(
-            {"old": r[1], "new": r[2], "old_attempt": r[3], "attempt": r[4], "by": r[5]}
-        )
-    return tasks, audit
+    return tasks, by_task(read_audit(dep.dsn))
+
+
+def writer_of(fingerprint: str | None) -> tuple[str, int] | None:
+    """(task id hex, attempt) named by an echo answer's ``system_fingerprint``
+    (``fp_echo_<task id hex>_<attempt>``, see EchoBackend), or None for anything else."""
+    match = re.fullmatch(r"fp_echo_([0-9a-f]{32})_([0-9]+)", fingerprint or "")
+    return (match[1], int(match[2])) if match else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,11 +89,11 @@ def percentile(values: list[float], q: float) -> float:
 def check(
     history: list[dict[str, Any]],
     tasks: dict[str, dict[str, Any]],
-    audit: dict[str, list[dict[str, Any]]],
+    audit: dict[str, list[Transition]],
     *,
     hang_slack_s: float = 15.0,
 ) -> Report:
-    """Every invariant over ``history`` and the final database state."""
+    """Every invariant over ``history``, the final database state and its audit trail."""
     report = Report()
     report.figures["duplicate_terminal_transitions"] = 0
     results = [r for r in history if r["op"] == "result"]
@@ -98,6 +103,7 @@ def check(
     _check_waits(report, history, hang_slack_s)
     _check_streams(report, results, tasks)
     _check_fencing(report, tasks, audit)
+    _check_writers(report, results, tasks)
     _figures(report, history, results, tasks)
     return report
 
@@ -155,13 +161,13 @@ def _check_idempotency(
 
 
 def _check_terminal_transitions(
-    report: Report, tasks: dict[str, dict[str, Any]], audit: dict[str, list[dict[str, Any]]]
+    report: Report, tasks: dict[str, dict[str, Any]], audit: dict[str, list[Transition]]
 ) -> None:
     """I2: exactly one transition into a terminal state per task, and none out of one."""
     for task_id in tasks:
         trail = audit.get(task_id, [])
-        into = [t for t in trail if t["new"] in TERMINAL and t["old"] not in TERMINAL]
-        out_of = [t for t in trail if t["old"] in TERMINAL]
+        into = [t for t in trail if t.new_status in TERMINAL and t.old_status not in TERMINAL]
+        out_of = [t for t in trail if t.old_status in TERMINAL]
         if len(into) != 1:
             report.fail("I2", f"task {task_id}: {len(into)} terminal transitions {into}")
         if len(into) > 1:
@@ -224,34 +230,68 @@ def _check_streams(
 
 
 def _check_fencing(
-    report: Report, tasks: dict[str, dict[str, Any]], audit: dict[str, list[dict[str, Any]]]
+    report: Report, tasks: dict[str, dict[str, Any]], audit: dict[str, list[Transition]]
 ) -> None:
-    """I5: attempts only grow, one per claim; the result is written by the attempt that holds
-    the lease (the one of the last claim), and nothing is written to a terminal row."""
+    """I5 on the audit: attempts grow by one per claim and change nowhere else; while a row is
+    held its holder is the session that claimed its attempt; a response is written only onto
+    a held row, by the attempt that holds it (the one its fingerprint names is the row's OLD
+    attempt, and the row's OLD holder is the session that claimed that attempt)."""
     for task_id, trail in audit.items():
-        attempt = 0
-        holder = None
+        claimed_by: dict[int, str | None] = {}  # attempt -> the session that claimed it
         for t in trail:
-            if t["attempt"] < attempt:
-                report.fail("I5", f"task {task_id}: attempt went back {attempt} -> {t['attempt']}")
-            if t["new"] == "claimed" and t["old"] == "pending":
-                if t["attempt"] != attempt + 1:
-                    report.fail("I5", f"task {task_id}: claim jumped {attempt} -> {t['attempt']}")
-                holder = t["by"]
-            elif (
-                t["new"] in ("running", "completed", "error")
-                and t["old"]
-                in (
-                    "claimed",
-                    "running",
-                )
-                and (t["attempt"] != attempt or (holder is not None and t["by"] != holder))
-            ):
-                report.fail("I5", f"task {task_id}: write by a stale holder {t}")
-            attempt = t["attempt"]
+            if t.old_status == "pending" and t.new_status == "claimed":
+                if t.new_attempt != (t.old_attempt or 0) + 1:
+                    report.fail("I5", f"task {task_id}: claim took {t.old_attempt} -> {t}")
+                if t.new_attempt in claimed_by:
+                    report.fail("I5", f"task {task_id}: attempt {t.new_attempt} claimed twice")
+                claimed_by[t.new_attempt] = t.new_by
+            elif t.old_status is not None and t.new_attempt != t.old_attempt:
+                report.fail("I5", f"task {task_id}: attempt changed outside a claim {t}")
+            if t.old_status in HELD and t.old_by != claimed_by.get(t.old_attempt or 0):
+                report.fail("I5", f"task {task_id}: held by a session that did not claim it {t}")
+            if t.new_writer != t.old_writer and t.new_writer is not None:
+                _check_write(report, task_id, t, claimed_by)
+            elif t.new_status == "completed" and t.old_status != "completed":
+                report.fail("I5", f"task {task_id}: completed by no identified writer {t}")
     for task_id, row in tasks.items():
         if row["status"] == "completed" and row["response"] is None:
             report.fail("I5", f"task {task_id} completed with no response")
+
+
+def _check_write(
+    report: Report, task_id: str, t: Transition, claimed_by: dict[int, str | None]
+) -> None:
+    """I5 for one write of a response: its writer is the attempt holding the row."""
+    writer = writer_of(t.new_writer)
+    if writer is None or writer[0] != task_id.replace("-", ""):
+        report.fail("I5", f"task {task_id}: response written by {t.new_writer!r} {t}")
+    elif t.old_status not in HELD:
+        report.fail("I5", f"task {task_id}: response written onto a {t.old_status} row {t}")
+    elif writer[1] != t.old_attempt:
+        report.fail(
+            "I5", f"task {task_id}: stale write by attempt {writer[1]} onto {t.old_attempt} {t}"
+        )
+    elif t.old_by != claimed_by.get(writer[1]):
+        report.fail("I5", f"task {task_id}: write by a session that did not claim it {t}")
+
+
+def _check_writers(
+    report: Report, results: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]
+) -> None:
+    """I5 as clients saw it: each was given the answer of the attempt whose result is stored,
+    and every chunk of a native stream came from the attempt its event id names."""
+    for r in results:
+        row = tasks.get(r.get("task_id") or "")
+        if r["outcome"] != "ok" or row is None:
+            continue  # reported by _check_results
+        stored = writer(row["response"])
+        seen = r["writers"] if r["kind"] == "chat_stream" else [r.get("writer")]
+        if seen != [stored]:
+            report.fail("I5", f"task {r['task_id']}: stored {stored}, client got {seen}")
+        for eid, by in zip(r.get("chunk_ids", []), r.get("chunk_writers", []), strict=True):
+            named = writer_of(by)
+            if named is None or named[1] != int(eid.split(":")[0]):
+                report.fail("I5", f"stream {r['task_id']}: chunk {eid} written by {by}")
 
 
 def _figures(

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e import profiles
 from tests.e2e.harness import Deployment
 from tests.e2e.procs import Stack
 
@@ -22,6 +23,11 @@ def pytest_runtest_makereport(
 
 
 _FAILED = pytest.StashKey[bool]()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name the e2e load profile of the run, so a shrunk or enlarged one is never silent."""
+    terminalreporter.write_line(profiles.summary())
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ is ended with pg_terminate_backend. nginx runs the shipped deploy/nginx/inferq.c
 replica block and listen port substituted. With ``pgbouncer=True`` the replicas' pool goes
 through PgBouncer in transaction mode and only the listener connects directly.
 
-An audit trigger (schema ``e2e_audit``, created here, never part of inferq) records every status
-or attempt change of every task, so the checker can count terminal transitions (I2) and verify
-fencing (I5) from the database itself rather than from what the clients happened to see.
+The database carries the e2e audit trail (tests/e2e/audit.py): every change of every task
+with its OLD and NEW values, from which the checker verifies I2 and I5.
 """
 
 from __future__ import annotations
@@ -34,45 +33,13 @@ import psycopg
 from inferq.db.cluster import UNPRIVILEGED_USER, PrivateCluster, free_port
 from inferq.db.migrations import Migrator
 from inferq.db.tokens import hash_token, new_secret
+from tests.e2e import audit
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "deploy" / "nginx" / "inferq.conf"
 POOL = "e2e"
 MODEL = "echo-e2e"
 DBNAME = "inferq"
-
-# The audit trail of the e2e database: one row per status or attempt change, in commit order.
-AUDIT_SQL = """
-CREATE SCHEMA IF NOT EXISTS e2e_audit;
-CREATE TABLE IF NOT EXISTS e2e_audit.transition (
-    n           bigserial PRIMARY KEY,
-    task_id     uuid NOT NULL,
-    old_status  text,
-    new_status  text NOT NULL,
-    old_attempt integer,
-    new_attempt integer NOT NULL,
-    claimed_by  uuid,
-    at          timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE OR REPLACE FUNCTION e2e_audit.record() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO e2e_audit.transition (task_id, new_status, new_attempt, claimed_by)
-        VALUES (NEW.id, NEW.status, NEW.attempt, NEW.claimed_by);
-    ELSIF NEW.status IS DISTINCT FROM OLD.status OR NEW.attempt IS DISTINCT FROM OLD.attempt
-          OR NEW.response_body IS DISTINCT FROM OLD.response_body THEN
-        INSERT INTO e2e_audit.transition
-            (task_id, old_status, new_status, old_attempt, new_attempt, claimed_by)
-        VALUES (NEW.id, OLD.status, NEW.status, OLD.attempt, NEW.attempt, NEW.claimed_by);
-    END IF;
-    RETURN NULL;
-END;
-$$;
-DROP TRIGGER IF EXISTS e2e_audit_task ON inferq.task;
-CREATE TRIGGER e2e_audit_task AFTER INSERT OR UPDATE ON inferq.task
-    FOR EACH ROW EXECUTE FUNCTION e2e_audit.record();
-"""
-
 
 T = TypeVar("T")
 
@@ -105,6 +72,19 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, what: str = 
         time.sleep(delay)  # the polling period of a deadline loop, not a wait for an event
         delay = min(delay * 1.5, 0.25)
     raise HarnessError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def metric(base_url: str, name: str) -> float | None:
+    """The value of the unlabelled series ``name`` of the daemon's /metrics; None when it is
+    absent or the daemon does not answer."""
+    try:
+        text = httpx.get(base_url + "/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
 
 
 def _http_ok(url: str) -> bool:
@@ -305,8 +285,8 @@ class Deployment:
         with psycopg.connect(self.cluster.dsn, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DBNAME}")
         Migrator(self.dsn).migrate()
+        audit.install(self.dsn)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(AUDIT_SQL)
             for role in ("client", "worker", "admin"):
                 secret = new_secret()
                 conn.execute(
@@ -346,12 +326,10 @@ class Deployment:
         )
         return [int(r[0]) for r in rows]
 
-    def terminate_listeners(self) -> int:
-        """pg_terminate_backend every LISTEN connection; how many were ended."""
+    def terminate_listeners(self) -> list[int]:
+        """pg_terminate_backend every LISTEN connection; the backend pids that were ended."""
         pids = self.listener_backends()
-        for pid in pids:
-            self.query("SELECT pg_terminate_backend(%s)", (pid,))
-        return len(pids)
+        return [pid for pid in pids if self.query("SELECT pg_terminate_backend(%s)", (pid,))[0][0]]
 
     def unfinished_tasks(self) -> int:
         rows = self.query(
@@ -454,16 +432,13 @@ class Deployment:
 
         wait_until(ready, timeout_s, f"{proc.name} /readyz")
 
+    def metric(self, index: int, name: str) -> float | None:
+        """The value of an unlabelled series of a replica's /metrics (None if unreachable)."""
+        return metric(self.replica_url(index), name)
+
     def open_waits(self, index: int) -> int:
         """Client waits and streams open on a replica now (its inferq_open_waits gauge)."""
-        try:
-            text = httpx.get(self.replica_url(index) + "/metrics", timeout=2.0).text
-        except httpx.HTTPError:
-            return 0
-        for line in text.splitlines():
-            if line.startswith("inferq_open_waits "):
-                return int(float(line.split()[1]))
-        return 0
+        return int(self.metric(index, "inferq_open_waits") or 0)
 
     def kill_replica(self, index: int) -> None:
         """SIGKILL: no drain, no cleanup; its connections die with it."""

@@ -59,6 +59,13 @@ def chunk_text(data: dict[str, Any]) -> str:
     return str(choice.get("text") or "")
 
 
+def writer(body: dict[str, Any] | None) -> str | None:
+    """Who wrote an OpenAI object: its ``system_fingerprint`` (the echo backend names the
+    attempt there); the checker compares it with the stored result's."""
+    value = (body or {}).get("system_fingerprint")
+    return value if isinstance(value, str) else None
+
+
 def response_text(body: dict[str, Any] | None) -> str:
     """The text of a final OpenAI response (chat message or completion text)."""
     if not body:
@@ -296,6 +303,7 @@ class Op:
             "status": final["status"],
             "attempt": final["attempt"],
             "content": response_text(final.get("response")),
+            "writer": writer(final.get("response")),
         }
 
     async def native_stream(self) -> dict[str, Any]:
@@ -308,6 +316,7 @@ class Op:
 
     async def _follow(self, task_id: str) -> dict[str, Any]:
         received: list[str] = []  # chunk ids in arrival order, across reconnects
+        writers: list[str | None] = []  # who wrote each of them
         texts: dict[int, list[str]] = {}
         resets: list[int] = []
         last: str | None = None
@@ -332,7 +341,9 @@ class Op:
                         if event == "chunk" and eid:
                             received.append(eid)
                             attempt = int(eid.split(":")[0])
-                            texts.setdefault(attempt, []).append(chunk_text(json.loads(data)))
+                            chunk = json.loads(data)
+                            writers.append(writer(chunk))
+                            texts.setdefault(attempt, []).append(chunk_text(chunk))
                             last = eid
                             # Mid-stream from here on: a lost worker must now show a reset.
                             self.gen.streaming_now.add(task_id)
@@ -347,8 +358,10 @@ class Op:
                                 "status": final["status"],
                                 "attempt": attempt,
                                 "content": response_text(final.get("response")),
+                                "writer": writer(final.get("response")),
                                 "streamed": "".join(texts.get(attempt, [])),
                                 "chunk_ids": received,
+                                "chunk_writers": writers,
                                 "resets": resets,
                                 "segments": segments,
                             }
@@ -386,10 +399,12 @@ class Op:
                     await resp.aread()
                     if resp.status_code != 200:
                         raise RuntimeError(f"chat: {resp.status_code} {resp.text[:300]}")
+                    answer = resp.json()
                     return {
                         "task_id": task_id,
                         "status": "completed",
-                        "content": response_text(resp.json()),
+                        "content": response_text(answer),
+                        "writer": writer(answer),
                     }
             except Retry:
                 tries += 1
@@ -413,6 +428,7 @@ class Op:
                         await resp.aread()
                         raise RuntimeError(f"chat_stream: {resp.status_code} {resp.text[:300]}")
                     parts: list[str] = []
+                    writers: list[str | None] = []  # distinct, in order
                     forbidden: list[str] = []
                     async for line in resp.aiter_lines():
                         if line.startswith(("id:", "retry:")):
@@ -425,6 +441,7 @@ class Op:
                                 "task_id": task_id,
                                 "status": "completed",
                                 "content": "".join(parts),
+                                "writers": writers,
                                 "forbidden_lines": forbidden,
                             }
                         data = json.loads(payload)
@@ -433,6 +450,8 @@ class Op:
                             note["outcome"] = f"stream_error_{data['error'].get('code')}"
                             raise Retry(note["outcome"])
                         parts.append(chunk_text(data))
+                        if writer(data) not in writers:
+                            writers.append(writer(data))
                     note["outcome"] = "eof_before_done"
                     raise Retry("eof_before_done")
             except Retry:

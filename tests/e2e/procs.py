@@ -1,9 +1,9 @@
 """Real processes for the worker end-to-end tests: one `inferq serve`, `inferq worker`s, upstreams.
 
-Each test gets its own migrated database (the ``dsn`` fixture), a daemon on a free port with
-short leases so rescue happens in seconds, tokens written straight into the database, and
-helpers that read the workers' JSON log lines. Nothing here sleeps to wait: every wait polls a
-predicate against a deadline.
+Each test gets its own migrated database (the ``dsn`` fixture) carrying the e2e audit trail
+(tests/e2e/audit.py), a daemon on a free port with short leases so rescue happens in seconds,
+tokens written straight into the database, and helpers that read the workers' JSON log lines.
+Nothing here sleeps to wait: every wait polls a predicate against a deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import psycopg
 
 from inferq.db.cluster import free_port
 from inferq.db.tokens import hash_token, new_secret
-from tests.e2e.harness import Proc, wait_until
+from tests.e2e import audit
+from tests.e2e.harness import Proc, metric, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "default"
@@ -62,6 +63,7 @@ class Stack:
         return env
 
     def start(self) -> Stack:
+        audit.install(self.dsn)
         self.client_token = self.add_token("client-owner", "client")
         self.worker_token = self.add_token("gpu-box", "worker")
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -185,6 +187,10 @@ class Stack:
                     event_id = value
                 elif key == "data":
                     data.append(value)
+
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled series of the daemon's /metrics (None if unreachable)."""
+        return metric(self.url, name)
 
     def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:

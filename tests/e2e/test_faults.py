@@ -6,16 +6,16 @@ settle, and checks every invariant over the history and the database (tests/e2e/
 
 Profiles: INFERQ_E2E_TASKS logical operations per test (default 300: the whole file runs in a
 few minutes on 2 cores); the all-faults test runs twice that. The long profile is
-``INFERQ_E2E_TASKS=5000 pytest -m e2e tests/e2e``. Figures land in the test's report.json and
-are printed (``pytest -s`` shows them).
+``INFERQ_E2E_TASKS=5000 pytest -m e2e tests/e2e``. Neither variable can quietly shrink a run
+(tests/e2e/profiles.py says how). Figures land in the test's report.json and are printed
+(``pytest -s`` shows them); speed figures are figures only, never verdicts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,16 +23,18 @@ from typing import Any, Protocol
 
 import pytest
 
+from inferq.db import channels
+from tests.e2e.audit import most_held
 from tests.e2e.checker import TERMINAL, Report, check, read_database
 from tests.e2e.harness import Deployment, wait_until
-from tests.e2e.loadgen import KINDS as KINDS_ALL
 from tests.e2e.loadgen import History, LoadGenerator, Profile
+from tests.e2e.profiles import from_env
 
-TASKS = int(os.environ.get("INFERQ_E2E_TASKS", "300"))
+# Refuses an environment that would shrink the run (tests/e2e/profiles.py).
+PROFILE = from_env()
+TASKS = PROFILE.tasks
 # The long profile (INFERQ_E2E_TASKS=5000) needs more than the suite's default timeout.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(900, TASKS // 2))]
-# Debugging aid: INFERQ_E2E_KINDS=native_wait,chat restricts the mix.
-KINDS = tuple(k for k in os.environ.get("INFERQ_E2E_KINDS", "").split(",") if k) or KINDS_ALL
 
 
 class Load(Protocol):
@@ -57,7 +59,7 @@ def run_load(
 ) -> tuple[Report, dict[str, Any]]:
     """Drive the load with ``fault`` running beside it, settle, check; fail on any violation."""
     history = History(tmp_path / "history.jsonl")
-    profile = profile or Profile(tasks=tasks, kinds=KINDS)
+    profile = profile or Profile(tasks=tasks, kinds=PROFILE.kinds)
     gen = LoadGenerator(dep.url, dep.tokens["client"], history, profile)
     notes: dict[str, Any] = {}
 
@@ -82,7 +84,15 @@ def run_load(
     wait_until(lambda: dep.unfinished_tasks() == 0, 90, "every task to reach a terminal state")
     tasks_rows, audit = read_database(dep)
     report = check(history.records, tasks_rows, audit, hang_slack_s=profile.hang_slack_s)
+    # Exact, from the audit in commit order. A figure, not yet a verdict: these loads have
+    # shown a session holding more tasks than its capacity (concurrent claims of one session
+    # each count the same free room), a defect of the claim left for its own fix; until then
+    # test_worker_echo asserts the limit on one worker's claims.
+    peaks = most_held(t for trail in audit.values() for t in trail)
+    report.figures["most_held_by_a_session"] = max(peaks.values(), default=0)
+    report.figures["sessions_over_capacity"] = sum(n > dep.worker_capacity for n in peaks.values())
     report.figures["faults"] = notes
+    report.figures["profile"] = PROFILE.describe()
     (tmp_path / "report.json").write_text(json.dumps(report.figures, indent=2, default=str))
     print(f"\n{report.summary()}")
     assert not report.violations, report.summary()
@@ -124,17 +134,49 @@ async def terminate_replica(gen: Load, dep: Deployment, notes: dict[str, Any]) -
 
 
 async def cut_listeners(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
-    """pg_terminate_backend every replica's LISTEN connection; they reconnect and resync."""
+    """pg_terminate_backend every replica's LISTEN connection; each reconnects, resyncs its
+    waiters and receives notifications on its new connection."""
     await gen.reached(0.3)
-    notes["listeners_terminated"] = await in_thread(dep.terminate_listeners)
-
-    def all_listening() -> bool:
-        return len(dep.listener_backends()) >= dep.replicas
-
-    await in_thread(wait_until, all_listening, 30, "every replica to LISTEN again")
     for i in range(dep.replicas):
-        await in_thread(dep.wait_replica_ready, i)
+        await in_thread(dep.wait_replica_ready, i)  # listening, so there is a connection to cut
+    cut = await in_thread(dep.terminate_listeners)
+    notes["listeners_terminated"] = len(cut)
+    for i in range(dep.replicas):
+        resynced = functools.partial(resynced_after_cut, dep, i, cut)
+        await in_thread(wait_until, resynced, 30, f"replica{i} to reconnect and resync")
     notes["relistened_at"] = time.time()
+    # A notification sent now reaches every replica's listener: it LISTENs again.
+    received = []
+    for i in range(dep.replicas):
+        count = functools.partial(dep.metric, i, NOTIFICATIONS)
+        received.append(await in_thread(wait_until, count, 30, f"replica{i}'s {NOTIFICATIONS}"))
+    await in_thread(dep.query, "SELECT pg_notify(%s, '[]')", (channels.TASK,))
+    for i in range(dep.replicas):
+
+        def notified(i: int = i) -> bool:
+            return (dep.metric(i, NOTIFICATIONS) or 0) > received[i]
+
+        await in_thread(wait_until, notified, 30, f"replica{i} to receive a NOTIFY")
+    notes["replicas_listening_again"] = dep.replicas
+
+
+NOTIFICATIONS = "inferq_listener_notifications"
+
+
+def resynced_after_cut(dep: Deployment, index: int, cut: list[int]) -> bool:
+    """Whether replica ``index`` logged, in this order: its LISTEN connection (one of the
+    ``cut`` backends) lost, ``listener_reconnected`` and ``waiters_resynced``."""
+    expected = iter(("listener_disconnected", "listener_reconnected", "waiters_resynced"))
+    want = next(expected)
+    for entry in dep.serve[index].events():
+        if entry.get("event") != want:
+            continue
+        if want == "listener_disconnected" and entry.get("backend_pid") not in cut:
+            continue
+        want = next(expected, "")
+        if not want:
+            return True
+    return False
 
 
 async def restart_postgres(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
@@ -143,10 +185,6 @@ async def restart_postgres(gen: Load, dep: Deployment, notes: dict[str, Any]) ->
     start = time.monotonic()
     await in_thread(dep.restart_database)
     notes["postgres_down_s"] = round(time.monotonic() - start, 2)
-
-
-# Ample for a request already sent to commit, however loaded the replicas.
-IN_FLIGHT_S = 1.0
 
 
 async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
@@ -164,19 +202,29 @@ async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
 
 
 async def _kill_worker_mid_stream(gen: Load, dep: Deployment) -> tuple[int, str]:
-    """SIGKILL a worker while a watched stream runs on it; retried when the task finished in
-    the instant between choosing it and the kill (then it was not killed mid-stream)."""
+    """SIGKILL a worker while a watched stream runs on it. An outcome it sent just before it
+    died may still land, so the database decides whether it died mid-stream: the task is
+    rescued (back to pending, or re-claimed), or it ended at attempt 1, and then the kill came
+    too late to count and another worker is tried."""
     for _ in range(20):
         worker, task_id = await _victim(gen, dep)
         await in_thread(dep.kill_worker, worker)
-        # An outcome the worker sent just before it died may still be on its way through a
-        # replica: let it land before judging (the lease, 4 s, keeps the rescue well ahead).
-        await asyncio.sleep(IN_FLIGHT_S)
-        status = dep.query("SELECT status::text FROM inferq.task WHERE id = %s", (task_id,))
-        if status[0][0] not in TERMINAL:
+        decided = functools.partial(_fate, dep, task_id)
+        fate = await in_thread(wait_until, decided, 60, f"task {task_id} to end or be rescued")
+        if fate == "rescued":
             return worker, task_id
         await in_thread(dep.restart_worker, worker)
     raise AssertionError("no worker could be killed mid-stream")
+
+
+def _fate(dep: Deployment, task_id: str) -> str | None:
+    """'rescued', 'ended' (at its first attempt), or None while neither has happened."""
+    status, attempt = dep.query(
+        "SELECT status::text, attempt FROM inferq.task WHERE id = %s", (task_id,)
+    )[0]
+    if status == "pending" or attempt > 1:
+        return "rescued"
+    return "ended" if status in TERMINAL else None
 
 
 async def kill_worker(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
@@ -189,7 +237,8 @@ async def kill_worker(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None
 
 
 async def kill_leader(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
-    """SIGKILL the maintenance leader and a worker: another replica takes over the rescue."""
+    """SIGKILL the maintenance leader, then a worker mid-stream: the worker's task can only be
+    rescued by another replica taking over the maintenance."""
     await gen.reached(0.25)
     found: list[int] = []
 
@@ -201,9 +250,9 @@ async def kill_leader(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None
 
     await in_thread(wait_until, has_leader, 30, "a maintenance leader")
     leader = found[0]
-    worker, task_id = await _kill_worker_mid_stream(gen, dep)
     await in_thread(dep.kill_replica, leader)
     notes["leader_killed"] = leader
+    worker, task_id = await _kill_worker_mid_stream(gen, dep)
     notes.setdefault("worker_victims", []).append(task_id)
 
     def new_leader() -> bool:
@@ -258,14 +307,17 @@ def test_sigterm_replica_drains(deployment: Deployment, tmp_path: Path) -> None:
 
 
 def test_listener_connections_cut(tmp_path: Path, failed: Callable[[], bool]) -> None:
-    # A long safety poll: if notifications were not flowing again after the reconnect, the
-    # work after it would take about that long per wake.
+    # A long safety poll: waiters after the cut are woken by NOTIFY or wait that long.
     safety_poll_s = 30.0
     with Deployment.running(
         failed, env_overrides={"INFERQ_SAFETY_POLL_S": str(safety_poll_s)}
     ) as dep:
         _report, notes = run_load(dep, tmp_path, cut_listeners)
+        # Every replica's LISTEN connection was cut, and each logged its reconnect, resynced
+        # its waiters and received a NOTIFY on its new connection (cut_listeners waits for
+        # each in turn, so the run would have failed otherwise).
         assert notes["listeners_terminated"] >= dep.replicas
+        assert notes["replicas_listening_again"] == dep.replicas
         history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
         after = sorted(
             r["end"] - r["start"]
@@ -273,10 +325,8 @@ def test_listener_connections_cut(tmp_path: Path, failed: Callable[[], bool]) ->
             if r["op"] == "result" and r["start"] > notes["relistened_at"]
         )
         assert after, "no operation started after the listeners came back"
-        assert after[len(after) // 2] < safety_poll_s / 3, "waiters were not woken by NOTIFY"
-        for name, text in dep.logs().items():
-            if name.startswith("replica"):
-                assert re.search(r"listener_(re)?connected|listener_reconnected", text), name
+        # A figure, not a verdict: speed is `inferq bench`'s to measure.
+        print(f"median latency after the reconnect: {after[len(after) // 2]:.3f}s")
 
 
 def test_postgres_restart(deployment: Deployment, tmp_path: Path) -> None:

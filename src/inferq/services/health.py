@@ -10,6 +10,7 @@ from inferq.db.stats import StatsRepository
 from inferq.errors import InferqError
 from inferq.metrics import Metrics
 from inferq.services.drain import Drain
+from inferq.wakeups import Hub
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +23,17 @@ class HealthService:
     """Readiness (database, listener, drain) and the metrics page of one replica."""
 
     def __init__(
-        self, stats: StatsRepository, metrics: Metrics, drain: Drain, listener: Any = None
+        self,
+        stats: StatsRepository,
+        metrics: Metrics,
+        drain: Drain,
+        hub: Hub,
+        listener: Any = None,
     ) -> None:
         self.stats = stats
         self.metrics = metrics
         self.drain = drain
+        self.hub = hub
         self.listener = listener  # anything with ``healthy`` and ``stats``; None: no listener
 
     async def readiness(self) -> Readiness:
@@ -49,4 +56,5 @@ class HealthService:
         with contextlib.suppress(InferqError):
             self.metrics.set_queue(await self.stats.queue())
         self.metrics.set_listener(self.listener)
+        self.metrics.parked_waiters.set(self.hub.parked_count)
         return self.metrics.render()

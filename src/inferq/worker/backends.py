@@ -32,7 +32,13 @@ def is_completion(request: dict[str, Any]) -> bool:
 
 
 class EchoBackend:
-    """Answers with the request's own text, one word per chunk, ``delay_s`` apart."""
+    """Answers with the request's own text, one word per chunk, ``delay_s`` apart.
+
+    Every chunk and the response name the attempt that wrote them in OpenAI's
+    ``system_fingerprint`` field: ``fp_echo_<task id hex>_<attempt>``. The text is the same on
+    every attempt, so this is what tells a re-run's answer from a stale worker's; the e2e
+    checker reads it to verify fencing (I5).
+    """
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
@@ -43,7 +49,7 @@ class EchoBackend:
         text = _prompt_text(task.request) if completion else _last_user_text(task.request)
         words = text.split()
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
-        shape = _Shape(task, completion)
+        shape = _Shape(task, completion, fingerprint=f"fp_echo_{task.id.hex}_{task.attempt}")
         if not completion:
             ctx.emit(shape.chunk("", role=True))
         for piece in pieces:
@@ -141,8 +147,11 @@ class OpenAIBackend:
 class _Shape:
     """Builds chunk and response objects for one task, chat or completion."""
 
-    def __init__(self, task: WorkerTask, completion: bool) -> None:
+    def __init__(
+        self, task: WorkerTask, completion: bool, *, fingerprint: str | None = None
+    ) -> None:
         self.completion = completion
+        self.fingerprint = fingerprint
         self.id = ("cmpl-" if completion else "chatcmpl-") + task.id.hex
         self.model = task.model or str(task.request.get("model") or "echo")
         self.created = int(time.time())
@@ -187,7 +196,10 @@ class _Shape:
         return {**self._head(kind), "choices": [choice], "usage": usage}
 
     def _head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        if self.fingerprint is not None:
+            head["system_fingerprint"] = self.fingerprint
+        return head
 
 
 class _Assembler:
