@@ -33,6 +33,8 @@ REPOSITORY = "src/inferq/db/tasks.py"
 SESSIONS = "src/inferq/db/sessions.py"
 TRIGGERS = "sql/0002_triggers.sql"
 REPO_TESTS = "tests/integration/test_task_repository.py"
+CLAIM_TESTS = "tests/integration/test_claim.py"
+CANCEL_TESTS = "tests/integration/test_api_openai_cancel.py"
 
 
 def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
@@ -44,28 +46,28 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "claim_ignores_priority",
         "a priority 10 task waits behind older priority 0 work",
-        _one(TASKS, "    ORDER BY priority DESC, created_at, id\n    LIMIT least(",
-             "    ORDER BY created_at, id\n    LIMIT least("),
-        (f"{REPO_TESTS}::test_claim_takes_priority_then_fifo_and_only_requested_pools",),
+        _one(TASKS, "    ORDER BY q.priority DESC, q.created_at, q.id\n",
+             "    ORDER BY q.created_at, q.id\n"),
+        (f"{CLAIM_TESTS}::test_claim_takes_priority_then_fifo_and_only_requested_pools",),
     ),
     Mutant(
         "claim_without_skip_locked",
         "claimers queue behind each other's row locks instead of taking other rows",
-        _one(TASKS, "    FOR UPDATE SKIP LOCKED\n)", "    FOR UPDATE\n)"),
-        (f"{REPO_TESTS}::test_claimers_never_wait_on_each_others_locks",),
+        _one(TASKS, 'lock=sql.SQL("FOR UPDATE SKIP LOCKED")', 'lock=sql.SQL("FOR UPDATE")'),
+        (f"{CLAIM_TESTS}::test_a_claim_skips_a_locked_row_instead_of_waiting_for_it",),
         timeout_s=30.0,
     ),
     Mutant(
         "expired_session_claims",
         "a worker whose session expired (its tasks already reverted) keeps taking work",
         _one(TASKS, "SELECT CASE WHEN s.expires_at > now() THEN", "SELECT CASE WHEN true THEN"),
-        (f"{REPO_TESTS}::test_a_bound_claim_needs_a_live_session_row",),
+        (f"{CLAIM_TESTS}::test_a_bound_claim_needs_a_live_session_row",),
     ),
     Mutant(
         "claim_past_capacity",
         "a worker of capacity 2 is handed a third task",
         _one(TASKS, "greatest(0, s.capacity - (", "greatest(0, s.capacity + 1 - ("),
-        (f"{REPO_TESTS}::test_a_session_never_claims_past_its_capacity",),
+        (f"{CLAIM_TESTS}::test_a_session_never_claims_past_its_capacity",),
     ),
     # -- the state machine --------------------------------------------------------------------
     Mutant(
@@ -214,13 +216,36 @@ MUTANTS: tuple[Mutant, ...] = (
         "a client that hung up still has its generation run on a GPU",
         _one("src/inferq/services/completions.py", "                on_gone=call.abandon,\n",
              "                on_gone=None,\n"),
-        ("tests/integration/test_api_disconnect.py",),
+        (f"{CANCEL_TESTS}::test_a_client_that_leaves_a_sync_call",),
     ),
     Mutant(
         "sync_timeout_keeps_task",
         "a sync call answered 504 leaves its task queued, to run for nobody",
         _one("src/inferq/services/completions.py", "except (WaitTimeout, ShuttingDown):",
              "except (ShuttingDown,):"),
-        ("tests/integration/test_api_openai.py",),
+        (f"{CANCEL_TESTS}::test_a_sync_call_past_max_wait_is_504_and_its_task_is_cancelled",),
+    ),
+    Mutant(
+        "stream_skips_worker_lost",
+        "a stream whose worker died after some chunks goes on silently with the retry's chunks",
+        _one("src/inferq/api/sse.py", "            if relayed:\n                yield openai_error_frame(",
+             "            if False:\n                yield openai_error_frame("),
+        (f"{CANCEL_TESTS}::test_a_stream_whose_worker_is_lost_after_chunks_ends_with_worker_lost",),
+    ),
+    Mutant(
+        "ready_ignores_the_listener",
+        "a replica that lost its LISTEN connection stays in the load balancer, its waits slow",
+        _one("src/inferq/services/health.py",
+             'checks["listener"] = "down" if listener is not None and not listener.healthy else "ok"',
+             'checks["listener"] = "ok"'),
+        ("tests/integration/test_api_ops.py::test_ready_is_red_and_listener_up_is_zero_while_the_listener_is_down",),
+    ),
+    # -- the worker SDK -----------------------------------------------------------------------
+    Mutant(
+        "outcome_batch_unbounded",
+        "a busy worker posts thousands of outcomes in one call, past the daemon's body limit",
+        _one("src/inferq/worker/outcomes.py", "if batch and (len(batch) == self.max_items or ",
+             "if batch and (False or "),
+        ("tests/integration/test_worker_sdk.py::test_a_call_carries_at_most_256_outcomes_with_at_most_four_calls_in_flight",),
     ),
 )  # fmt: skip
