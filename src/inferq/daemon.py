@@ -9,12 +9,13 @@ real apps in-process. ``serve_command`` adds the embedded database, uvicorn (uvl
 httptools) and the drain on SIGTERM/SIGINT:
 
 1. the drain switch flips: /readyz answers 503, new work (submit, wait, stream, bind, claim)
-   gets 503 + Retry-After, open waits answer 503 and open streams end with a retryable error
-   frame, worker long-polls return empty;
+   gets 503 + Retry-After, worker long-polls return empty;
 2. after ``drain_delay_s`` (so a load balancer sees /readyz red) uvicorn stops accepting and
-   waits for the remaining requests — worker writes still finish — up to what is left of
-   ``shutdown_grace_s``;
-3. maintenance, the relay (flushing buffered chunks), the listener and the pool stop.
+   waits for the remaining requests — worker writes still finish; open waits and streams get
+   what is left of ``drain_grace_s``, then answer 503 (see inferq.services.drain);
+3. maintenance, the relay (flushing buffered chunks), the listener and the pool stop, each
+   within a bound: the process is gone ``drain_grace_s`` + a few seconds after the signal,
+   database or not.
 A second signal exits at once.
 """
 
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -62,6 +65,11 @@ from inferq.settings import Settings
 from inferq.wakeups import Hub
 
 log = structlog.get_logger(__name__)
+
+# What the stop may take past the drain's grace: the last answers going out (uvicorn), then
+# each part stopping (each bounded, so an unreachable database cannot hold the process).
+STOP_SLACK_S = 2
+PART_STOP_S = 1.0
 
 
 class Replica:
@@ -124,17 +132,27 @@ class Replica:
         log.info("replica_started", listener_healthy=self.listener.healthy)
 
     async def stop(self) -> None:
-        """Stop in reverse order; safe after a partial start."""
+        """Stop in reverse order; safe after a partial start. Each part gets PART_STOP_S:
+        with the database gone, releasing leases or flushing chunks would otherwise wait for
+        the pool's own timeouts."""
+        parts: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if self.maintenance is not None:
-            await self.maintenance.stop()
+            parts.append(("maintenance", self.maintenance.stop))
         if self.waits is not None:
-            await self.waits.stop()
+            parts.append(("waits", self.waits.stop))
         if self.relay is not None:
-            await self.relay.stop()  # flushes buffered chunk posts
+            parts.append(("relay", self.relay.stop))  # flushes buffered chunk posts
         if self.listener is not None:
-            await self.listener.stop()
+            parts.append(("listener", self.listener.stop))
         if self.pool is not None:
-            await self.pool.close()
+            pool = self.pool
+            parts.append(("pool", lambda: pool.close(timeout=PART_STOP_S)))
+        for name, stop in parts:
+            try:
+                async with asyncio.timeout(PART_STOP_S * 2):
+                    await stop()
+            except Exception as exc:
+                log.warning("part_stop_failed", part=name, error=str(exc) or type(exc).__name__)
         log.info("replica_stopped")
 
     def _token_revoked(self, token_id: str) -> None:
@@ -177,7 +195,7 @@ def build_services(
 ) -> Services:
     """Every service of one replica, wired to the given repositories."""
     metrics = Metrics()
-    drain = Drain()
+    drain = Drain(settings.drain_grace_s)
 
     def generation() -> int:
         # Revocations sent while the listener was away are lost: a reconnect drops the cache.
@@ -189,6 +207,7 @@ def build_services(
     pending = PendingLimiter(tasks, settings.max_pending_per_token)
     task_service = TaskService(
         tasks,
+        sessions,
         registry,
         waits,
         settings=settings,
@@ -206,6 +225,7 @@ def build_services(
         completions=CompletionService(
             task_service,
             tasks,
+            sessions,
             waits,
             settings=settings,
             drain=drain,
@@ -265,9 +285,12 @@ class DrainingServer(uvicorn.Server):
 
     async def _stop_after_delay(self) -> None:
         settings = self.replica.settings
-        await asyncio.sleep(min(settings.drain_delay_s, settings.shutdown_grace_s / 2))
+        await asyncio.sleep(min(settings.drain_delay_s, settings.drain_grace_s))
         elapsed = time.monotonic() - (self.drain_started or time.monotonic())
-        self.config.timeout_graceful_shutdown = max(0, int(settings.shutdown_grace_s - elapsed - 1))
+        # The open waits end by themselves when the drain's grace is over (503, or an error
+        # frame); uvicorn waits for them, plus a moment for the answers to go out.
+        left_s = max(0.0, settings.drain_grace_s - elapsed)
+        self.config.timeout_graceful_shutdown = math.ceil(left_s) + STOP_SLACK_S
         self.should_exit = True
 
 
@@ -278,7 +301,7 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
             replica.app(),
             host=host,
             port=port,
-            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+            timeout_graceful_shutdown=math.ceil(settings.drain_grace_s) + STOP_SLACK_S,
         )
         server = DrainingServer(config, replica)
         freeze_startup_heap()

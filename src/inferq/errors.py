@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 if TYPE_CHECKING:
     from inferq.domain.task import Task
@@ -10,6 +11,9 @@ if TYPE_CHECKING:
 
 class InferqError(Exception):
     """inferq failed."""
+
+    # The task a failed OpenAI call was about, when one exists (X-Inferq-Task-Id).
+    task_id: UUID | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (type(self).__doc__ or "").strip())
@@ -89,6 +93,11 @@ class LimitExceeded(InferqError):
 
 class ShuttingDown(LimitExceeded):
     """This replica is shutting down; retry, another replica will answer."""
+
+
+class NoWorkerAvailable(LimitExceeded):
+    """No worker serves this pool right now; retry later, or use the native task API, whose
+    tasks wait for a worker."""
 
 
 class ClientGone(InferqError):

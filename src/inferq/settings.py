@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     # PgBouncer before 1.21 in transaction mode cannot hold prepared statements.
     prepared_statements: bool = True
     statement_timeout_ms: int = Field(default=30_000, ge=0)
+    # How long waits and streams retry reads while the database is unavailable (a restart, a
+    # failover) before they give up with an error.
+    db_retry_s: float = Field(default=10.0, ge=0)
+    # A pooled connection idle for longer than this is checked (one empty query) before it is
+    # handed out; busier ones are not (a request's own retry covers them).
+    pool_check_idle_s: float = Field(default=1.0, ge=0)
 
     # HTTP.
     host: str = "127.0.0.1"
@@ -67,8 +73,15 @@ class Settings(BaseSettings):
     max_waits_per_token: int = Field(default=1000, ge=1)
     max_pending_per_token: int = Field(default=10_000, ge=1)
     max_wait_s: float = Field(default=600.0, gt=0)
+    # A sync or streaming OpenAI call whose pool no live worker serves fails after this long
+    # (503 no_worker_available) instead of waiting INFERQ_MAX_WAIT_S; native tasks wait.
+    no_worker_wait_s: float = Field(default=10.0, ge=0)
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
     cancel_on_disconnect: bool = True
+    # A drain (SIGTERM) lets open waits and streams finish for this long, then ends them with
+    # 503 (streams: a retryable error frame). New work is refused from the start.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+    # The worker's: on SIGTERM, how long running tasks get to finish before they are released.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # After SIGTERM, how long /readyz is red (and new work refused) before the listening
     # socket closes, so a load balancer stops routing here first.

@@ -77,6 +77,8 @@ class TaskOut(_Lenient):
     claimed_at: datetime | None = None
     stream_started_at: datetime | None = None
     completed_at: datetime | None = None
+    # GET /v1/tasks/{id} only: pending, and no live worker session serves its pool.
+    waiting_for_worker: bool | None = None
 
 
 class TaskPage(_Lenient):

@@ -211,7 +211,7 @@ async def test_a_stream_cut_by_a_drain_ends_with_an_error_event_and_leaves_the_t
         async with http.stream("GET", f"/v1/tasks/{tid}/events", timeout=20) as stream:
             lines = stream.aiter_lines()
             first = await read_events(lines, until=lambda frame: True)
-            svc.drain.start()
+            svc.drain.start(grace_s=0)
             rest = await read_events(lines)
     assert first == [{"event": "status", "data": {"id": tid, "status": "pending", "attempt": 0}}]
     assert [f["event"] for f in rest] == ["error"]

@@ -69,10 +69,23 @@ def only_task_id(dsn: str) -> Any:
     return task_id
 
 
+async def bind_idle(r: App) -> str:
+    """A live worker session of the pool that claims nothing unless asked (a busy worker):
+    calls wait for it instead of failing fast for want of a worker. Its session id."""
+    async with r.http() as http:
+        bound = await http.post(
+            "/v1/worker/sessions", json={"pools": [POOL]}, headers=auth(r.tokens.worker)
+        )
+    assert bound.status_code == 201, bound.text
+    return str(bound.json()["session_id"])
+
+
 async def test_a_sync_call_past_max_wait_is_504_and_its_task_is_cancelled(
     settings: Settings, dsn: str
 ) -> None:
     async with replica(settings, dsn, max_wait_s=0.3) as r, r.openai() as client:
+        # A busy worker serves the pool: the call waits out INFERQ_MAX_WAIT_S.
+        await bind_idle(r)
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model=MODEL, messages=CHAT["messages"])
     error = caught.value
@@ -110,6 +123,7 @@ async def test_a_client_that_leaves_a_stream(
     settings: Settings, dsn: str, cancel_on_disconnect: bool
 ) -> None:
     async with replica(settings, dsn, cancel_on_disconnect=cancel_on_disconnect) as r:
+        await bind_idle(r)
         async with (
             r.http() as http,
             http.stream(
@@ -148,36 +162,37 @@ async def test_a_sync_call_whose_task_is_cancelled_is_409_task_cancelled(
 async def test_a_stream_whose_worker_is_lost_after_chunks_ends_with_worker_lost(
     settings: Settings, dsn: str
 ) -> None:
-    async with (
-        replica(settings, dsn) as r,
-        r.http() as http,
-        http.stream(
-            "POST", "/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT}
-        ) as stream,
-    ):
-        task_id = stream.headers["x-inferq-task-id"]
-        lines = stream.aiter_lines()
+    chat = {"model": MODEL, "stream": True, **CHAT}
+    async with replica(settings, dsn) as r:
+        sid = await bind_idle(r)
         worker = auth(r.tokens.worker)
-        bound = await http.post("/v1/worker/sessions", json={"pools": [POOL]}, headers=worker)
-        [task] = bound.json()["tasks"]
-        sid = bound.json()["session_id"]
-        holder = {"session_id": sid, "attempt": task["attempt"]}
-        chunk = chat_chunk(task, "half an answer")
-        for path, body in [
-            ("start", holder),
-            ("chunks", {**holder, "chunks": [{"seq": 1, "data": chunk}]}),
-        ]:
-            url = f"/v1/worker/tasks/{task_id}/{path}"
-            answer = await http.post(url, json=body, headers=worker)
-            assert answer.status_code == 200, answer.text
-        relayed = await read_events(lines, until=lambda frame: True)
-        assert relayed == [{"data": chunk}]
-        # The worker goes away: its task returns to pending and will run again from scratch.
-        gone = await http.delete(f"/v1/worker/sessions/{sid}", headers=worker)
-        assert gone.json() == {"released": 1}
-        rest = await read_events(lines)  # the stream ends
+        async with (
+            r.http() as http,
+            http.stream("POST", "/v1/chat/completions", json=chat) as stream,
+        ):
+            task_id = stream.headers["x-inferq-task-id"]
+            lines = stream.aiter_lines()
+            claimed = await http.post(
+                f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 0}, headers=worker
+            )
+            [task] = claimed.json()["tasks"]
+            holder = {"session_id": sid, "attempt": task["attempt"]}
+            chunk = chat_chunk(task, "half an answer")
+            for path, body in [
+                ("start", holder),
+                ("chunks", {**holder, "chunks": [{"seq": 1, "data": chunk}]}),
+            ]:
+                url = f"/v1/worker/tasks/{task_id}/{path}"
+                answer = await http.post(url, json=body, headers=worker)
+                assert answer.status_code == 200, answer.text
+            relayed = await read_events(lines, until=lambda frame: True)
+            assert relayed == [{"data": chunk}]
+            # The worker goes away: its task returns to pending and will run again from scratch.
+            gone = await http.delete(f"/v1/worker/sessions/{sid}", headers=worker)
+            assert gone.json() == {"released": 1}
+            rest = await read_events(lines)  # the stream ends
     assert len(rest) == 1, rest
     assert rest[0]["data"]["error"]["type"] == "server_error"
     assert rest[0]["data"]["error"]["code"] == "worker_lost"
-    # Nobody can read the rest of that answer: the task was abandoned.
+    # Nobody can read the rest of that answer (no Idempotency-Key): the task was abandoned.
     assert read_task(dsn, task_id)["status"] == "cancelled"

@@ -16,6 +16,7 @@ from inferq.metrics import MAX_POOL_LABELS, OTHER_POOLS
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
+    POOL,
     Server,
     Tokens,
     allow_connections,
@@ -194,6 +195,11 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
     async with httpx.AsyncClient(
         base_url=server.url, headers=auth(tokens.alice), timeout=30
     ) as http:
+        # A worker serves the pool but takes nothing: the calls wait for it.
+        bound = await http.post(
+            "/v1/worker/sessions", json={"pools": [POOL]}, headers=auth(tokens.worker)
+        )
+        assert bound.status_code == 201
         tid = (await http.post("/v1/tasks", json={"model": MODEL, "request": CHAT})).json()["id"]
         wait = asyncio.create_task(http.get(f"/v1/tasks/{tid}/wait", params={"timeout": 20}))
         sync = asyncio.create_task(http.post("/v1/chat/completions", json={"model": MODEL, **CHAT}))
@@ -201,7 +207,7 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
             "POST", "/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT}
         ) as stream:
             await poll_until(lambda: svc.metrics.open_waits._value.get() == 3)
-            svc.drain.start()
+            svc.drain.start(grace_s=0)
             body = (await stream.aread()).decode()
         waited, synced = await wait, await sync
         ready = await http.get("/readyz")
@@ -255,7 +261,7 @@ async def test_a_guarded_wait_ends_on_drain_and_leaves_other_cancellations_alone
     parked.clear()
     task = asyncio.create_task(drained_then_more())
     await parked.wait()
-    svc.drain.start()
+    svc.drain.start(grace_s=0)
     assert await task == "carried on"
 
 

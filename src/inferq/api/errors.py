@@ -78,6 +78,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     # nginx's "client closed request": nobody reads it, but the log and metrics show it.
     errors.ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),
     errors.ShuttingDown: Mapping(503, "service_unavailable", "shutting_down"),
+    errors.NoWorkerAvailable: Mapping(503, "service_unavailable", "no_worker_available"),
     errors.TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
     errors.TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
     errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
@@ -155,6 +156,9 @@ def error_response(exc: BaseException) -> Response:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif mapping.status == 503:
         headers["Retry-After"] = "1"
+    task_id = getattr(exc, "task_id", None)
+    if task_id is not None:
+        headers["X-Inferq-Task-Id"] = str(task_id)
     return Response(
         orjson.dumps(error_json(exc, mapping)),
         status_code=mapping.status,
@@ -181,9 +185,22 @@ def error_json(exc: BaseException, mapping: Mapping | None = None) -> dict[str, 
     )
 
 
+def log_failure(exc: BaseException, method: str, path: str) -> None:
+    """Log an error answer at the level it deserves: a bug (500) is an error with its
+    traceback; an expected condition (a drain, a database restart, no worker, a worker's
+    failure) is a warning without one; a refused request is not logged here at all (the
+    request log has its status)."""
+    mapping = lookup(exc)
+    if mapping.status >= 500 and mapping.code in (None, "internal_error"):
+        log.error("request_failed", method=method, path=path, exc_info=exc)
+    elif mapping.status >= 500:
+        message = exc.message if isinstance(exc, errors.InferqError) else str(exc)
+        log.warning("request_unanswered", method=method, path=path, code=mapping.code,
+                    status=mapping.status, reason=message)  # fmt: skip
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
-    if lookup(exc).status >= 500:
-        log.error("request_failed", method=request.method, path=request.url.path, exc_info=exc)
+    log_failure(exc, request.method, request.url.path)
     return error_response(exc)
 
 

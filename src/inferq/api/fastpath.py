@@ -41,7 +41,7 @@ from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from inferq.api.deps import get_services
-from inferq.api.errors import error_response, lookup
+from inferq.api.errors import error_response, log_failure
 from inferq.services import Services
 from inferq.services.auth import Role
 
@@ -108,10 +108,7 @@ class FastPath:
             kwargs = {p.name: await self._argument(p, request, values) for p in hot.params}
             response = await hot.route.endpoint(**kwargs)
         except Exception as exc:
-            if lookup(exc).status >= 500:
-                log.error(
-                    "request_failed", method=scope["method"], path=scope["path"], exc_info=exc
-                )
+            log_failure(exc, scope["method"], scope["path"])
             response = error_response(exc)
         await response(scope, receive, send)
 

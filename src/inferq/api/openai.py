@@ -9,6 +9,7 @@ service's business (inferq.services.completions).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -39,7 +40,16 @@ _STREAMED: dict[int | str, dict[str, Any]] = {
 }
 
 _DRAIN_FRAME = openai_error_frame(
-    "this replica is shutting down; retry the request", "shutting_down", "service_unavailable"
+    "this replica is shutting down; retry the request (with the same Idempotency-Key to "
+    "reattach to the same generation)",
+    "shutting_down",
+    "service_unavailable",
+)
+_ERROR_FRAME = openai_error_frame(
+    "the stream failed on the server; retry the request (with the same Idempotency-Key to "
+    "reattach to the same generation)",
+    "stream_failed",
+    "service_unavailable",
 )
 
 
@@ -103,30 +113,37 @@ async def _complete(
         # OpenAI answers a malformed completion request with 400 invalid_request_error.
         raise InvalidRequest(exc.message, param=exc.param) from None
     stream = bool(parsed.stream)
+    n = (parsed.model_extra or {}).get("n")
+    if stream and isinstance(n, int) and n > 1:
+        raise InvalidRequest(
+            "`n` > 1 is not supported with `stream: true`; send n streaming requests, "
+            "or ask without `stream`",
+            param="n",
+        )
     call = await svc.completions.start(token, doc, model=parsed.model, stream=stream, key=key)
     # The request is stored; a sync call may wait for minutes, so its parsed body is not
     # kept alive meanwhile.
     del doc, parsed
     headers = {"X-Inferq-Task-Id": str(call.task_id)}
     if stream:
-        return await _stream(svc, call, headers)
+        return await _stream(svc, call, headers, disconnected(request.receive))
     task = await svc.completions.answer(call, gone=disconnected(request.receive))
     return Response(dumps(task.response_body), media_type="application/json", headers=headers)
 
 
-async def _stream(svc: Services, call: Call, headers: dict[str, str]) -> EventStream:
-    following = await svc.completions.follow(call)
-
-    async def nothing() -> None:
-        return None
-
+async def _stream(
+    svc: Services, call: Call, headers: dict[str, str], gone: Callable[[], Awaitable[None]]
+) -> EventStream:
+    following = await svc.completions.follow(call, gone=gone)
     return EventStream(
-        openai_frames(prepend(following.first, following.rest), on_abandon=call.abandon or nothing),
+        openai_frames(prepend(following.first, following.rest), on_abandon=call.abandon),
         heartbeat_s=svc.settings.sse_heartbeat_s,
-        drain=svc.drain.event,
+        drain=svc.drain.expired_event,
         drain_frame=_DRAIN_FRAME,
-        on_disconnect=call.abandon,
+        error_frame=_ERROR_FRAME,
+        on_disconnect=call.left,
         on_drain=call.abandon,
+        on_error=call.abandon,
         on_close=following.close,
         headers=headers,
     )

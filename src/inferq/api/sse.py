@@ -8,7 +8,10 @@ own task feeding a small queue, because cancelling ``__anext__`` of TaskService.
 would close it.
 
 The OpenAI format sends only ``data:`` lines and comments, never ``id:`` or ``retry:``: the
-official client breaks on them.
+official client breaks on them. A stream is never cut silently: it ends with its terminal
+event (``done``, or ``data: [DONE]`` for a completed OpenAI stream), or with an error frame —
+the drain's at the end of its grace, or ``error_frame`` when reading the events failed (after
+the reads' own retries, see inferq.services.waits) — which the ``openai`` client raises.
 """
 
 from __future__ import annotations
@@ -146,8 +149,10 @@ class EventStream(Response):
         heartbeat_s: float,
         drain: asyncio.Event,
         drain_frame: bytes,
+        error_frame: bytes,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
         on_drain: Callable[[], Awaitable[None]] | None = None,
+        on_error: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], None] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -156,8 +161,10 @@ class EventStream(Response):
         self.heartbeat_s = heartbeat_s
         self.drain = drain
         self.drain_frame = drain_frame
+        self.error_frame = error_frame
         self.on_disconnect = on_disconnect
         self.on_drain = on_drain
+        self.on_error = on_error
         self.on_close = on_close
         self.extra_headers = headers or {}
 
@@ -179,7 +186,7 @@ class EventStream(Response):
         pump = asyncio.create_task(self._pump(queue))
         gone = asyncio.create_task(_disconnected(receive))
         drained = asyncio.create_task(self.drain.wait())
-        client_left = was_drained = False
+        client_left = was_drained = failed = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
@@ -199,7 +206,10 @@ class EventStream(Response):
                     if item is _END:
                         break
                     if isinstance(item, BaseException):
-                        break  # logged by the pump; the client may resume with Last-Event-ID
+                        # Never a silent end: the client is told to retry or resume.
+                        failed = True
+                        await self._send(send, self.error_frame)
+                        break
                     await self._send(send, item)
                 elif drained in done:
                     was_drained = True
@@ -221,6 +231,8 @@ class EventStream(Response):
             await self.on_disconnect()
         elif was_drained and self.on_drain is not None:
             await self.on_drain()
+        elif failed and self.on_error is not None:
+            await self.on_error()
 
     @staticmethod
     async def _send(send: Send, frame: bytes) -> None:
@@ -231,7 +243,7 @@ class EventStream(Response):
             async for frame in self.frames:
                 await queue.put(frame)
         except Exception as exc:
-            log.warning("stream_failed", error=str(exc))
+            log.warning("stream_failed", error=str(exc) or type(exc).__name__)
             await queue.put(exc)
             return
         await queue.put(_END)

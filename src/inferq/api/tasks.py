@@ -77,7 +77,8 @@ async def list_tasks(
 
 @router.get("/{task_id}", response_model=TaskOut, summary="Get a task")
 async def get_task(svc: Svc, token: Client, task_id: str) -> Response:
-    return json_response(task_json(await svc.tasks.get(token, parse_task_id(task_id))))
+    task, waiting = await svc.tasks.get(token, parse_task_id(task_id))
+    return json_response({**task_json(task), "waiting_for_worker": waiting})
 
 
 @router.get(
@@ -119,8 +120,9 @@ async def task_events(
     return EventStream(
         native_frames(prepend(following.first, following.rest)),
         heartbeat_s=svc.settings.sse_heartbeat_s,
-        drain=svc.drain.event,
+        drain=svc.drain.expired_event,
         drain_frame=_DRAIN_FRAME,
+        error_frame=_ERROR_FRAME,
         on_close=following.close,
     )
 
@@ -143,14 +145,14 @@ def _parse_event_id(raw: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-_DRAIN_FRAME = (
-    b"event: error\ndata: "
-    + orjson.dumps(
-        error_body(
-            "this replica is shutting down; reconnect with Last-Event-ID to resume",
-            "service_unavailable",
-            "shutting_down",
-        )
-    )
-    + b"\n\n"
+def _error_event(message: str, code: str) -> bytes:
+    body = orjson.dumps(error_body(message, "service_unavailable", code))
+    return b"event: error\ndata: " + body + b"\n\n"
+
+
+_DRAIN_FRAME = _error_event(
+    "this replica is shutting down; reconnect with Last-Event-ID to resume", "shutting_down"
+)
+_ERROR_FRAME = _error_event(
+    "the stream failed on the server; reconnect with Last-Event-ID to resume", "stream_failed"
 )

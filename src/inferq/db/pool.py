@@ -1,7 +1,10 @@
-"""The connection pool: autocommit connections, so one statement is one round trip."""
+"""The connection pool: autocommit connections, so one statement is one round trip; a
+connection that sat idle is checked before it is handed out."""
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -28,10 +31,27 @@ def create_pool(settings: Settings, dsn: str | None = None) -> Pool:
 
     Connections are in autocommit: a guarded single-statement write costs one round trip,
     and multi-statement work opens ``conn.transaction()`` explicitly.
+
+    A connection back in the pool for longer than ``settings.pool_check_idle_s`` is checked
+    (one empty query) before it is handed out, so that after a PostgreSQL restart or failover
+    the dead connections are replaced instead of failing a request each. A connection that was
+    in use a moment ago is not checked: that would cost every hot request a second round
+    trip, and the callers that wait (waits, streams) retry a read that failed on a dead one.
     """
     conninfo = dsn or settings.database_url
     if not conninfo:
         raise ValueError("no database URL: set INFERQ_DATABASE_URL")
+    idle_s = settings.pool_check_idle_s
+    returned: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+
+    async def reset(conn: AsyncConnection[Any]) -> None:
+        returned[conn] = time.monotonic()
+
+    async def check(conn: AsyncConnection[Any]) -> None:
+        back_at = returned.get(conn)
+        if back_at is None or time.monotonic() - back_at >= idle_s:
+            await AsyncConnectionPool.check_connection(conn)
+
     return AsyncConnectionPool(
         conninfo,
         min_size=settings.pool_min_size,
@@ -41,4 +61,6 @@ def create_pool(settings: Settings, dsn: str | None = None) -> Pool:
         open=False,
         name="inferq",
         timeout=10.0,
+        check=check,
+        reset=reset,
     )

@@ -86,6 +86,12 @@ WHERE NOT EXISTS (SELECT 1 FROM inferq.task t WHERE t.id = r.id)
 
 UNBIND = "DELETE FROM inferq.worker_session WHERE id = %(id)s"
 
+SERVES = """
+SELECT EXISTS (
+    SELECT 1 FROM inferq.worker_session WHERE expires_at > now() AND %(pool)s = ANY(pools)
+)
+"""
+
 REAP = render(
     sql.SQL(
         """
@@ -176,6 +182,13 @@ class WorkerSessionRepository:
             cancelled=[r[1] for r in rows if r[0] == "cancelled"],
             lost=[r[1] for r in rows if r[0] == "lost"],
         )
+
+    async def serves(self, pool: str) -> bool:
+        """Whether a live worker session serves ``pool`` right now."""
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(SERVES, {"pool": pool})
+            row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def unbind(self, session_id: UUID) -> None:
         """Delete the session; the caller reverts its tasks first."""

@@ -118,7 +118,7 @@ class ClaimService:
                 try:
                     # A worker that left must not have work claimed into its closed connection
                     # (the task would sit until its lease expired and count as a lost attempt).
-                    await self.drain.guarded(waiter.wait(remaining), gone=gone)
+                    await self.drain.guarded(waiter.wait(remaining), gone=gone, at_start=True)
                 except ShuttingDown:
                     break  # an empty answer: the worker claims again, from another replica
         self.metrics.claim_seconds.observe(time.perf_counter() - started)

@@ -1,6 +1,14 @@
 """Drain: the replica's shutdown switch, and ``guarded()``, which races a wait against it and
 against the client leaving.
 
+A drain never cancels work a client can come back for. When it starts, new work is refused
+(503 + Retry-After), /readyz turns red and worker long-polls end at once (their workers claim
+from another replica); the waits and streams already open keep going for ``grace_s``
+(INFERQ_DRAIN_GRACE_S) so that most answers arrive here. Past the grace they end with 503 (a
+stream with a retryable error frame); what then happens to their task is the caller's choice
+(inferq.services.completions keeps a task whose request carried an Idempotency-Key, so its
+retry reattaches, and cancels the others, which nobody can come back for).
+
 ``guarded`` runs the work in the caller's own task; the drain and the disconnect watcher
 cancel that task and say why (``Interruption.reason``), so an open wait costs its request task
 and one small watcher task instead of a task per racer. Someone else's cancellation (the
@@ -39,17 +47,39 @@ class Interruption:
 
 
 class Drain:
-    """The replica's shutdown switch: /readyz turns red, new work is refused, waits end."""
+    """The replica's shutdown switch (see the module docstring)."""
 
-    def __init__(self, retry_after_s: float = 1.0) -> None:
+    def __init__(self, grace_s: float = 30.0, retry_after_s: float = 1.0) -> None:
+        self.grace_s = grace_s
         self.draining = False
+        self.expired = False
         self.retry_after_s = retry_after_s
-        self.event = asyncio.Event()
-        self._waits: set[Interruption] = set()
+        self.event = asyncio.Event()  # set when the drain starts
+        self.expired_event = asyncio.Event()  # set when the grace is over
+        self._waits: set[Interruption] = set()  # interrupted when the grace is over
+        self._now: set[Interruption] = set()  # interrupted when the drain starts
+        self._timer: asyncio.TimerHandle | None = None
 
-    def start(self) -> None:
+    def start(self, grace_s: float | None = None) -> None:
+        """Start draining; open waits end ``grace_s`` later (idempotent)."""
+        if self.draining:
+            return
         self.draining = True
         self.event.set()
+        for wait in list(self._now):
+            wait.interrupt(DRAINED)
+        grace = self.grace_s if grace_s is None else grace_s
+        self._timer = asyncio.get_running_loop().call_later(grace, self.expire)
+
+    def expire(self) -> None:
+        """End every open wait now (the grace is over, or the process must stop)."""
+        if not self.draining:
+            self.start(0)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.expired = True
+        self.expired_event.set()
         for wait in list(self._waits):
             wait.interrupt(DRAINED)
 
@@ -64,16 +94,19 @@ class Drain:
         *,
         gone: Callable[[], Awaitable[None]] | None = None,
         on_gone: Callable[[], Awaitable[None]] | None = None,
+        at_start: bool = False,
     ) -> T:
-        """``work``'s result, unless the replica drains first (ShuttingDown) or ``gone()``
-        returns first (ClientGone, after awaiting ``on_gone``)."""
-        if self.draining:
+        """``work``'s result, unless the drain's grace runs out first (ShuttingDown; with
+        ``at_start``, as soon as the drain starts) or ``gone()`` returns first (ClientGone,
+        after awaiting ``on_gone``)."""
+        if self.expired or (at_start and self.draining):
             _close(work)
             raise ShuttingDown(retry_after_s=self.retry_after_s)
         task = asyncio.current_task()
         assert task is not None
         stop = Interruption(task)
-        self._waits.add(stop)
+        watched = self._now if at_start else self._waits
+        watched.add(stop)
         watcher = asyncio.ensure_future(_watch(gone, stop)) if gone is not None else None
         try:
             result = await work
@@ -86,7 +119,7 @@ class Drain:
                 raise ClientGone() from None
             raise ShuttingDown(retry_after_s=self.retry_after_s) from None
         finally:
-            self._waits.discard(stop)
+            watched.discard(stop)
             if watcher is not None:
                 watcher.cancel()
         if stop.reason is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.records import ApiToken, Enqueued, Llm, Page
 from inferq.domain.task import Task, TaskStatus
@@ -57,6 +58,7 @@ class TaskService:
     def __init__(
         self,
         tasks: TaskRepository,
+        sessions: WorkerSessionRepository,
         registry: Registry,
         waits: WaitService,
         *,
@@ -67,6 +69,7 @@ class TaskService:
         metrics: Metrics,
     ) -> None:
         self.tasks = tasks
+        self.sessions = sessions
         self.registry = registry
         self.waits = waits
         self.settings = settings
@@ -114,9 +117,14 @@ class TaskService:
         """One registry entry; raises UnknownModel."""
         return await self.registry.resolve(name)
 
-    async def get(self, token: ApiToken, task_id: UUID) -> Task:
-        """The caller's task; raises TaskNotFound (also for another owner's)."""
-        return await self.tasks.get(task_id, token.owner_id)
+    async def get(self, token: ApiToken, task_id: UUID) -> tuple[Task, bool]:
+        """The caller's task, and whether it is pending with no live worker serving its pool
+        (``waiting_for_worker``); raises TaskNotFound (also for another owner's)."""
+        task = await self.tasks.get(task_id, token.owner_id)
+        waiting = task.status is TaskStatus.PENDING and not await self.sessions.serves(
+            task.pool_name
+        )
+        return task, waiting
 
     async def list(
         self,
@@ -151,9 +159,15 @@ class TaskService:
         self, token: ApiToken, task_id: UUID, timeout_s: float, *, gone: Gone | None = None
     ) -> Task:
         """The task once terminal, or as it is at the deadline (never raises on timeout).
-        Raises TaskNotFound, TooManyWaits, ShuttingDown; ClientGone when ``gone`` returns."""
+        Raises TaskNotFound, TooManyWaits, ShuttingDown; ClientGone when ``gone`` returns;
+        InvalidRequest for a timeout past INFERQ_MAX_WAIT_S (never silently shortened)."""
         self.drain.check()
-        timeout_s = min(timeout_s, self.settings.max_wait_s)
+        if not 0 <= timeout_s <= self.settings.max_wait_s:
+            raise InvalidRequest(
+                f"timeout must be between 0 and {self.settings.max_wait_s:g} seconds "
+                "(INFERQ_MAX_WAIT_S); wait again for longer",
+                param="timeout",
+            )
         self.slots.acquire(token)
         try:
             return await self.drain.guarded(

@@ -33,10 +33,10 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 import structlog
@@ -44,7 +44,13 @@ import structlog
 from inferq.db.chunks import ChunkKey, ChunkRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.task import Task, TaskStatus
-from inferq.errors import TaskCancelled, TaskFailed, TaskNotFound, WaitTimeout
+from inferq.errors import (
+    DatabaseUnavailable,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    WaitTimeout,
+)
 from inferq.settings import Settings
 from inferq.wakeups import CHUNKS_ADDED, TASK_CHANGED, Batcher, Hub, Waiter
 
@@ -81,6 +87,9 @@ class PoolWaiter(Protocol):
 
 
 log = structlog.get_logger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 # How many seqs one reader fetches per round trip; a longer backlog takes more rounds.
 CHUNK_PAGE = 1000
@@ -166,16 +175,34 @@ class WaitService:
         found = await self.chunks.read_many(keys, page=CHUNK_PAGE)
         return {keys[i]: chunks for i, chunks in found.items()}
 
+    async def _retried(self, load: Callable[[K], Awaitable[V | None]], key: K) -> V | None:
+        """``load(key)``, tried again while the database is unavailable, for up to
+        ``settings.db_retry_s``: a PostgreSQL restart of under a second, or a dead pooled
+        connection (discarded once it failed), must not end a wait or a stream. The first
+        retry is immediate, the next ones back off."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.db_retry_s
+        delay = 0.0
+        while True:
+            try:
+                return await load(key)
+            except DatabaseUnavailable as exc:
+                if loop.time() + delay >= give_up:
+                    raise
+                log.info("read_retried", error=exc.message, delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                delay = min(1.0, max(0.05, delay * 2))
+
     async def _first_read(self, task_id: UUID, owner_id: str | None) -> Task:
         """The row right after registering the waiter; batched too, so 10,000 waits that start
         together cost a few statements and never queue for the pool."""
-        task = await self._task_loader.load(task_id)
+        task = await self._retried(self._task_loader.load, task_id)
         if task is None or (owner_id is not None and task.owner_id != owner_id):
             raise TaskNotFound(f"task {task_id} not found")
         return task
 
     async def _reload(self, task_id: UUID) -> Task:
-        task = await self._task_loader.load(task_id)
+        task = await self._retried(self._task_loader.load, task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found (it was deleted)")
         return task
@@ -187,7 +214,8 @@ class WaitService:
         run: list[tuple[int, str]] = []
         while True:
             page_end = last_seq + CHUNK_PAGE
-            page = await self._chunk_loader.load((task_id, attempt, last_seq)) or []
+            key = (task_id, attempt, last_seq)
+            page = await self._retried(self._chunk_loader.load, key) or []
             for chunk in page:
                 if chunk[0] != last_seq + 1:
                     return run  # a gap: that chunk is still in flight on another replica
@@ -215,6 +243,24 @@ class WaitService:
                 # Not kept while parked (a row with its request is ~1 KB per open wait): the
                 # loop reads it again after every wake-up, the deadline's included.
                 del task
+                await waiter.wait(remaining)
+                waiter.take()
+                task = await self._reload(task_id)
+            return task
+
+    async def wait_claimed(
+        self, task_id: UUID, timeout_s: float, *, owner_id: str | None = None
+    ) -> Task:
+        """The task once a worker took it (or it ended), or as it is at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self.hub.watch_task(task_id) as waiter:
+            self._ensure_sweeper()
+            task = await self._first_read(task_id, owner_id)
+            while task.status is TaskStatus.PENDING:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
                 await waiter.wait(remaining)
                 waiter.take()
                 task = await self._reload(task_id)
