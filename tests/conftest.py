@@ -1,7 +1,8 @@
 """A real PostgreSQL for every test: a template database migrated once, cloned per test.
 
 The server is, in this order: INFERQ_TEST_DATABASE_URL; a testcontainers PostgreSQL when a
-Docker engine answers; a private throwaway cluster from the local server binaries; the
+Docker engine answers; a private throwaway cluster from the local server binaries (installed
+from Debian's packages first when they are missing and the tests run as root); the
 ``pgserver`` wheel. When none can be had the database tests fail; they are never skipped.
 """
 
@@ -24,6 +25,7 @@ from inferq.db.cluster import PrivateCluster, find_bindir
 from inferq.db.migrations import Migrator
 from inferq.db.pool import create_pool
 from inferq.settings import Settings
+from tests import system_packages
 
 TEMPLATE = "inferq_template"
 _counter = itertools.count()
@@ -64,6 +66,8 @@ def pg_server() -> Iterator[Any]:
         with PostgresContainer("postgres:15", driver=None) as pg:
             yield _External(pg.get_connection_url())
         return
+    if find_bindir() is None and system_packages.can_install():
+        system_packages.install("postgresql", "postgresql-client")
     if find_bindir() is not None:
         cluster = PrivateCluster(
             Path(tempfile.mkdtemp(prefix="inferq-test-pg-")),

@@ -33,6 +33,7 @@ import psycopg
 from inferq.db.cluster import UNPRIVILEGED_USER, PrivateCluster, free_port
 from inferq.db.migrations import Migrator
 from inferq.db.tokens import hash_token, new_secret
+from tests import system_packages
 from tests.e2e import audit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +50,25 @@ class HarnessError(RuntimeError):
 
 
 def find_binary(name: str) -> str:
-    """The path of ``name`` (PATH, then /usr/sbin); fails with the Debian package to install."""
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-    )
-    if path is None:
-        raise HarnessError(
-            f"{name} is not installed: the e2e suite needs it (apt-get install -y {name})"
+    """The path of ``name`` (PATH, then /usr/sbin), installing its Debian package when it is
+    missing and the tests may (tests/system_packages.py); else HarnessError naming it."""
+
+    def where() -> str | None:
+        return shutil.which(name) or (
+            f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
         )
+
+    path = where()
+    if path is None:
+        try:
+            system_packages.install(name)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            raise HarnessError(
+                f"{name} is not installed and the e2e suite needs it: {exc}"
+            ) from None
+        path = where()
+    if path is None:
+        raise HarnessError(f"{name} is still missing after installing it")
     return path
 
 
