@@ -116,6 +116,7 @@ class OpenAIBackend:
                 # No total: ``timeout_s`` bounds each call (aiohttp's default would be 300 s).
                 timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
                 trust_env=True,
+                cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; and less CPU per call
             )
         return self._session
 

@@ -99,6 +99,7 @@ class WorkerClient:
                 headers=self._auth,
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
                 trust_env=True,
+                cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; and less CPU per call
             )
         return self._session
 
