@@ -19,7 +19,7 @@ from aiohttp import web
 
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
-from inferq.worker.errors import WorkerApiError
+from inferq.worker.errors import BackendUnavailableError, WorkerApiError
 
 
 class FakeDaemon:
@@ -582,3 +582,38 @@ async def test_a_malformed_answer_to_an_outcome_is_a_worker_api_error(single_rou
             await batcher.fail(task, uuid.uuid4(), "boom")
         await batcher.aclose()
     assert batcher.batched is not single_routes
+
+
+async def test_a_backend_failure_releases_the_task_and_pauses_until_the_backend_is_back(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (first,) = daemon.add()
+    healthy = True
+    checked = asyncio.Event()
+
+    async def check() -> bool:
+        checked.set()
+        return healthy
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        nonlocal healthy
+        if str(task.id) == first:
+            healthy = False
+            raise BackendUnavailableError("the upstream server is unreachable")
+        return "ok"
+
+    worker, run = await start(client, handler, backend_check=check, backoff_max_s=0.01)
+    await daemon.until(lambda: "DELETE sessions/*" in daemon.calls)
+    assert daemon.outcomes[first] == ("released", None)  # back to the queue, not failed
+    (second,) = daemon.add()
+    for _ in range(3):  # the backend stays down through several checks: no bind, no claim
+        checked.clear()
+        await asyncio.wait_for(checked.wait(), 10)
+    assert daemon.calls.count("POST sessions") == 1
+    assert second not in daemon.outcomes and len(daemon.pending) == 1
+    healthy = True
+    await daemon.until(lambda: second in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.outcomes[second] == ("complete", "ok")
+    assert daemon.calls.count("POST sessions") == 2

@@ -102,6 +102,7 @@ class OpenAIBackend:
         self.capacity = capacity
         self.max_response_bytes = max_response_bytes
         self.max_line_bytes = max_line_bytes
+        self.check_timeout_s = CHECK_TIMEOUT_S
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -131,7 +132,7 @@ class OpenAIBackend:
             async with self._http().get(
                 URL(self.base_url + "/models"),
                 headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S),
+                timeout=aiohttp.ClientTimeout(total=self.check_timeout_s),
             ) as resp:
                 await read_body(resp, _ERROR_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError, ResponseTooLargeError) as exc:
