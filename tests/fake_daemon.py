@@ -106,8 +106,7 @@ class FakeDaemon:
         the client hangs up."""
 
         async def answer(request: web.Request) -> web.StreamResponse:
-            while not self.go.is_set():
-                await asyncio.sleep(0.01)
+            await asyncio.to_thread(self.go.wait)
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             if chunked:
                 resp.enable_chunked_encoding()
