@@ -23,9 +23,8 @@ from tests.fake_daemon import FakeDaemon, running
 pytestmark = pytest.mark.e2e
 
 LIMIT = 8 << 20
-MARGIN = (
-    8 << 20
-)  # buffers, the bytearray's over-allocation, allocator slack (seen: 3.4 MiB)  # buffers, the bytearray's over-allocation, allocator slack
+# Buffers and the bytearray's over-allocation (seen: 3.4 MiB over the limit).
+MARGIN = 8 << 20
 
 
 def peak_rss(pid: int) -> int:
