@@ -9,6 +9,7 @@ from uuid import uuid4
 import pytest
 
 from inferq.worker import UnavailableError, WorkerApiError, WorkerClient
+from inferq.worker.client import proxy_for
 
 Answer = Callable[[bytes], bytes]
 Serve = Callable[[Answer], Awaitable["Server"]]
@@ -125,3 +126,17 @@ async def test_the_shutdown_deadline_ends_a_call_and_its_retries(serve: Serve) -
             with pytest.raises(UnavailableError, match="shutdown deadline passed"):
                 await client.unbind(uuid4())
     assert server.requests > 1
+
+
+def test_a_proxy_from_the_environment_is_looked_up_once_per_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    assert proxy_for("https://inferq.example") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert proxy_for("https://inferq.example") == "http://proxy.example:3128"
+    assert proxy_for("http://inferq.example") is None
+    monkeypatch.setenv("NO_PROXY", "inferq.example")
+    assert proxy_for("https://inferq.example") is None

@@ -36,6 +36,7 @@ from yarl import URL
 
 from inferq.jsontext import dumps
 from inferq.wire import JsonValue, WorkerTask
+from inferq.worker.client import proxy_for
 from inferq.worker.context import TaskContext
 from inferq.worker.errors import BackendUnavailableError
 from inferq.worker.responses import ResponseTooLargeError, read_body, read_line
@@ -116,7 +117,7 @@ class OpenAIBackend:
                 connector=aiohttp.TCPConnector(limit=self.capacity + 1),
                 # No total: ``timeout_s`` bounds each call (aiohttp's default would be 300 s).
                 timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
-                trust_env=True,
+                proxy=proxy_for(self.base_url),
                 cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; and less CPU per call
             )
         return self._session
