@@ -3,6 +3,7 @@ nothing outside what the base install (``pip install inferq``, no extras) brings
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -53,10 +54,8 @@ def base_distributions() -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        try:
+        with contextlib.suppress(PackageNotFoundError):  # not installed here (platform-only)
             todo += [Requirement(r) for r in requires(req.name) or []]
-        except PackageNotFoundError:
-            pass  # not installed here (a platform-only dependency)
     return seen
 
 
