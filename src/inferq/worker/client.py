@@ -8,10 +8,13 @@ are keyed by (attempt, seq), complete/fail are idempotent with the same payload,
 start is recognised below.
 
 Design notes:
-- Requests go through aiohttp, chosen by measurement: small JSON calls against a local
-  uvicorn cost ~130-190 us of process CPU each with aiohttp, ~650-790 us with httpx's default
-  transport (httpcore over anyio) and ~210 us with the hand-written HTTP/1.1 transport this
-  replaced (2 cores, uvloop). A worker makes a few calls per task, so it matters.
+- Requests go through aiohttp, chosen by measurement (process CPU per small JSON call to a
+  local uvicorn, 2 cores, uvloop, 1 and 4 calls in flight): aiohttp 95-130 us, httpx's
+  default transport (httpcore over anyio) 600-650 us, the hand-written HTTP/1.1 transport
+  this replaced 150-175 us under httpx's client. Through WorkerClient: ~110-160 us a call,
+  ~150-185 us before. A worker makes a few calls per task, so it matters. HTTP/1.1 only
+  (aiohttp has no HTTP/2, which the worker's small calls on kept-alive connections do not
+  need); TLS verifies with the system's certificates (SSL_CERT_FILE / SSL_CERT_DIR apply).
 - Every answer is read through ``responses.read_body`` with a size cap (``max_response_bytes``):
   a bind or claim carries whole task requests, so the default leaves room for a claim of 15
   tasks of the largest body the daemon accepts (INFERQ_MAX_BODY_BYTES, 1 MiB); `inferq
