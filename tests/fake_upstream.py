@@ -59,6 +59,8 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(body, chat)
         else:
+            # A plain answer takes as long to generate as the stream would.
+            time.sleep(self.server.delay_s * len(REPLY.split()))
             self._json(200, _response(body, chat))
 
     def _stream(self, body: dict[str, Any], chat: bool) -> None:

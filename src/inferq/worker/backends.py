@@ -25,6 +25,7 @@ How OpenAIBackend sorts upstream failures (docs/protocol.md, "Worker API"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ from inferq.wire import JsonValue, WorkerTask
 from inferq.worker.client import proxy_for
 from inferq.worker.context import TaskContext
 from inferq.worker.errors import BackendUnavailableError
-from inferq.worker.responses import ResponseTooLargeError, read_body, read_line
+from inferq.worker.responses import ResponseTooLargeError, read_body, read_lines
 
 log = structlog.get_logger("inferq.worker")
 
@@ -197,18 +198,19 @@ class OpenAIBackend:
         self, resp: aiohttp.ClientResponse, task: WorkerTask, ctx: TaskContext
     ) -> JsonValue:
         assembler = _Assembler(task, is_completion(task.request))
-        while line := await read_line(resp, self.max_line_bytes):
-            if not line.startswith(b"data:"):
-                continue  # SSE comments, event names, blank separators
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = orjson.loads(data)
-            if isinstance(chunk, dict) and "error" in chunk:
-                message = _upstream_message(resp.status, data)
-                raise UpstreamError(message.replace("returned HTTP 200", "stream failed"))
-            ctx.emit(chunk)
-            assembler.add(chunk)
+        async with contextlib.aclosing(read_lines(resp, self.max_line_bytes)) as lines:
+            async for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # SSE comments, event names, blank separators
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                if isinstance(chunk, dict) and "error" in chunk:
+                    message = _upstream_message(resp.status, data)
+                    raise UpstreamError(message.replace("returned HTTP 200", "stream failed"))
+                ctx.emit(chunk)
+                assembler.add(chunk)
         return assembler.response()
 
 
