@@ -6,7 +6,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY sql ./sql
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The server extra: a bare `pip install inferq` is the worker only.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[server]'
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFERQ_LOG_FORMAT=json \
     INFERQ_DATA_DIR=/var/lib/inferq
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+RUN pip install --no-cache-dir --no-index --find-links /wheels 'inferq[server]' && rm -rf /wheels \
     && useradd --system --uid 10001 --home-dir /var/lib/inferq --create-home inferq
 USER 10001:10001
 WORKDIR /var/lib/inferq

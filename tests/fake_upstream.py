@@ -1,6 +1,7 @@
 """A tiny OpenAI-compatible server for tests: streams a fixed reply, or fails, or hangs.
 
-Run as its own process: ``python tests/fake_upstream.py --port N --mode ok|fail|hang``. Standard
+Run as its own process: ``python tests/fake_upstream.py --port N --mode ok|fail|hang|reject``
+(reject: a 400 with REJECT_MESSAGE, as a server refusing a request's parameters). Standard
 library only, so it starts fast and shares nothing with the code under test. It prints
 ``ready <port>`` on stdout once it accepts connections.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 REPLY = "The quick brown fox jumps over the lazy dog"
 FAIL_MESSAGE = "the fake upstream exploded on purpose"
+REJECT_MESSAGE = "max_tokens must be at most 4096"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -47,6 +49,9 @@ class Handler(BaseHTTPRequestHandler):
         if mode == "fail":
             self._json(500, {"error": {"message": FAIL_MESSAGE, "type": "server_error"}})
             return
+        if mode == "reject":
+            self._json(400, {"error": {"message": REJECT_MESSAGE, "type": "invalid_request"}})
+            return
         if mode == "hang":
             time.sleep(3600)
             return
@@ -54,6 +59,8 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(body, chat)
         else:
+            # A plain answer takes as long to generate as the stream would.
+            time.sleep(self.server.delay_s * len(REPLY.split()))
             self._json(200, _response(body, chat))
 
     def _stream(self, body: dict[str, Any], chat: bool) -> None:
@@ -128,7 +135,7 @@ def serve_in_thread(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--mode", choices=["ok", "fail", "hang"], default="ok")
+    parser.add_argument("--mode", choices=["ok", "fail", "hang", "reject"], default="ok")
     parser.add_argument("--delay", type=float, default=0.01, help="seconds between chunks")
     parser.add_argument("--api-key", help="require this bearer token")
     args = parser.parse_args()

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from inferq.errors import InferqError
 from inferq.logs import configure_logging
 from inferq.settings import Settings
+
+# What `pip install 'inferq[server]'` adds to the worker's base install.
+SERVER_MODULES = ("fastapi", "uvicorn", "psycopg", "psycopg_pool", "prometheus_client")
+
+Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -50,28 +57,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply the sql/ migrations (under an advisory lock)")
     p.add_argument("--database-url", help="default: INFERQ_DATABASE_URL")
     p.add_argument("--status", action="store_true", help="list applied and pending files")
-    p.set_defaults(func=cmd_migrate)
+    p.set_defaults(func=_server(cmd_migrate))
 
     p = sub.add_parser("sql-dir", help="print where the migration files are (for psql)")
-    p.set_defaults(func=cmd_sql_dir)
+    p.set_defaults(func=_server(cmd_sql_dir))
 
     p = sub.add_parser("serve", help="run one replica: HTTP API, listener, maintenance")
     p.add_argument("--host", help="default: INFERQ_HOST (127.0.0.1)")
     p.add_argument("--port", type=int, help="default: INFERQ_PORT (8000)")
-    p.set_defaults(func=_lazy("inferq.daemon:serve_command"))
+    p.set_defaults(func=_server(_lazy("inferq.daemon:serve_command")))
 
-    p = sub.add_parser("worker", help="run a worker in front of an inference backend")
-    p.add_argument("--url", required=True, help="inferq base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--token", required=True, help="a worker token (inferq token create)")
+    p = sub.add_parser(
+        "worker",
+        help="run a worker in front of an inference backend",
+        description="Secrets come from the environment or from files, never from argv: "
+        "the worker token from INFERQ_WORKER_TOKEN or --token-file, the upstream's API key "
+        "from INFERQ_BACKEND_API_KEY or --backend-api-key-file.",
+    )
+    p.add_argument("--url", required=True, help="inferq base URL, e.g. https://inferq.example")
+    p.add_argument("--token-file", help="file holding the worker token (else INFERQ_WORKER_TOKEN)")
     p.add_argument("--pool", action="append", required=True, help="pool to serve (repeatable)")
     p.add_argument("--capacity", type=int, default=1, help="tasks in flight at most")
     p.add_argument(
         "--backend", default="echo", help="'echo', or the URL of an OpenAI-compatible server"
     )
-    p.add_argument("--backend-api-key", help="API key for the upstream server")
+    p.add_argument(
+        "--backend-api-key-file",
+        help="file holding the upstream server's API key (else INFERQ_BACKEND_API_KEY)",
+    )
     p.add_argument("--backend-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--echo-delay", type=float, default=0.0, help="echo: seconds per word")
     p.add_argument("--name", help="worker name shown in logs and sessions")
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow http:// to a host other than this one (the token travels in clear)",
+    )
+    for flag, instead in (
+        ("--token", "INFERQ_WORKER_TOKEN or --token-file"),
+        ("--backend-api-key", "INFERQ_BACKEND_API_KEY or --backend-api-key-file"),
+    ):
+        p.add_argument(flag, nargs="?", action=_Refused, instead=instead, help=argparse.SUPPRESS)
     p.set_defaults(func=_lazy("inferq.worker.cli:worker_command"))
 
     p = sub.add_parser("token", help="create, list and revoke API tokens")
@@ -84,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token by id")
     t.add_argument("token_id")
-    p.set_defaults(func=_lazy("inferq.admin:token_command"))
+    p.set_defaults(func=_server(_lazy("inferq.admin:token_command")))
 
     p = sub.add_parser("llm", help="manage the LLM registry (model name -> pool)")
     lsub = p.add_subparsers(dest="llm_command", required=True)
@@ -96,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("list", help="list models")
     t = lsub.add_parser("remove", help="remove a model")
     t.add_argument("name")
-    p.set_defaults(func=_lazy("inferq.admin:llm_command"))
+    p.set_defaults(func=_server(_lazy("inferq.admin:llm_command")))
 
     p = sub.add_parser("status", help="queue depth per pool and status, sessions, listener")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_lazy("inferq.admin:status_command"))
+    p.set_defaults(func=_server(_lazy("inferq.admin:status_command")))
 
     p = sub.add_parser("bench", help="measure throughput and latency on this machine")
     p.add_argument("--quick", action="store_true", help="a short run for smoke tests")
@@ -113,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this scenario (repeatable): ceiling, pipeline, claim, wake, relay, "
         "waiters, http, memory",
     )
-    p.set_defaults(func=_lazy("inferq.bench.command:bench_command"))
+    p.set_defaults(func=_server(_lazy("inferq.bench.command:bench_command")))
     return parser
 
 
-def _lazy(target: str) -> Callable[[argparse.Namespace, Settings], int]:
+def _lazy(target: str) -> Command:
     """Import a command's module only when it runs (the worker needs no server packages)."""
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,6 +152,39 @@ def _lazy(target: str) -> Callable[[argparse.Namespace, Settings], int]:
         return int(func(args, settings))
 
     return run
+
+
+def _server(command: Command) -> Command:
+    """``command`` when the server's packages are installed; else a clear error (a worker
+    install, ``pip install inferq``, has none of them)."""
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            print(
+                f"inferq {args.command}: this install is the worker only (missing: "
+                f"{', '.join(missing)}); install the server with: pip install 'inferq[server]'",
+                file=sys.stderr,
+            )
+            return 2
+        return command(args, settings)
+
+    return run
+
+
+class _Refused(argparse.Action):
+    """An option that used to take a secret on the command line (where `ps` shows it)."""
+
+    def __init__(self, *args: Any, instead: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        option = args[-1] if args else self.option_strings[0]
+        parser.error(
+            f"{option} is not accepted: a secret on the command line shows in ps and in shell "
+            f"history; use {self.instead}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

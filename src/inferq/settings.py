@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     # Logs.
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Worker (`inferq worker`). Its secrets come from here or from files, never from argv.
+    worker_token: SecretStr | None = None
+    backend_api_key: SecretStr | None = None
+    # The largest daemon answer it reads; unset: (capacity + 1) x max_body_bytes, at least 16x
+    # (a claim carries whole task requests).
+    worker_max_response_bytes: int | None = Field(default=None, ge=1024)
+    # The largest upstream answer, and the longest line of an upstream stream, it reads.
+    backend_max_response_bytes: int = Field(default=16 << 20, ge=1024)
+    backend_max_line_bytes: int = Field(default=1 << 20, ge=1024)
 
     # Wakeups.
     poll_only: bool = False  # no LISTEN at all: waiters rely on the safety poll

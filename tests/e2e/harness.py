@@ -554,6 +554,7 @@ class Deployment:
     def _worker_proc(self, index: int) -> Proc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
         env["INFERQ_LOG_FORMAT"] = "json"
+        env["INFERQ_WORKER_TOKEN"] = self.tokens["worker"]
         return Proc(
             f"worker{index}",
             [
@@ -563,8 +564,6 @@ class Deployment:
                 "worker",
                 "--url",
                 self.url,
-                "--token",
-                self.tokens["worker"],
                 "--pool",
                 POOL,
                 "--capacity",

@@ -123,9 +123,10 @@ class Stack:
         """Start ``inferq worker`` on POOL; ``args`` add e.g. --backend or --echo-delay."""
         name = name or f"worker{len(self.procs)}"
         argv = [sys.executable, "-m", "inferq", "worker", "--url", self.url]
-        argv += ["--token", self.worker_token, "--pool", POOL, "--capacity", str(capacity)]
+        argv += ["--pool", POOL, "--capacity", str(capacity)]
         argv += ["--name", name, *args]
-        return self.spawn(name, argv, self.base_env() | (env or {}))
+        secret = {"INFERQ_WORKER_TOKEN": self.worker_token}
+        return self.spawn(name, argv, self.base_env() | secret | (env or {}))
 
     def upstream(self, mode: str, delay_s: float = 0.01) -> str:
         """Start tests/fake_upstream.py; its base URL."""

@@ -53,4 +53,4 @@ def test_an_upstream_hang_fails_the_task_at_the_backend_timeout(stack: Stack) ->
     task = stack.submit("anything", streaming=True)
     done = stack.wait_task(task["id"])
     assert done["status"] == "error"
-    assert done["error"] == f"the upstream server {upstream} did not answer within 1s"
+    assert done["error"] == "the upstream server did not answer within 1s"  # no URL

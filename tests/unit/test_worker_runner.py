@@ -1,12 +1,13 @@
 """Worker runner against an in-memory stand-in for the worker routes (no database involved).
 
-The stand-in answers exactly as docs/protocol.md says; the end-to-end tests run the same paths
-against a real daemon and PostgreSQL.
+The stand-in answers exactly as docs/protocol.md says, over real HTTP on a loopback port
+(``serving``); the end-to-end tests run the same paths against a real daemon and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
-from inferq.worker.errors import WorkerApiError
+from inferq.worker.errors import BackendUnavailableError, WorkerApiError
 
 
 class FakeDaemon:
@@ -179,16 +181,47 @@ def _error(status: int, code: str) -> httpx.Response:
     return httpx.Response(status, json={"error": _error_body(code)})
 
 
+Handle = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handle: Handle) -> AsyncIterator[str]:
+    """``handle`` (httpx request in, httpx response out) behind a real HTTP server on a
+    loopback port; yields its base URL."""
+
+    async def on_request(request: web.Request) -> web.Response:
+        body = await request.read()
+        answer = await handle(httpx.Request(request.method, str(request.url), content=body))
+        return web.Response(
+            status=answer.status_code, body=answer.content, content_type="application/json"
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", on_request)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def daemon() -> FakeDaemon:
     return FakeDaemon()
 
 
 @pytest.fixture
-async def client(daemon: FakeDaemon) -> AsyncIterator[WorkerClient]:
-    c = WorkerClient(
-        "http://inferq", "t", transport=httpx.MockTransport(daemon.handle), backoff_max_s=0.01
-    )
+async def daemon_url(daemon: FakeDaemon) -> AsyncIterator[str]:
+    async with serving(daemon.handle) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(daemon_url: str) -> AsyncIterator[WorkerClient]:
+    c = WorkerClient(daemon_url, "t", backoff_max_s=0.01)
     yield c
     await c.aclose()
 
@@ -392,13 +425,10 @@ async def test_a_claim_long_poll_on_a_reaped_session_is_cut_by_binding_again(
 
 
 async def test_a_worker_started_before_the_daemon_binds_once_it_answers(
-    daemon: FakeDaemon,
+    daemon: FakeDaemon, daemon_url: str
 ) -> None:
     daemon.unavailable = 30
-    transport = httpx.MockTransport(daemon.handle)
-    async with WorkerClient(
-        "http://inferq", "t", transport=transport, retry_budget_s=0.02, backoff_max_s=0.001
-    ) as client:
+    async with WorkerClient(daemon_url, "t", retry_budget_s=0.02, backoff_max_s=0.001) as client:
 
         async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
             return "ok"
@@ -521,13 +551,10 @@ async def test_a_retried_outcomes_call_claims_nothing_the_second_time() -> None:
         return httpx.Response(200, json={"results": [{"status_code": 200}], "tasks": []})
 
     item = {"task_id": str(uuid.uuid4()), "attempt": 1, "response": {"text": "ok"}}
-    async with WorkerClient(
-        "http://inferq",
-        "t",
-        transport=httpx.MockTransport(handle),
-        retry_budget_s=5,
-        backoff_max_s=0.001,
-    ) as client:
+    async with (
+        serving(handle) as url,
+        WorkerClient(url, "t", retry_budget_s=5, backoff_max_s=0.001) as client,
+    ):
         results, tasks = await client.outcomes(uuid.uuid4(), [item], claim=4)
     assert [b["claim"] for b in bodies] == [4, 0]
     assert bodies[0]["outcomes"] == bodies[1]["outcomes"] == [item]
@@ -547,7 +574,7 @@ async def test_a_malformed_answer_to_an_outcome_is_a_worker_api_error(single_rou
     task = WorkerTask.model_validate(
         {"id": str(uuid.uuid4()), "attempt": 1, "pool": "p", "streaming": False, "request": {}}
     )
-    async with WorkerClient("http://inferq", "t", transport=httpx.MockTransport(handle)) as client:
+    async with serving(handle) as url, WorkerClient(url, "t") as client:
         batcher = OutcomeBatcher(client)
         with pytest.raises(WorkerApiError, match="the outcome call failed"):
             await batcher.complete(task, uuid.uuid4(), {"text": "ok"})
@@ -555,3 +582,38 @@ async def test_a_malformed_answer_to_an_outcome_is_a_worker_api_error(single_rou
             await batcher.fail(task, uuid.uuid4(), "boom")
         await batcher.aclose()
     assert batcher.batched is not single_routes
+
+
+async def test_a_backend_failure_releases_the_task_and_pauses_until_the_backend_is_back(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    (first,) = daemon.add()
+    healthy = True
+    checked = asyncio.Event()
+
+    async def check() -> bool:
+        checked.set()
+        return healthy
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        nonlocal healthy
+        if str(task.id) == first:
+            healthy = False
+            raise BackendUnavailableError("the upstream server is unreachable")
+        return "ok"
+
+    worker, run = await start(client, handler, backend_check=check, backoff_max_s=0.01)
+    await daemon.until(lambda: "DELETE sessions/*" in daemon.calls)
+    assert daemon.outcomes[first] == ("released", None)  # back to the queue, not failed
+    (second,) = daemon.add()
+    for _ in range(3):  # the backend stays down through several checks: no bind, no claim
+        checked.clear()
+        await asyncio.wait_for(checked.wait(), 10)
+    assert daemon.calls.count("POST sessions") == 1
+    assert second not in daemon.outcomes and len(daemon.pending) == 1
+    healthy = True
+    await daemon.until(lambda: second in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.outcomes[second] == ("complete", "ok")
+    assert daemon.calls.count("POST sessions") == 2

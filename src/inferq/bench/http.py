@@ -11,11 +11,11 @@ Design decisions:
   keep-alive connection. With that many clients the p50 is mostly queueing (clients / rate),
   so one client alone is measured first: the latency of a request that waits behind nothing.
   A few requests per client warm the connections up before the clock starts.
-- The clients drive the worker transport's HTTP/1.1 connection (``inferq.worker._http``, an
-  asyncio protocol) directly, not httpx: on two cores the load generator shares the CPUs with
-  what it measures, and httpx cost about 1 ms of CPU per request here, as much as a worker
-  spends on a task. Its own CPU per request (this thread's CPU time over the load phase) is
-  measured as ``http.loadgen_cpu_ms_per_request``, so a reader can check it stays small.
+- The clients are aiohttp sessions of one keep-alive connection each, not httpx: on two cores
+  the load generator shares the CPUs with what it measures, and httpx cost about 1 ms of CPU
+  per request here, as much as a worker spends on a task (aiohttp: under 0.1 ms). Its own CPU
+  per request (this thread's CPU time over the load phase) is measured as
+  ``http.loadgen_cpu_ms_per_request``, so a reader can check it stays small.
 - Memory (``measure_wait_memory``, a replica of its own with no worker): its resident set
   (VmRSS from /proc) is read idle, then with ``open_waits`` native ``GET /v1/tasks/{id}/wait``
   long-polls parked on pending tasks of a pool no worker serves. The long-polls are raw
@@ -35,12 +35,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from inferq.bench.queries import BenchTasks, NewTask
@@ -50,7 +51,6 @@ from inferq.db.pool import create_pool
 from inferq.db.tokens import TokenRepository
 from inferq.runtime import run
 from inferq.settings import Settings
-from inferq.worker._http import Connection
 
 WORKER_CAPACITY = 32
 WARMUP_PER_CLIENT = 5
@@ -104,8 +104,10 @@ def measure_http(
     env, setup = _setup(dsn, requests)
     with _processes() as procs:
         urls = _start_replicas(procs, 2, env)
+        # The token travels in the environment, never in argv.
+        worker_env = {**env, "INFERQ_WORKER_TOKEN": setup.worker_token}
         for i, url in enumerate(urls):
-            procs.append(_spawn(f"worker{i}", _worker_args(url, setup, i), env))
+            procs.append(_spawn(f"worker{i}", _worker_args(url, setup, i), worker_env))
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
         pids = [proc.popen.pid for proc in procs]
         # One client first: the latency of a request that does not queue behind others.
@@ -160,9 +162,9 @@ async def _floor(url: str, pid: int, count: int, progress: Callable[[str], None]
     idle = rss_bytes(pid)
     host, port = url.removeprefix("http://").split(":")
     ids = [str(uuid.uuid4()) for _ in range(count)]
-    async with _open_waits(host, int(port), ids, "not-checked"), httpx.AsyncClient() as http:
+    async with _open_waits(host, int(port), ids, "not-checked"), aiohttp.ClientSession() as http:
         deadline = time.monotonic() + PARK_TIMEOUT_S
-        while int((await http.get(url + "/parked")).text) < count:
+        while int(await _get_text(http, url + "/parked")) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the bare app did not park {count} requests in time")
             await asyncio.sleep(0.5)
@@ -206,8 +208,6 @@ def _worker_args(url: str, setup: _Setup, i: int) -> list[str]:
         "worker",
         "--url",
         url,
-        "--token",
-        setup.worker_token,
         "--pool",
         setup.pool_name,
         "--capacity",
@@ -299,8 +299,8 @@ def _wait_ready(url: str, proc: _Proc, path: str = "/readyz") -> None:
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + path, timeout=2).status_code == 200:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + path, timeout=2) as resp:
+            if resp.status == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{proc.name} was not ready in {READY_TIMEOUT_S:g}s: {proc.tail()}")
@@ -315,29 +315,31 @@ async def _load(
     body = orjson.dumps({**BODY, "model": setup.model})
     samples: list[float] = []
     remaining = requests
-
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: inferq\r\n"
-        f"Authorization: Bearer {setup.client_token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    headers = {
+        "Authorization": f"Bearer {setup.client_token}",
+        "Content-Type": "application/json",
+    }
 
     async def client(i: int) -> None:
         nonlocal remaining
-        host, port = urls[i % len(urls)].removeprefix("http://").split(":")
-        _, conn = await asyncio.get_running_loop().create_connection(Connection, host, int(port))
-        try:
+        url = urls[i % len(urls)] + "/v1/chat/completions"
+        # One keep-alive connection per client, as a client application would hold; no
+        # cookie jar and no decompression to run per request (the load generator's CPU is
+        # taken from what it measures).
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        ) as http:
             for _ in range(WARMUP_PER_CLIENT):
-                _check(await conn.exchange(head, body, b"POST"))
+                await _post(http, url, body)
             await start.wait()
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
-                answer = await conn.exchange(head, body, b"POST")
+                await _post(http, url, body)
                 samples.append(time.perf_counter() - t0)
-                _check(answer)
-        finally:
-            conn.close()
 
     start = asyncio.Event()
     tasks = [asyncio.create_task(client(i)) for i in range(clients)]
@@ -362,10 +364,16 @@ async def _load(
     }
 
 
-def _check(answer: tuple[int, bytes, Any, bytes, bool]) -> None:
-    status, _, _, content, _ = answer
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {content[:300].decode(errors='replace')}")
+async def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> None:
+    async with http.post(url, data=body) as resp:
+        content = await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {content[:300].decode(errors='replace')}")
+
+
+async def _get_text(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        return await resp.text()
 
 
 async def _until_waiting(start: asyncio.Event, tasks: list[asyncio.Task[None]], n: int) -> None:
@@ -485,11 +493,11 @@ async def _until_parked(url: str, count: int, progress: Callable[[str], None]) -
     """
     deadline = time.monotonic() + PARK_TIMEOUT_S
     parked = 0.0
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             try:
-                text = (await http.get(url + "/metrics")).text
-            except httpx.HTTPError:
+                text = await _get_text(http, url + "/metrics")
+            except (aiohttp.ClientError, TimeoutError):
                 await asyncio.sleep(0.5)
                 continue
             match = re.search(r"^inferq_open_waits(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)

@@ -1,7 +1,7 @@
 """The worker SDK: bind to an inferq daemon over HTTP and run inference tasks.
 
-Imports only httpx, pydantic, structlog and the wire schemas, so a GPU box installs no server
-packages. Typical use::
+Imports only aiohttp, orjson, pydantic, structlog and the wire schemas, so a GPU box installs
+no server packages (``pip install inferq``; the daemon is ``inferq[server]``). Typical use::
 
     async with WorkerClient(url, token) as client:
         await Worker(client, ["gpu-a"], EchoBackend(), capacity=4).run()
@@ -9,8 +9,10 @@ packages. Typical use::
 
 from inferq.worker.backends import EchoBackend, OpenAIBackend, UpstreamError
 from inferq.worker.client import WorkerClient
+from inferq.worker.context import Handler, TaskContext
 from inferq.worker.errors import (
     AuthenticationError,
+    BackendUnavailableError,
     LeaseLostError,
     SessionNotFoundError,
     TaskNotFoundError,
@@ -18,11 +20,12 @@ from inferq.worker.errors import (
     WorkerApiError,
 )
 from inferq.worker.outcomes import OutcomeBatcher
-from inferq.worker.runner import Handler, TaskContext, Worker
+from inferq.worker.runner import Worker
 from inferq.worker.stream import ChunkStream
 
 __all__ = [
     "AuthenticationError",
+    "BackendUnavailableError",
     "ChunkStream",
     "EchoBackend",
     "Handler",

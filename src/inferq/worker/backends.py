@@ -6,20 +6,49 @@
 
 A request with ``prompt`` and no ``messages`` is a completions request (``text_completion``
 objects); anything else is a chat request (``chat.completion.chunk`` objects).
+
+How OpenAIBackend sorts upstream failures (docs/protocol.md, "Worker API"):
+- The upstream cannot be reached (connection refused, reset, or cut before the answer ended):
+  BackendUnavailableError. The worker gives the task back to the queue, uses up no attempt,
+  and takes no work until :meth:`OpenAIBackend.check` passes again.
+- No answer within ``timeout_s``: a non-streaming answer only starts once generation ends,
+  so a slow generation and a dead server look alike. One health check decides: a server
+  that still answers ``GET /models`` is slow (UpstreamError, the task fails), one that does
+  not is down (BackendUnavailableError).
+- An HTTP error (4xx, 5xx), a malformed or oversized answer: UpstreamError with the
+  upstream's own message. These messages reach the task's client, so they never carry the
+  upstream's URL, headers or key; the details go to the worker's own log.
+- Answers are read within limits (``max_response_bytes`` for a whole answer,
+  ``max_line_bytes`` for one line of a stream), see ``inferq.worker.responses``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+import orjson
+import structlog
+from yarl import URL
 
+from inferq.jsontext import dumps
 from inferq.wire import JsonValue, WorkerTask
-from inferq.worker.runner import TaskContext
+from inferq.worker.client import proxy_for
+from inferq.worker.context import TaskContext
+from inferq.worker.errors import BackendUnavailableError
+from inferq.worker.responses import ResponseTooLargeError, read_body, read_lines
+
+log = structlog.get_logger("inferq.worker")
+
+DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+CHECK_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
+_ERROR_BODY_BYTES = 64 << 10  # enough of an error answer for its message
 
 
 class UpstreamError(Exception):
@@ -73,68 +102,118 @@ class OpenAIBackend:
         api_key: str | None = None,
         timeout_s: float = 600.0,
         capacity: int = 1,
-        transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.base_url = _api_base(base_url)
         self.timeout_s = timeout_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=capacity, max_keepalive_connections=capacity),
-            transport=transport,
-        )
+        self.capacity = capacity
+        self.max_response_bytes = max_response_bytes
+        self.max_line_bytes = max_line_bytes
+        self.check_timeout_s = CHECK_TIMEOUT_S
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use: an aiohttp session belongs to the running event loop. One
+        # connection more than the capacity, so a health check never waits for a slot.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.capacity + 1),
+                # No total: ``timeout_s`` bounds each call (aiohttp's default would be 300 s).
+                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
+                proxy=proxy_for(self.base_url),
+                cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; and less CPU per call
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    async def check(self) -> bool:
+        """Whether the upstream answers ``GET /models`` (any answer below 500) within a few
+        seconds. A 4xx is logged: the URL or the key may be wrong, but the server is up."""
+        try:
+            async with self._http().get(
+                URL(self.base_url + "/models"),
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.check_timeout_s),
+            ) as resp:
+                await read_body(resp, _ERROR_BODY_BYTES)
+        except (aiohttp.ClientError, TimeoutError, ResponseTooLargeError) as exc:
+            log.info("backend_check_failed", backend=_safe(self.base_url), error=_describe(exc))
+            return False
+        if resp.status >= 400:
+            log.warning("backend_check_refused", backend=_safe(self.base_url), status=resp.status)
+        return resp.status < 500
 
     async def __call__(self, task: WorkerTask, ctx: TaskContext) -> JsonValue:
-        """Relay the upstream answer; raises UpstreamError with the upstream's message."""
+        """Relay the upstream answer. Raises UpstreamError with the upstream's message, or
+        BackendUnavailableError when the upstream cannot be reached."""
         body = dict(task.request)
         if task.model:
             body["model"] = task.model  # the registry's upstream name for this LLM
         body["stream"] = task.streaming
-        path = "/completions" if is_completion(body) else "/chat/completions"
+        url = URL(self.base_url + ("/completions" if is_completion(body) else "/chat/completions"))
+        answered = False
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with (
+                asyncio.timeout(self.timeout_s),
+                self._http().post(url, data=dumps(body), headers=self._headers) as resp,
+            ):
+                answered = True
+                if resp.status >= 400:
+                    detail = await read_body(resp, _ERROR_BODY_BYTES)
+                    raise UpstreamError(_upstream_message(resp.status, detail))
                 if task.streaming:
-                    return await self._stream(path, body, task, ctx)
-                resp = await self._http.post(path, json=body)
-                if resp.status_code >= 400:
-                    raise UpstreamError(_upstream_message(resp.status_code, resp.content))
-                return resp.json()
+                    return await self._relay(resp, task, ctx)
+                answer: JsonValue = orjson.loads(await read_body(resp, self.max_response_bytes))
+                return answer
         except TimeoutError:
+            if not answered and not await self.check():
+                raise self._unavailable("no answer and no health check", task) from None
             raise UpstreamError(
-                f"the upstream server {self.base_url} did not answer within {self.timeout_s:g}s"
+                f"the upstream server did not answer within {self.timeout_s:g}s"
             ) from None
-        except httpx.TimeoutException:
+        except ResponseTooLargeError as exc:
+            what = "an event line of its stream" if task.streaming else "its answer"
             raise UpstreamError(
-                f"the upstream server {self.base_url} did not answer within {self.timeout_s:g}s"
+                f"the upstream server sent {what} larger than the limit of {exc.limit} bytes"
             ) from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            # Refused, reset, or closed before the answer ended: the server went away.
+            raise self._unavailable(_describe(exc), task) from None
+        except aiohttp.ClientError as exc:
+            log.warning("backend_answer_malformed", backend=_safe(self.base_url), error=str(exc))
             raise UpstreamError(
-                f"the upstream server {self.base_url} failed: {type(exc).__name__}: {exc}"
+                f"the upstream server sent a malformed answer ({type(exc).__name__})"
             ) from None
-        except json.JSONDecodeError:
-            raise UpstreamError(f"the upstream server {self.base_url} sent invalid JSON") from None
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the upstream server sent invalid JSON") from None
 
-    async def _stream(
-        self, path: str, body: dict[str, Any], task: WorkerTask, ctx: TaskContext
+    def _unavailable(self, error: str, task: WorkerTask) -> BackendUnavailableError:
+        log.warning(
+            "backend_unreachable", backend=_safe(self.base_url), error=error, task_id=str(task.id)
+        )
+        return BackendUnavailableError("the upstream server is unreachable")
+
+    async def _relay(
+        self, resp: aiohttp.ClientResponse, task: WorkerTask, ctx: TaskContext
     ) -> JsonValue:
-        assembler = _Assembler(task, is_completion(body))
-        async with self._http.stream("POST", path, json=body) as resp:
-            if resp.status_code >= 400:
-                raise UpstreamError(_upstream_message(resp.status_code, await resp.aread()))
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+        assembler = _Assembler(task, is_completion(task.request))
+        async with contextlib.aclosing(read_lines(resp, self.max_line_bytes)) as lines:
+            async for line in lines:
+                if not line.startswith(b"data:"):
                     continue  # SSE comments, event names, blank separators
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if isinstance(chunk, dict) and "error" in chunk:
-                    message = _upstream_message(resp.status_code, data.encode())
+                    message = _upstream_message(resp.status, data)
                     raise UpstreamError(message.replace("returned HTTP 200", "stream failed"))
                 ctx.emit(chunk)
                 assembler.add(chunk)
@@ -270,11 +349,20 @@ def _api_base(url: str) -> str:
     return url + "/v1" if urlsplit(url).path in ("", "/") else url
 
 
-def _upstream_message(status: int, content: bytes) -> str:
+def _safe(url: str) -> str:
+    """``url`` without a user or password, for the worker's log."""
+    return str(URL(url).with_user(None))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _upstream_message(status: int, content: bytes | bytearray) -> str:
     """``upstream returned HTTP 500: <the upstream's own message>``."""
     detail = content.decode(errors="replace").strip()
     try:
-        error = json.loads(detail).get("error")
+        error = orjson.loads(detail).get("error")
         if isinstance(error, dict) and error.get("message"):
             detail = str(error["message"])
         elif isinstance(error, str):

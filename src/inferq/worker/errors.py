@@ -1,4 +1,5 @@
-"""Exceptions of the worker SDK: the daemon's error JSON mapped to one class per code."""
+"""Exceptions of the worker SDK: the daemon's error JSON mapped to one class per code, and the
+one a handler raises when its backend is down."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ class AuthenticationError(WorkerApiError):
 
 class UnavailableError(WorkerApiError):
     """The daemon stayed unreachable (connection errors, 502/503/504) past the retry budget."""
+
+
+class BackendUnavailableError(Exception):
+    """A handler's backend could not be reached (refused, reset, no answer while its health
+    check fails). The worker gives the task back to the queue, which uses up no attempt, and
+    takes no work until the backend answers again. Its message stays on the worker."""
 
 
 def error_for(status: int, body: Any) -> WorkerApiError:

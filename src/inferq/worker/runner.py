@@ -14,13 +14,19 @@ Choices not spelled out in docs/protocol.md:
   many tasks as its outcomes free, so a saturated worker needs one round trip per batch.
 - Shutdown (stop()): stop claiming, wait up to ``grace_s`` for running handlers, cancel and
   release the rest, then unbind (which also reverts anything an interrupted claim had taken).
+  The calls after the grace period share a deadline (``FINAL_CALLS_S``), so the worker stops
+  within grace + a few seconds even when the daemon cannot be reached.
+- A handler that raises BackendUnavailableError gives its task back (release: no attempt
+  used up). The worker stops claiming at once, lets its other tasks end as a shutdown would,
+  unbinds, and binds again only once ``backend_check`` passes (checked with backoff, also
+  before the first bind). Without a check it binds again after the backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -30,37 +36,25 @@ import structlog
 
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker.client import WorkerClient
+from inferq.worker.context import Handler, TaskContext
 from inferq.worker.errors import (
     AuthenticationError,
+    BackendUnavailableError,
     LeaseLostError,
     SessionNotFoundError,
     UnavailableError,
     WorkerApiError,
 )
+from inferq.worker.gate import BackendCheck, BackendGate
 from inferq.worker.outcomes import OutcomeBatcher
 from inferq.worker.stream import ChunkStream
 
 log = structlog.get_logger("inferq.worker")
 
+# After the grace period, how long the last calls (release, outcomes, unbind) may take.
+FINAL_CALLS_S = 3.0
+
 DropReason = Literal["cancelled", "lost", "released"]
-
-
-class TaskContext:
-    """What a handler gets next to its task: :meth:`emit` for stream chunks."""
-
-    def __init__(self, task: WorkerTask, stream: ChunkStream) -> None:
-        self.task = task
-        self._stream = stream
-
-    def emit(self, chunk: JsonValue) -> None:
-        """Relay one stream chunk (an OpenAI chunk object) to the task's client, in order.
-
-        Ignored for a non-streaming task, so a backend may always emit."""
-        if self.task.streaming:
-            self._stream.emit(chunk)
-
-
-Handler = Callable[[WorkerTask, TaskContext], Awaitable[JsonValue]]
 
 
 @dataclass(eq=False)
@@ -85,6 +79,8 @@ class Worker:
         name: str | None = None,
         grace_s: float = 10.0,
         claim_wait_s: float = 30.0,
+        backend_check: BackendCheck | None = None,
+        backoff_max_s: float = 30.0,
     ) -> None:
         self.client = client
         self.pools = list(pools)
@@ -93,11 +89,13 @@ class Worker:
         self.name = name
         self.grace_s = grace_s
         self.claim_wait_s = claim_wait_s
+        self.backend_gate = BackendGate(backend_check, backoff_max_s)
         self.session_id: UUID | None = None
         self.heartbeat_s = 10.0
         self._held: dict[UUID, _Held] = {}
         self._freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._stop_at = 0.0  # event-loop time of stop()
         self._rebind_lock = asyncio.Lock()
         self._claim_parked = False  # the claim loop waits for a free slot (no long-poll open)
         # The claim loop's call in flight, with the session it claims for.
@@ -113,37 +111,78 @@ class Worker:
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler in the loop)."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        self._stop_at = asyncio.get_running_loop().time()
+        self.client.deadline = self._stop_at + self.grace_s + FINAL_CALLS_S
 
     async def run(self) -> None:
-        """Bind, serve until :meth:`stop`, then drain and unbind. Raises AuthenticationError
+        """Serve until :meth:`stop`: wait for the backend, bind, claim and run tasks, then
+        drain and unbind; again after the backend went down. Raises AuthenticationError
         when the daemon refuses the token; an unreachable daemon is retried until stop()."""
+        while not self._stopping.is_set():
+            if not await self._until(self.backend_gate.wait_ready()):
+                return
+            if not await self._until(self._bind_retrying()):
+                return
+            await self._serve_session()
+
+    async def _until(self, step: Awaitable[None]) -> bool:
+        """Run ``step`` unless stop() comes first; whether it ran to its end."""
+        task = asyncio.ensure_future(step)
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return not task.cancelled() and task.result() is None
+
+    async def _bind_retrying(self) -> None:
         while True:
             try:
                 await self._bind()
-                break
+                return
             except UnavailableError as exc:
                 # A worker may start before the daemon (compose, systemd): keep trying.
                 log.warning("session_bind_failed", error=str(exc))
-                if self._stopping.is_set():
-                    return
+
+    async def _serve_session(self) -> None:
+        """Claim and run tasks until stop() or a backend failure; then drain and unbind."""
         claimer = asyncio.create_task(self._claim_loop(), name="inferq-claim")
         beater = asyncio.create_task(self._heartbeat_loop(), name="inferq-heartbeat")
         stopper = asyncio.create_task(self._stopping.wait())
+        down = asyncio.create_task(self.backend_gate.down.wait())
         try:
-            await asyncio.wait({claimer, beater, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {claimer, beater, stopper, down}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
-            stopper.cancel()
-            claimer.cancel()
+            for waiter in (stopper, down, claimer):
+                waiter.cancel()
             await self._drain()
             beater.cancel()
             await asyncio.gather(claimer, beater, return_exceptions=True)
-            await self.outcomes.aclose(self.grace_s)
+            # Half of what is left for the outcomes on the wire, so the unbind keeps its share.
+            await self.outcomes.aclose(self._grace_left_s(final_calls=True) / 2)
             await self._drain()  # what the last outcome calls claimed on their way back
             await self._unbind()
         for loop_task in (claimer, beater):
             if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
                 raise loop_task.exception()  # type: ignore[misc]
+        if self.backend_gate.down.is_set():
+            log.warning("worker_paused", reason="backend_unavailable")
+
+    def _grace_left_s(self, final_calls: bool = False) -> float:
+        """What is left of the grace period (and of the final calls' time after it) since
+        stop(); all of ``grace_s`` when the worker is not stopping."""
+        if not self._stopping.is_set():
+            return self.grace_s
+        end = self._stop_at + self.grace_s + (FINAL_CALLS_S if final_calls else 0.0)
+        return max(0.0, end - asyncio.get_running_loop().time())
 
     # -- session ------------------------------------------------------------------------------
 
@@ -264,9 +303,12 @@ class Worker:
     def _claim_room(self, session_id: UUID, finishing: int) -> int:
         """How many tasks an outcome call may claim: what its outcomes free, when the claim
         loop is parked on a full worker (otherwise its open long-poll takes new work)."""
-        if not self._claim_parked or self._stopping.is_set() or session_id != self.session_id:
+        if not self._claim_parked or self._paused() or session_id != self.session_id:
             return 0
         return max(0, self.capacity - len(self._held) + finishing)
+
+    def _paused(self) -> bool:
+        return self._stopping.is_set() or self.backend_gate.down.is_set()
 
     def _on_claimed(self, tasks: list[WorkerTask], session_id: UUID) -> None:
         for task in tasks:
@@ -312,6 +354,10 @@ class Worker:
                 if flusher.done() and not flusher.cancelled() and flusher.exception():
                     raise flusher.exception() from None  # type: ignore[misc]
                 raise
+            except BackendUnavailableError as exc:
+                flusher.cancel()
+                await self._give_back(held, gate, str(exc))
+                return
             except Exception as exc:
                 flusher.cancel()
                 await self._outcome(held, gate, error=str(exc) or type(exc).__name__)
@@ -346,14 +392,25 @@ class Worker:
             log.info("task_failed", error=error, **ids)
         else:
             await self.outcomes.complete(task, sid, response)
+            self.backend_gate.mark_ok()
             log.info("task_completed", chunks=chunks, **ids)
+
+    async def _give_back(self, held: _Held, gate: asyncio.Future[None] | None, why: str) -> None:
+        """Release a task whose backend is down, after pausing the worker: it claims nothing
+        more, so the task goes to another worker."""
+        self.backend_gate.mark_down()
+        if gate is not None:
+            await gate  # a release racing the start call would make the start fail
+        await self.client.release(held.task, held.session_id)
+        log.info("task_released", reason=why, task_id=str(held.task.id), attempt=held.task.attempt)
 
     async def _drain(self) -> None:
         """Let running tasks finish within the grace period; release the rest."""
         runners = [h.runner for h in self._held.values() if h.runner is not None]
         if runners:
-            log.info("worker_draining", running=len(runners), grace_s=self.grace_s)
-            await asyncio.wait(runners, timeout=self.grace_s)
+            grace_s = self._grace_left_s()
+            log.info("worker_draining", running=len(runners), grace_s=round(grace_s, 2))
+            await asyncio.wait(runners, timeout=grace_s)
         leftovers = list(self._held.values())
         for held in leftovers:
             self._drop(held, "released")
