@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import psycopg
 import pytest
+from aiohttp import web
 
 from inferq.bench.queries import BenchTasks, NewTask
+from inferq.db.cluster import free_port
 from inferq.settings import Settings
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
@@ -39,43 +41,67 @@ class Call:
 
 
 @dataclass
-class Wire(httpx.AsyncBaseTransport):
-    """The SDK's real HTTP transport, recording every call; with ``older_daemon`` the outcomes
-    route is sent to a path the daemon does not know, so the daemon itself answers 404
-    ``route_not_found`` exactly as a daemon without that route would."""
+class Wire:
+    """A reverse proxy between the SDK and the daemon, recording every call; with
+    ``older_daemon`` the outcomes route is sent to a path the daemon does not know, so the
+    daemon itself answers 404 ``route_not_found`` exactly as a daemon without that route
+    would. ``url`` is where the SDK connects (after ``start``)."""
 
+    target: str
     older_daemon: bool = False
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
     events: int = 0
-    inner: httpx.AsyncHTTPTransport = field(default_factory=httpx.AsyncHTTPTransport)
+    url: str = ""
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = Call(request.url.path)
-        if call.path.endswith(OUTCOMES):
-            count = len(orjson.loads(request.content)["outcomes"])
-            call.outcomes, call.outcome_bytes = count, len(request.content) - ENVELOPE - count + 1
+    async def forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        call = Call(request.path)
+        path = request.path
+        if path.endswith(OUTCOMES):
+            count = len(orjson.loads(body)["outcomes"])
+            call.outcomes, call.outcome_bytes = count, len(body) - ENVELOPE - count + 1
             if self.older_daemon:
-                request.url = request.url.copy_with(path=call.path + "-of-a-later-version")
+                path += "-of-a-later-version"
         self.calls.append(call)
         self.events += 1
         call.started = self.events
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         try:
-            response = await self.inner.handle_async_request(request)
+            async with self._session.request(
+                request.method, self.target + path, data=body, headers=headers
+            ) as answer:
+                content = await answer.read()
+                status, kind = answer.status, answer.content_type
         finally:
             self.in_flight -= 1
         self.events += 1
-        call.status, call.answered = response.status_code, self.events
-        return response
+        call.status, call.answered = status, self.events
+        return web.Response(body=content, status=status, content_type=kind)
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    async def __aenter__(self) -> Wire:
+        self._session = aiohttp.ClientSession()
+        app = web.Application(client_max_size=16 << 20)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+        await self._session.close()
 
     def outcome_calls(self) -> list[Call]:
         return [c for c in self.calls if c.path.endswith(OUTCOMES)]
+
+
+_HOP = {"host", "content-length", "transfer-encoding", "connection"}
 
 
 @pytest.fixture
@@ -112,8 +138,10 @@ async def test_the_sdk_falls_back_to_the_single_routes_on_a_daemon_without_outco
             raise RuntimeError("the GPU fell off the bus")
         return {"echo": str(task.id)}
 
-    wire = Wire(older_daemon=True)
-    async with WorkerClient(server.url, tokens.worker, transport=wire) as client:
+    async with (
+        Wire(server.url, older_daemon=True) as wire,
+        WorkerClient(wire.url, tokens.worker) as client,
+    ):
         worker = Worker(client, [POOL], handler, capacity=6, claim_wait_s=1.0)
         run = asyncio.create_task(worker.run())
 
@@ -148,8 +176,7 @@ async def test_a_call_carries_at_most_256_outcomes_with_at_most_four_calls_in_fl
 ) -> None:
     server, tokens = app
     await enqueue(server, 1100)
-    wire = Wire()
-    async with WorkerClient(server.url, tokens.worker, transport=wire) as client:
+    async with Wire(server.url) as wire, WorkerClient(wire.url, tokens.worker) as client:
         sid, tasks = await bind_all(client, 1100)
         batcher = OutcomeBatcher(client)
         # All finish in one tick: only the limits split them.
@@ -166,9 +193,8 @@ async def test_a_call_carries_at_most_512_kib_of_outcomes(
 ) -> None:
     server, tokens = app
     await enqueue(server, 40)
-    wire = Wire()
     text = "x" * 30_000  # 40 of them (1.2 MB) would pass the daemon's 1 MiB body limit
-    async with WorkerClient(server.url, tokens.worker, transport=wire) as client:
+    async with Wire(server.url) as wire, WorkerClient(wire.url, tokens.worker) as client:
         sid, tasks = await bind_all(client, 40)
         batcher = OutcomeBatcher(client)
         await asyncio.gather(*(batcher.complete(t, sid, {"text": text}) for t in tasks))
