@@ -214,15 +214,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "openai_disconnect_keeps_task",
         "a client that hung up still has its generation run on a GPU",
-        _one("src/inferq/services/completions.py", "                on_gone=call.abandon,\n",
-             "                on_gone=None,\n"),
+        _one("src/inferq/services/completions.py",
+             "cut it.\"\"\"\n        if not self.service.drain.draining:",
+             "cut it.\"\"\"\n        if False:"),
         (f"{CANCEL_TESTS}::test_a_client_that_leaves_a_sync_call",),
     ),
     Mutant(
         "sync_timeout_keeps_task",
         "a sync call answered 504 leaves its task queued, to run for nobody",
-        _one("src/inferq/services/completions.py", "except (WaitTimeout, ShuttingDown):",
-             "except (ShuttingDown,):"),
+        _one("src/inferq/services/completions.py",
+             "            if not isinstance(exc, TaskFailed | TaskCancelled | TaskNotFound):\n"
+             "                await call.abandon()",
+             "            if False:\n                await call.abandon()"),
         (f"{CANCEL_TESTS}::test_a_sync_call_past_max_wait_is_504_and_its_task_is_cancelled",),
     ),
     Mutant(
@@ -239,6 +242,49 @@ MUTANTS: tuple[Mutant, ...] = (
              'checks["listener"] = "down" if listener is not None and not listener.healthy else "ok"',
              'checks["listener"] = "ok"'),
         ("tests/integration/test_api_ops.py::test_ready_is_red_and_listener_up_is_zero_while_the_listener_is_down",),
+    ),
+    Mutant(
+        "keyed_call_cancelled",
+        "a retry with the same Idempotency-Key finds its task cancelled and must start over",
+        _one("src/inferq/services/completions.py", "        if not self.keyed:\n", "        if True:\n"),
+        ("tests/integration/test_drain.py::test_a_keyed_sync_call_cut_by_a_drain_reattaches_on_another_replica",),
+    ),
+    Mutant(
+        "drain_without_grace",
+        "a rolling restart cuts every open call at once instead of letting it finish",
+        _one("src/inferq/services/drain.py", "        grace = self.grace_s if grace_s is None else grace_s",
+             "        grace = 0"),
+        ("tests/integration/test_drain.py::test_a_drain_lets_a_sync_call_finish_within_its_grace",),
+    ),
+    Mutant(
+        "disconnect_in_a_drain_cancels",
+        "a balancer closing connections during a rolling restart throws generations away",
+        _one("src/inferq/services/completions.py",
+             "cut it.\"\"\"\n        if not self.service.drain.draining:",
+             "cut it.\"\"\"\n        if True:"),
+        ("tests/integration/test_drain.py::test_a_client_that_leaves_during_a_drain_does_not_cancel_its_task",),
+    ),
+    Mutant(
+        "no_worker_waits_forever",
+        "a call for a pool no worker serves hangs for INFERQ_MAX_WAIT_S",
+        _one("src/inferq/services/completions.py",
+             "        if task.status is TaskStatus.PENDING and not await self._served(task.pool_name):",
+             "        if False:"),
+        ("tests/integration/test_fail_fast.py::test_a_call_for_a_pool_no_worker_serves_fails_fast_and_cancels_its_task",),
+    ),
+    Mutant(
+        "reads_not_retried",
+        "a PostgreSQL restart ends every open wait and stream with an error",
+        _one("src/inferq/services/waits.py", "give_up = loop.time() + self.settings.db_retry_s",
+             "give_up = loop.time()"),
+        ("tests/integration/test_db_restart.py",),
+        timeout_s=120.0,
+    ),
+    Mutant(
+        "stream_ends_silently",
+        "a stream whose server side failed just stops; the openai client returns a partial answer",
+        _one("src/inferq/api/sse.py", "                        await self._send(send, self.error_frame)\n", ""),
+        ("tests/unit/test_sse.py",),
     ),
     # -- the worker SDK -----------------------------------------------------------------------
     Mutant(
