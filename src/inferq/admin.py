@@ -119,14 +119,25 @@ def llm_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def status_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`inferq status`: tasks per pool and status, and live worker sessions."""
+    """`inferq status`: running replicas (their LISTEN connections), live worker sessions,
+    tasks per pool and status. A session is live only while a replica runs: without one no
+    worker can heartbeat, whatever time its session row has left."""
 
     async def work(pool: Pool) -> int:
-        stats = await StatsRepository(pool).queue()
+        repo = StatsRepository(pool)
+        stats, listeners = await repo.queue(), await repo.listeners()
+        sessions = stats.sessions if listeners else 0
+        capacity = stats.capacity if listeners else 0
         if args.json:
-            print(json.dumps(stats.as_json(), indent=2))
+            document = stats.as_json()
+            document["sessions"] = {"live": sessions, "capacity": capacity}
+            document["replicas_listening"] = listeners
+            print(json.dumps(document, indent=2))
             return 0
-        print(f"worker sessions: {stats.sessions} live, capacity {stats.capacity}")
+        print(f"replicas listening: {listeners}")
+        if not listeners:
+            print("no replica is running: no worker session can be live (start `inferq serve`)")
+        print(f"worker sessions: {sessions} live, capacity {capacity}")
         if not stats.tasks:
             print("no tasks")
         for pool_name, counts in sorted(stats.tasks.items()):

@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("name")
     p.set_defaults(func=_server(_lazy("inferq.admin:llm_command")))
 
-    p = sub.add_parser("status", help="queue depth per pool and status, sessions, listener")
+    p = sub.add_parser(
+        "status", help="running replicas, live worker sessions, tasks per pool and status"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_server(_lazy("inferq.admin:status_command")))
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType, TracebackType
@@ -67,9 +70,19 @@ from inferq.wakeups import Hub
 log = structlog.get_logger(__name__)
 
 # What the stop may take past the drain's grace: the last answers going out (uvicorn), then
-# each part stopping (each bounded, so an unreachable database cannot hold the process).
-STOP_SLACK_S = 2
-PART_STOP_S = 1.0
+# the parts stopping, all of them within one budget (an unreachable database cannot hold the
+# process: a statement or connection attempt still waiting is cut at the budget's end).
+STOP_SLACK_S = 1
+PARTS_STOP_S = 2.0
+# After the grace, when the process exits even if a part is stuck.
+STOP_DEADLINE_S = 4.5
+
+
+def _force_exit() -> None:
+    log.warning("stop_forced", reason="a part did not stop in time (see the lines above)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Replica:
@@ -132,7 +145,7 @@ class Replica:
         log.info("replica_started", listener_healthy=self.listener.healthy)
 
     async def stop(self) -> None:
-        """Stop in reverse order; safe after a partial start. Each part gets PART_STOP_S:
+        """Stop in reverse order; safe after a partial start. All parts share PARTS_STOP_S:
         with the database gone, releasing leases or flushing chunks would otherwise wait for
         the pool's own timeouts."""
         parts: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -146,10 +159,12 @@ class Replica:
             parts.append(("listener", self.listener.stop))
         if self.pool is not None:
             pool = self.pool
-            parts.append(("pool", lambda: pool.close(timeout=PART_STOP_S)))
+            parts.append(("pool", lambda: pool.close(timeout=PARTS_STOP_S / 4)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PARTS_STOP_S
         for name, stop in parts:
             try:
-                async with asyncio.timeout(PART_STOP_S * 2):
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
                     await stop()
             except Exception as exc:
                 log.warning("part_stop_failed", part=name, error=str(exc) or type(exc).__name__)
@@ -282,6 +297,13 @@ class DrainingServer(uvicorn.Server):
         self.replica.services.drain.start()
         log.info("drain_started", reason=reason)
         self._drain_task = asyncio.create_task(self._stop_after_delay())
+        # The promise is a stop within the grace + 5 s, database or not. A statement waiting on
+        # a server that answers nothing can survive every cancellation (the driver's cancel
+        # request waits for that server too): past the deadline the process exits anyway.
+        settings = self.replica.settings
+        watchdog = threading.Timer(settings.drain_grace_s + STOP_DEADLINE_S, _force_exit)
+        watchdog.daemon = True
+        watchdog.start()
 
     async def _stop_after_delay(self) -> None:
         settings = self.replica.settings
@@ -309,14 +331,20 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
         await server.serve()
 
 
-def serve_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`inferq serve`: the embedded database when no URL is set, then one replica."""
+def serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings of `inferq serve`: its --host and --port win over the environment (the
+    systemd template gives each instance its port on the command line)."""
     update: dict[str, Any] = {}
     if getattr(args, "host", None):
         update["host"] = args.host
     if getattr(args, "port", None) is not None:
         update["port"] = args.port
-    settings = settings.model_copy(update=update)
+    return settings.model_copy(update=update)
+
+
+def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`inferq serve`: the embedded database when no URL is set, then one replica."""
+    settings = serve_settings(args, settings)
     dsn = settings.database_url
     if dsn:
         run(serve(settings, dsn, settings.host, settings.port))

@@ -335,8 +335,18 @@ def test_admin_cli(
     assert main(["llm", "list"]) == 0
     assert "meta/llama3" in capsys.readouterr().out
     seed_queue(dsn)
+    # No replica runs: no session can be live, whatever time its row has left.
     assert main(["status", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == SEEDED_STATS
+    stopped = {**SEEDED_STATS, "sessions": {"live": 0, "capacity": 0}, "replicas_listening": 0}
+    assert json.loads(capsys.readouterr().out) == stopped
+    assert main(["status"]) == 0
+    assert "no replica is running" in capsys.readouterr().out
+    # A replica's LISTEN connection (what inferq.db.listener opens) makes them count.
+    with psycopg.connect(dsn, autocommit=True, application_name="inferq-listener") as listening:
+        listening.execute("LISTEN inferq_task")
+        assert main(["status", "--json"]) == 0
+        running = json.loads(capsys.readouterr().out)
+    assert running == {**SEEDED_STATS, "replicas_listening": 1}
     token_id = listed.split()[0]
     assert main(["token", "revoke", token_id]) == 0
     assert main(["token", "revoke", token_id]) == 1

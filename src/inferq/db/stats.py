@@ -18,6 +18,13 @@ FROM inferq.worker_session WHERE expires_at > now()
 """
 
 
+# Replicas name their LISTEN connection (inferq.db.listener); the same role sees them all.
+LISTENERS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE application_name = 'inferq-listener' AND datname = current_database()
+"""
+
+
 class StatsRepository:
     """Cluster-wide figures read in one grouped statement."""
 
@@ -44,3 +51,10 @@ class StatsRepository:
                 else:
                     sessions, capacity = int(n), int(cap)
         return QueueStats(tasks, sessions, capacity)
+
+    async def listeners(self) -> int:
+        """How many replicas hold their LISTEN connection now (one per running replica)."""
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(LISTENERS)
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
