@@ -129,7 +129,8 @@ def read_task(dsn: str, task_id: Any) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
         cur = conn.execute(
             "SELECT id, owner_id, status::text AS status, attempt, claimed_by, response_body, "
-            "error_message, completed_at FROM inferq.task WHERE id = %s",
+            "error_message, claimed_at, lease_expires_at, completed_at "
+            "FROM inferq.task WHERE id = %s",
             (task_id,),
         )
         row = cur.fetchone()

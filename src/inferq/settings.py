@@ -67,6 +67,9 @@ class Settings(BaseSettings):
 
     # Leases and sessions (database time).
     lease_s: float = Field(default=30.0, gt=0)
+    # A claimed task's first lease: the worker must acknowledge it (start, heartbeat, outcome)
+    # within this long, or it goes back to the queue (the rescuer runs at least this often / 2).
+    claim_ack_s: float = Field(default=5.0, gt=0)
     session_ttl_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)

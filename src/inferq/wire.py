@@ -124,6 +124,9 @@ class BindResponse(_Lenient):
     capacity: int
     lease_s: float
     heartbeat_s: float
+    # Claimed tasks must be acknowledged (start, a heartbeat naming them, an outcome) within
+    # this long; absent from daemons that do not ask for it.
+    claim_ack_s: float | None = None
     tasks: list[WorkerTask] = []
 
 

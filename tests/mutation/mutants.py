@@ -286,6 +286,20 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("src/inferq/api/sse.py", "                        await self._send(send, self.error_frame)\n", ""),
         ("tests/unit/test_sse.py",),
     ),
+    Mutant(
+        "claims_need_no_ack",
+        "a frozen worker's claimed tasks wait out a whole lease before another worker gets them",
+        _one("src/inferq/services/claims.py", "        self._ack_s = min(settings.claim_ack_s, settings.lease_s)",
+             "        self._ack_s = settings.lease_s"),
+        ("tests/integration/test_claim_ack.py::test_only_the_acknowledged_claims_survive_their_first_lease",),
+    ),
+    Mutant(
+        "start_does_not_acknowledge",
+        "a streaming task is taken from its worker a few seconds into the generation",
+        _one(TASKS, "    lease_expires_at = coalesce(now() + make_interval(secs => %(lease_s)s), t.lease_expires_at)",
+             "    lease_expires_at = t.lease_expires_at"),
+        ("tests/integration/test_claim_ack.py::test_only_the_acknowledged_claims_survive_their_first_lease",),
+    ),
     # -- the worker SDK -----------------------------------------------------------------------
     Mutant(
         "outcome_batch_unbounded",
@@ -293,5 +307,12 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("src/inferq/worker/outcomes.py", "if batch and (len(batch) == self.max_items or ",
              "if batch and (False or "),
         ("tests/integration/test_worker_sdk.py::test_a_call_carries_at_most_256_outcomes_with_at_most_four_calls_in_flight",),
+    ),
+    Mutant(
+        "worker_never_acknowledges",
+        "every long unstreamed generation is taken from its worker and run again",
+        _one("src/inferq/worker/runner.py", "            self._ack_due.set()  # a streaming task is acknowledged by its start",
+             "            pass"),
+        ("tests/integration/test_claim_ack.py::test_the_sdk_acknowledges_a_long_unstreamed_task_in_time",),
     ),
 )  # fmt: skip

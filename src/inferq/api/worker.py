@@ -68,6 +68,7 @@ async def bind(
             "capacity": session.capacity,
             "lease_s": svc.settings.lease_s,
             "heartbeat_s": svc.settings.heartbeat_s,
+            "claim_ack_s": min(svc.settings.claim_ack_s, svc.settings.lease_s),
             "tasks": [worker_task_json(t) for t in tasks],
         },
         201,

@@ -138,7 +138,8 @@ _HOLDS = sql.SQL("t.id = %(id)s AND t.claimed_by = %(session)s AND t.attempt = %
 START = render(
     sql.SQL(
         """
-UPDATE inferq.task t SET status = 'running', stream_started_at = now()
+UPDATE inferq.task t SET status = 'running', stream_started_at = now(),
+    lease_expires_at = coalesce(now() + make_interval(secs => %(lease_s)s), t.lease_expires_at)
 WHERE {holds} AND t.status = 'claimed'
 RETURNING {task_select}
 """

@@ -255,9 +255,12 @@ class TaskRepository:
         """The claimed and running tasks of a worker session, oldest claim first."""
         return await self._all(HELD_BY_SESSION, {"session": session_id})
 
-    async def start(self, task_id: UUID, session_id: UUID, attempt: int) -> Task:
-        """claimed -> running. Idempotent for the holder; raises LeaseLost otherwise."""
-        params = {"id": task_id, "session": session_id, "attempt": attempt}
+    async def start(
+        self, task_id: UUID, session_id: UUID, attempt: int, lease_s: float | None = None
+    ) -> Task:
+        """claimed -> running, the lease set to ``lease_s`` from now (kept when None): a start
+        acknowledges the claim. Idempotent for the holder; raises LeaseLost otherwise."""
+        params = {"id": task_id, "session": session_id, "attempt": attempt, "lease_s": lease_s}
         task = await self._one(START, params)
         if task is not None:
             return task

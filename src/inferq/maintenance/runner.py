@@ -105,8 +105,15 @@ class Maintenance:
             Rescuer(tasks),
             SessionReaper(sessions),
         ]
+        # The rescuer also returns claims nobody acknowledged: it runs often enough for them.
+        every = {s.name: interval_s for s in sweeps}
+        every["rescuer"] = min(interval_s, settings.claim_ack_s / 2)
         self.loops = [
-            SweepLoop(s, Leadership(leases, s.name, self.holder, ttl_s=3 * interval_s), interval_s)
+            SweepLoop(
+                s,
+                Leadership(leases, s.name, self.holder, ttl_s=3 * interval_s),
+                every[s.name],
+            )
             for s in sweeps
         ]
         self._tasks: list[asyncio.Task[None]] = []

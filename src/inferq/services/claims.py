@@ -7,6 +7,11 @@ owner and pools a session has is remembered per replica; whether it is still ali
 vouched for by the guarded statement each write runs anyway. Task writes are guarded in the
 database by (session, attempt): a stale writer gets LeaseLost carrying the current task. A
 refusal that would show a task of a pool this token may not serve is TaskNotFound instead.
+
+A claim hands a task over with a short lease, INFERQ_CLAIM_ACK_S: the worker acknowledges it
+by starting it, by naming it in a heartbeat, or by ending it, and only then gets the full
+INFERQ_LEASE_S. A worker frozen with a long-poll open (the answer sits in its socket buffer)
+therefore loses those tasks to the rescuer a few seconds later, not a whole lease later.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class ClaimService:
         self.settings = settings
         self.drain = drain
         self.metrics = metrics
+        # A claim's first lease: a worker that does not acknowledge its tasks (a start, a
+        # heartbeat naming them, an outcome) within it loses them to the rescuer; a frozen
+        # worker's tasks do not wait out a whole lease.
+        self._ack_s = min(settings.claim_ack_s, settings.lease_s)
         self._owners: dict[UUID, tuple[str, list[str]]] = {}
         self._touched: dict[UUID, float] = {}
 
@@ -73,7 +82,7 @@ class ClaimService:
         )
         self._remember(session.id, session.owner_id, session.pools)
         tasks = await self.tasks.claim(
-            session.id, pools, limit=capacity, lease_s=self.settings.lease_s
+            session.id, pools, limit=capacity, lease_s=self._ack_s
         )
         return session, self._claimed(tasks)
 
@@ -96,7 +105,7 @@ class ClaimService:
         async with self.waits.pool_waiter(pools) as waiter:
             while not self.drain.draining:
                 tasks = await self.tasks.claim(
-                    session_id, pools, limit=max_tasks, lease_s=self.settings.lease_s, bound=True
+                    session_id, pools, limit=max_tasks, lease_s=self._ack_s, bound=True
                 )
                 if tasks:
                     break
@@ -149,7 +158,8 @@ class ClaimService:
 
     async def start(self, token: ApiToken, task_id: UUID, session_id: UUID, attempt: int) -> Task:
         await self.check_session(session_id, token)
-        return await _scoped(token, self.tasks.start(task_id, session_id, attempt))
+        write = self.tasks.start(task_id, session_id, attempt, self.settings.lease_s)
+        return await _scoped(token, write)
 
     async def post_chunks(
         self,
@@ -195,7 +205,7 @@ class ClaimService:
             # expired still gets its answers, and no tasks; its next claim or heartbeat tells
             # the worker to bind again.
             tasks = await self.tasks.claim(
-                session_id, pools, limit=claim, lease_s=self.settings.lease_s, bound=True
+                session_id, pools, limit=claim, lease_s=self._ack_s, bound=True
             )
         return results, self._claimed(tasks)
 

@@ -9,6 +9,10 @@ Choices not spelled out in docs/protocol.md:
   elsewhere): the handler is cancelled and nothing else is posted for that attempt.
 - A 404 session_not_found (the session was reaped) drops every running task, since the daemon
   reverted them, and binds a new session.
+- A claimed task must be acknowledged within the daemon's ``claim_ack_s`` or it goes back to
+  the queue (a frozen worker's tasks move on). A streaming task's start acknowledges it, an
+  outcome does; the tasks that are still running unstarted a third of that time after their
+  claim are named in an early heartbeat.
 - Outcomes go through an OutcomeBatcher: those that finish in the same loop tick share one
   call. When the claim loop is parked because every slot is taken, that call also claims as
   many tasks as its outcomes free, so a saturated worker needs one round trip per batch.
@@ -25,6 +29,7 @@ Choices not spelled out in docs/protocol.md:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +97,9 @@ class Worker:
         self.backend_gate = BackendGate(backend_check, backoff_max_s)
         self.session_id: UUID | None = None
         self.heartbeat_s = 10.0
+        # The daemon's INFERQ_CLAIM_ACK_S (None: it asks for no acknowledgement).
+        self.claim_ack_s: float | None = None
+        self._ack_due = asyncio.Event()  # a claimed task awaits its acknowledgement
         self._held: dict[UUID, _Held] = {}
         self._freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -190,6 +198,7 @@ class Worker:
         bound = await self.client.bind(self.pools, self.capacity, self.name)
         self.session_id = bound.session_id
         self.heartbeat_s = bound.heartbeat_s
+        self.claim_ack_s = bound.claim_ack_s
         log.info(
             "session_bound",
             session_id=str(bound.session_id),
@@ -267,7 +276,14 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            # The next heartbeat is due after heartbeat_s, or sooner when claimed tasks must be
+            # acknowledged: a third of the claim's first lease after they came, so that quick
+            # tasks end (an outcome acknowledges too) and those of one claim go together.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_due.wait(), self.heartbeat_s)
+            if self._ack_due.is_set() and self.claim_ack_s is not None:
+                await asyncio.sleep(self.claim_ack_s / 3)
+            self._ack_due.clear()
             sid = self.session_id
             assert sid is not None
             held = [h for h in self._held.values() if h.session_id == sid]
@@ -290,6 +306,8 @@ class Worker:
     def _spawn(self, task: WorkerTask, session_id: UUID) -> None:
         held = _Held(task, session_id)
         self._held[task.id] = held
+        if not task.streaming:
+            self._ack_due.set()  # a streaming task is acknowledged by its start
         held.runner = asyncio.create_task(self._guarded(held), name=f"inferq-task-{task.id}")
         log.info(
             "task_claimed",
