@@ -411,7 +411,8 @@ class Deployment:
                 "INFERQ_MAINTENANCE_INTERVAL_S": "1",
                 "INFERQ_SSE_HEARTBEAT_S": "2",
                 "INFERQ_SAFETY_POLL_S": "3",
-                "INFERQ_SHUTDOWN_GRACE_S": "8",
+                # A drain lets open waits finish for this long, then answers 503 (clients retry).
+                "INFERQ_DRAIN_GRACE_S": "3",
                 "INFERQ_POOL_MAX_SIZE": "20",
                 "INFERQ_MAX_ATTEMPTS": "5",
             }
