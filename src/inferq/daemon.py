@@ -37,7 +37,9 @@ import structlog
 import uvicorn
 
 from inferq.api import create_app
+from inferq.db.batches import BatchRepository
 from inferq.db.chunks import ChunkRepository
+from inferq.db.files import FileRepository
 from inferq.db.leases import LeaseRepository
 from inferq.db.listener import Listener
 from inferq.db.llms import LlmRepository
@@ -53,13 +55,16 @@ from inferq.runtime import freeze_startup_heap, run
 from inferq.services import (
     AdminService,
     Authenticator,
+    BatchService,
     ClaimService,
     CompletionService,
     Drain,
+    FileService,
     HealthService,
     Services,
     TaskService,
 )
+from inferq.services.batches import BatchKeeper
 from inferq.services.limits import PendingLimiter, WaitSlots
 from inferq.services.registry import Registry
 from inferq.services.relay import ChunkRelay
@@ -122,13 +127,16 @@ class Replica:
         await self.listener.start()
         self.waits = waits = WaitService(tasks, chunks, settings, hub=hub)
         self.relay = relay = ChunkRelay(chunks, tasks, settings)
+        llms, files, batches = LlmRepository(pool), FileRepository(pool), BatchRepository(pool)
         if self.run_maintenance:
+            keeper = BatchKeeper(batches, files, llms, settings)
             self.maintenance = Maintenance(
                 tasks=tasks,
                 chunks=chunks,
                 sessions=sessions,
                 leases=LeaseRepository(pool),
                 settings=settings,
+                more=[(keeper, settings.batch_interval_s)],
             )
             self.maintenance.start()
         self.services = build_services(
@@ -136,7 +144,9 @@ class Replica:
             tasks=tasks,
             sessions=sessions,
             tokens=tokens,
-            llms=LlmRepository(pool),
+            llms=llms,
+            files=files,
+            batches=batches,
             stats=StatsRepository(pool),
             waits=waits,
             relay=relay,
@@ -203,6 +213,8 @@ def build_services(
     sessions: WorkerSessionRepository,
     tokens: TokenRepository,
     llms: LlmRepository,
+    files: FileRepository,
+    batches: BatchRepository,
     stats: StatsRepository,
     waits: WaitService,
     relay: ChunkRelay,
@@ -252,6 +264,8 @@ def build_services(
         ),
         admin=AdminService(registry, tokens, stats, auth),
         health=HealthService(stats, metrics, drain, waits.hub, listener),
+        files=FileService(files, settings),
+        batches=BatchService(batches, files, settings),
     )
 
 

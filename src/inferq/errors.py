@@ -63,6 +63,14 @@ class IdempotencyConflict(TaskError):
     """The Idempotency-Key was already used for a different request."""
 
 
+class FileNotFound(InferqError):
+    """No such file."""
+
+
+class BatchNotFound(InferqError):
+    """No such batch."""
+
+
 class UnknownModel(InferqError):
     """The model is not in the LLM registry; list models with GET /v1/models."""
 

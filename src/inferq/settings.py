@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     chunk_retention_s: float = Field(default=300.0, ge=0)
 
+    # Files and batches (OpenAI's limits by default).
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_batch_requests: int = Field(default=50_000, ge=1)
+    file_part_bytes: int = Field(default=1 << 20, ge=1024)
+    # An upload that has not finished after this long was abandoned: its parts are removed.
+    upload_timeout_s: float = Field(default=3600.0, gt=0)
+    batch_interval_s: float = Field(default=1.0, gt=0)
+
     # Limits.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_json_depth: int = Field(default=64, ge=2)

@@ -345,3 +345,75 @@ class HealthOut(_Lenient):
 class ReadyOut(_Lenient):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str]
+
+
+# -- files and batches (OpenAI's shapes) ------------------------------------------------------
+
+
+class FileOut(_Lenient):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+
+
+class FileList(_Lenient):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(_Lenient):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class CreateBatchRequest(_Wire):
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = Field(max_length=16)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+class RequestCounts(_Lenient):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchOut(_Lenient):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: dict[str, Any] | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(_Lenient):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferq import __version__
-from inferq.api import admin, errors, openai, ops, tasks, worker
+from inferq.api import admin, batches, errors, openai, ops, tasks, worker
 from inferq.api.body import openapi_schemas
 from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
@@ -53,13 +53,15 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
     )
     app.state.services = services
     errors.install(app)
-    routers = [module.router for module in (ops, tasks, openai, worker, admin)]
+    routers = [module.router for module in (ops, tasks, openai, batches, worker, admin)]
     for router in routers:
         app.include_router(router)
     app.front = RequestMiddleware(
         app.fastapi,
         metrics=services.metrics,
         max_body_bytes=services.settings.max_body_bytes,
+        # Uploads carry files: their own limit (the form's envelope on top).
+        large_bodies={("POST", "/v1/files"): services.settings.max_file_bytes + 64 * 1024},
         fast_path=FastPath(routers, services) if fast_path else None,
     )
     generate = app.openapi

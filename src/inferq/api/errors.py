@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from inferq import errors
 from inferq.domain.task import Task
+from inferq.services.batches import FileTooLarge
 from inferq.wire import ErrorResponse
 
 log = structlog.get_logger(__name__)
@@ -85,6 +86,9 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
     errors.TaskNotFound: Mapping(404, "not_found_error", "task_not_found"),
     errors.UnknownModel: Mapping(404, "not_found_error", "model_not_found"),
+    errors.FileNotFound: Mapping(404, "not_found_error", "file_not_found"),
+    errors.BatchNotFound: Mapping(404, "not_found_error", "batch_not_found"),
+    FileTooLarge: Mapping(413, "invalid_request_error", "file_too_large"),
     errors.SessionNotFound: Mapping(404, "not_found_error", "session_not_found"),
     errors.LeaseLost: Mapping(409, "conflict_error", "lease_lost"),
     errors.InvalidTransition: Mapping(409, "conflict_error", "invalid_transition"),

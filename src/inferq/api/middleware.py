@@ -45,10 +45,12 @@ class RequestMiddleware:
         metrics: Metrics,
         max_body_bytes: int,
         fast_path: FastPath | None = None,
+        large_bodies: dict[tuple[str, str], int] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.large_bodies = large_bodies or {}
         self.fast_path = fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,14 +76,17 @@ class RequestMiddleware:
         # ends with it, and a context manager would cost a generator per open request.
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
+            limit = self.max_body_bytes
+            if self.large_bodies:
+                limit = self.large_bodies.get((scope["method"], scope["path"]), limit)
             declared = _header(scope, b"content-length")
-            if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._too_large(send_with_id)
+            if declared and declared.isdigit() and int(declared) > limit:
+                await self._too_large(send_with_id, limit)
                 return
             if _header(scope, b"transfer-encoding") is not None:
                 # Only a body without a declared length needs counting as it arrives (a
                 # request with neither header has no body at all).
-                receive = self._limited(receive)
+                receive = self._limited(receive, limit)
             fast = self.fast_path
             found = fast.match(scope) if fast is not None else None
             if found is None:
@@ -92,9 +97,8 @@ class RequestMiddleware:
         finally:
             self._record(scope, status, time.perf_counter() - started)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         seen = 0
-        limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -109,11 +113,13 @@ class RequestMiddleware:
 
         return limited_receive
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, limit: int) -> None:
+        setting = (
+            "INFERQ_MAX_BODY_BYTES" if limit == self.max_body_bytes else "INFERQ_MAX_FILE_BYTES"
+        )
         body = orjson.dumps(
             error_body(
-                f"the request body is larger than {self.max_body_bytes} bytes "
-                "(INFERQ_MAX_BODY_BYTES)",
+                f"the request body is larger than {limit} bytes ({setting})",
                 "invalid_request_error",
                 "body_too_large",
             )

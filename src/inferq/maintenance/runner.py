@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -97,17 +98,22 @@ class Maintenance:
         leases: LeaseRepository,
         settings: Settings,
         holder: str | None = None,
+        more: Sequence[tuple[Sweep, float]] = (),
     ) -> None:
+        """The built-in sweeps, and ``more`` (sweep, interval) from other layers (the batch
+        sweep of inferq.services.batches), each led by one replica at a time."""
         self.holder = holder or replica_name()
         interval_s = settings.maintenance_interval_s
         sweeps: list[Sweep] = [
             Collector(tasks, chunks, settings),
             Rescuer(tasks),
             SessionReaper(sessions),
+            *(sweep for sweep, _ in more),
         ]
         # The rescuer also returns claims nobody acknowledged: it runs often enough for them.
         every = {s.name: interval_s for s in sweeps}
         every["rescuer"] = min(interval_s, settings.claim_ack_s / 2)
+        every.update({sweep.name: every_s for sweep, every_s in more})
         self.loops = [
             SweepLoop(
                 s,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from inferq.metrics import Metrics
 from inferq.services.admin import AdminService
 from inferq.services.auth import Authenticator
+from inferq.services.batches import BatchService, FileService
 from inferq.services.claims import ClaimService
 from inferq.services.completions import CompletionService
 from inferq.services.drain import Drain
@@ -21,9 +22,11 @@ from inferq.settings import Settings
 __all__ = [
     "AdminService",
     "Authenticator",
+    "BatchService",
     "ClaimService",
     "CompletionService",
     "Drain",
+    "FileService",
     "HealthService",
     "Services",
     "TaskService",
@@ -43,3 +46,5 @@ class Services:
     claims: ClaimService
     admin: AdminService
     health: HealthService
+    files: FileService
+    batches: BatchService
