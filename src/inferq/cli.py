@@ -1,4 +1,5 @@
-"""The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | bench."""
+"""The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | batch |
+bench."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from inferq import batchcli
 from inferq.errors import InferqError
 from inferq.logs import configure_logging
 from inferq.settings import Settings
@@ -129,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_server(_lazy("inferq.admin:status_command")))
+
+    batchcli.add_parser(sub)
+    sub.choices["batch"].set_defaults(func=_lazy("inferq.batchcli:batch_command"))
 
     p = sub.add_parser("bench", help="measure throughput and latency on this machine")
     p.add_argument("--quick", action="store_true", help="a short run for smoke tests")

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -216,3 +219,35 @@ async def test_limits_refuse_and_store_nothing(settings: Settings, dsn: str) -> 
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM inferq.batch").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM inferq.file").fetchone() == (1,)
+
+
+async def inferq(*argv: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "inferq", *argv,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_the_batch_command_submits_follows_and_downloads(two: Two, tmp_path: Path) -> None:
+    source = tmp_path / "eval.jsonl"
+    source.write_bytes(jsonl([line(i) for i in range(50)]))
+    env = {**os.environ, "INFERQ_URL": two.b.url, "INFERQ_TOKEN": two.tokens.alice}
+    async with echo_worker(two):
+        code, out, err = await inferq("batch", "submit", str(source), "--wait", env=env)
+    assert code == 0, err
+    batch_id = out.splitlines()[0]
+    assert batch_id.startswith("batch_")
+    assert "[" + "#" * 30 + "] 50/50 (0 failed) completed" in err  # the progress line, at the end
+    code, out, _ = await inferq("batch", "status", batch_id, env=env)
+    assert code == 0 and "completed total=50 completed=50 failed=0" in out
+    target = tmp_path / "results.jsonl"
+    code, _, err = await inferq("batch", "download", batch_id, "-o", str(target), env=env)
+    assert code == 0, err
+    results = [json.loads(raw) for raw in target.read_bytes().splitlines()]
+    assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(50))
+    code, _, err = await inferq("batch", "download", batch_id, "--errors", "-o", "x", env=env)
+    assert code == 1 and "has no error file" in err
+    code, _, err = await inferq("batch", "status", batch_id, env={**env, "INFERQ_TOKEN": ""})
+    assert code == 1 and "INFERQ_TOKEN" in err
