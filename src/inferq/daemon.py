@@ -6,7 +6,8 @@ parked app (which measures that server's own memory floor) and the tests' in-pro
 
 ``Replica`` starts the parts in that order and stops them in reverse; tests use it to run
 real apps in-process. ``serve_command`` adds the embedded database, uvicorn (uvloop +
-httptools) and the drain on SIGTERM/SIGINT:
+httptools, with request heads bounded before any application code runs: see
+inferq.http_protocol) and the drain on SIGTERM/SIGINT:
 
 1. the drain switch flips: /readyz answers 503, new work (submit, wait, stream, bind, claim)
    gets 503 + Retry-After, open waits answer 503 and open streams end with a retryable error
@@ -41,6 +42,7 @@ from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.stats import StatsRepository
 from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.http_protocol import BoundedHttpToolsProtocol, HttpLimits
 from inferq.maintenance import Maintenance
 from inferq.metrics import Metrics
 from inferq.runtime import freeze_startup_heap, run
@@ -220,12 +222,15 @@ def build_services(
     )
 
 
-def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
-    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools, no lifespan (the
-    caller starts and stops the replica), inferq's own logging (no access log, no default log
-    config), no Server header; ``options`` add to or override these."""
+def uvicorn_config(app: Any, *, limits: HttpLimits | None = None, **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools with request heads,
+    bodies and connections bounded by ``limits`` (inferq.http_protocol; the defaults of
+    Settings when None), no WebSocket upgrades, no lifespan (the caller starts and stops the
+    replica), inferq's own logging (no access log, no default log config), no Server header;
+    ``options`` add to or override these."""
     defaults: dict[str, Any] = {
-        "http": "httptools",
+        "http": BoundedHttpToolsProtocol.with_limits(limits or HttpLimits()),
+        "ws": "none",
         "lifespan": "off",
         "log_config": None,
         "access_log": False,
@@ -276,6 +281,7 @@ async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
     async with Replica(settings, dsn) as replica:
         config = uvicorn_config(
             replica.app(),
+            limits=HttpLimits.from_settings(settings),
             host=host,
             port=port,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,9 +34,19 @@ class Settings(BaseSettings):
     prepared_statements: bool = True
     statement_timeout_ms: int = Field(default=30_000, ge=0)
 
-    # HTTP.
+    # HTTP. Request heads are bounded before any application code runs (inferq.http_protocol).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers: 431
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a whole head, else 408 and close
+    body_timeout_s: float = Field(default=10.0, gt=0)  # longest silence inside a body
+    max_connections: int = Field(default=4096, ge=1)  # open connections per replica
+
+    # /metrics: queue figures read at most once per interval, whatever the scrape rate; a
+    # bearer token to require, and/or a port of its own (then the API port has no /metrics).
+    metrics_interval_s: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Logs.
     log_format: Literal["console", "json"] = "console"
