@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -32,6 +34,7 @@ import structlog
 import uvicorn
 
 from inferq.api import create_app
+from inferq.api.app import metrics_app
 from inferq.db.chunks import ChunkRepository
 from inferq.db.leases import LeaseRepository
 from inferq.db.listener import Listener
@@ -218,7 +221,16 @@ def build_services(
             tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
         ),
         admin=AdminService(registry, tokens, stats, auth),
-        health=HealthService(stats, metrics, drain, waits.hub, listener),
+        health=HealthService(
+            stats,
+            metrics,
+            drain,
+            waits.hub,
+            listener,
+            interval_s=settings.metrics_interval_s,
+            token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
+            own_port=settings.metrics_port is not None,
+        ),
     )
 
 
@@ -276,20 +288,51 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class MetricsServer(uvicorn.Server):
+    """The INFERQ_METRICS_PORT listener: serves inferq.api.app.metrics_app and leaves the
+    process's signals to the DrainingServer, which stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
     """Run one replica until SIGTERM/SIGINT, then drain and stop."""
     async with Replica(settings, dsn) as replica:
+        limits = HttpLimits.from_settings(settings)
         config = uvicorn_config(
             replica.app(),
-            limits=HttpLimits.from_settings(settings),
+            limits=limits,
             host=host,
             port=port,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
         server = DrainingServer(config, replica)
+        side: MetricsServer | None = None
+        if settings.metrics_port is not None:
+            assert replica.services is not None
+            side = MetricsServer(
+                uvicorn_config(
+                    metrics_app(replica.services),
+                    limits=limits,
+                    host=host,
+                    port=settings.metrics_port,
+                )
+            )
+        side_task = asyncio.create_task(side.serve()) if side is not None else None
         freeze_startup_heap()
-        log.info("server_started", url=f"http://{host}:{port}")
-        await server.serve()
+        log.info(
+            "server_started",
+            url=f"http://{host}:{port}",
+            metrics_port=settings.metrics_port,
+        )
+        try:
+            await server.serve()
+        finally:
+            if side is not None and side_task is not None:
+                side.should_exit = True
+                await side_task
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -114,6 +114,10 @@ class Forbidden(InferqError):
     """This token may not use this route."""
 
 
+class RouteNotFound(InferqError):
+    """No such route."""
+
+
 class TokenNotFound(InferqError):
     """No such token (or it is already revoked)."""
 

@@ -81,6 +81,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
     errors.TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
     errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
+    errors.RouteNotFound: Mapping(404, "not_found_error", "route_not_found"),
     errors.TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
     errors.TaskNotFound: Mapping(404, "not_found_error", "task_not_found"),
     errors.UnknownModel: Mapping(404, "not_found_error", "model_not_found"),

@@ -1,5 +1,6 @@
-"""Request heads, bodies and connections are bounded before any application code runs: an
-`inferq serve` process attacked over real sockets (inferq.http_protocol)."""
+"""`inferq serve` as a real process, attacked over real sockets: request heads, bodies and
+connections are bounded before any application code runs (inferq.http_protocol); /metrics
+can live on a port of its own."""
 
 from __future__ import annotations
 
@@ -250,3 +251,19 @@ def _read_until_closed(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+def test_metrics_on_a_port_of_their_own(serve: Start) -> None:
+    metrics_port = free_port()
+    replica = serve(INFERQ_METRICS_PORT=str(metrics_port), INFERQ_METRICS_TOKEN="m-secret")
+    on_api = httpx.get(replica.url + "/metrics", headers={"Authorization": "Bearer m-secret"})
+    side = f"http://127.0.0.1:{metrics_port}"
+    page = httpx.get(side + "/metrics", headers={"Authorization": "Bearer m-secret"})
+    anonymous = httpx.get(side + "/metrics")
+    api = httpx.get(side + "/v1/tasks", headers={"Authorization": f"Bearer {replica.token}"})
+    assert on_api.status_code == 404
+    assert page.status_code == 200 and "inferq_http_requests_total" in page.text
+    assert anonymous.status_code == 401
+    assert api.status_code == 404
+    # The secret is never logged.
+    assert "m-secret" not in replica.proc.log_text()
