@@ -17,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFERQ_DATA_DIR=/var/lib/inferq
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
-    && useradd --system --uid 10001 --home-dir /var/lib/inferq --create-home inferq
+    && useradd --system --uid 10001 --home-dir /var/lib/inferq --create-home inferq \
+    && install -d -o 10001 -g 10001 -m 0700 /tokens
 USER 10001:10001
 WORKDIR /var/lib/inferq
 EXPOSE 8000
