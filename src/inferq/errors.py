@@ -141,6 +141,10 @@ class DatabaseUnavailable(DatabaseError):
     """The database is unavailable; retry."""
 
 
+class AboveCap(InvalidRequest):
+    """A value of the request is above its cap."""
+
+
 class InvalidValue(InvalidRequest):
     """The database refused a value of the request."""
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     chunk_retention_s: float = Field(default=300.0, ge=0)
 
     # Limits.
+    # What one request may ask a worker for, unless its model's registry entry says otherwise:
+    # `max_tokens` / `max_completion_tokens`, and `n` / `best_of` (inferq.services.caps).
+    max_tokens: int = Field(default=32_768, ge=1)
+    max_n: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_json_depth: int = Field(default=64, ge=2)
     max_waits_per_token: int = Field(default=1000, ge=1)

@@ -74,6 +74,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     UnsupportedMediaType: Mapping(415, "invalid_request_error", "unsupported_media_type"),
     errors.InvalidRequest: Mapping(400, "invalid_request_error", "invalid_request"),
     errors.InvalidValue: Mapping(400, "invalid_request_error", "invalid_value"),
+    errors.AboveCap: Mapping(400, "invalid_request_error", "above_cap"),
     InvalidBody: Mapping(422, "invalid_request_error", "invalid_body"),
     # nginx's "client closed request": nobody reads it, but the log and metrics show it.
     errors.ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),

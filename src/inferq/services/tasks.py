@@ -19,6 +19,7 @@ from inferq.domain.records import ApiToken, Enqueued, Llm, Page
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import InvalidRequest
 from inferq.metrics import Metrics
+from inferq.services.caps import check_request
 from inferq.services.drain import Drain
 from inferq.services.limits import PendingLimiter, WaitSlots
 from inferq.services.registry import Registry
@@ -77,7 +78,7 @@ class TaskService:
 
     async def submit(self, token: ApiToken, submission: Submission) -> Enqueued:
         """Route and enqueue. Raises ShuttingDown, TooManyPending, UnknownModel,
-        InvalidRequest, IdempotencyConflict."""
+        InvalidRequest, AboveCap (inferq.services.caps), IdempotencyConflict."""
         self.drain.check()
         key = submission.idempotency_key
         if key is not None and not 1 <= len(key) <= 255:
@@ -85,6 +86,7 @@ class TaskService:
                 "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key"
             )
         llm = await self.registry.resolve(submission.model) if submission.model else None
+        check_request(submission.request_body, llm, self.settings)  # 400 above a cap
         pool_name = llm.pool_name if llm is not None else submission.pool
         if pool_name is None:
             raise InvalidRequest("name a `model` (or `llm`) or a `pool`", param="model")
