@@ -62,6 +62,7 @@ from inferq.services import (
 from inferq.services.limits import PendingLimiter, WaitSlots
 from inferq.services.registry import Registry
 from inferq.services.relay import ChunkRelay
+from inferq.services.revocations import RevocationWatch
 from inferq.services.waits import WaitService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -85,6 +86,7 @@ class Replica:
         self.waits: WaitService | None = None
         self.relay: ChunkRelay | None = None
         self.maintenance: Maintenance | None = None
+        self.revocations: RevocationWatch | None = None
         self.services: Services | None = None
 
     async def start(self) -> None:
@@ -126,10 +128,14 @@ class Replica:
             relay=relay,
             listener=self.listener,
         )
+        self.revocations = RevocationWatch(tokens, self.services.auth, settings.revocation_poll_s)
+        self.revocations.start()
         log.info("replica_started", listener_healthy=self.listener.healthy)
 
     async def stop(self) -> None:
         """Stop in reverse order; safe after a partial start."""
+        if self.revocations is not None:
+            await self.revocations.stop()
         if self.maintenance is not None:
             await self.maintenance.stop()
         if self.waits is not None:
@@ -182,13 +188,14 @@ def build_services(
 ) -> Services:
     """Every service of one replica, wired to the given repositories."""
     metrics = Metrics()
-    drain = Drain()
 
     def generation() -> int:
         # Revocations sent while the listener was away are lost: a reconnect drops the cache.
         return listener.stats.reconnects if listener is not None else 0
 
     auth = Authenticator(tokens, generation=generation)
+    drain = Drain(is_revoked=auth.is_revoked)
+    auth.subscribe(drain.revoke)  # a revoked token's open waits and streams end
     registry = Registry(llms)
     slots = WaitSlots(settings.max_waits_per_token, metrics)
     pending = PendingLimiter(tasks, settings.max_pending_per_token)

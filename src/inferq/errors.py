@@ -110,6 +110,10 @@ class Unauthorized(InferqError):
     """Missing or invalid bearer token: send `Authorization: Bearer <token>`."""
 
 
+class TokenRevoked(Unauthorized):
+    """This token was revoked."""
+
+
 class Forbidden(InferqError):
     """This token may not use this route."""
 

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
 
     # Wakeups.
     poll_only: bool = False  # no LISTEN at all: waiters rely on the safety poll
+    # Revoked tokens are looked for this often, whatever the mode (a notification is faster,
+    # but none comes in poll-only mode or while the listener is away).
+    revocation_poll_s: float = Field(default=0.5, gt=0)
     safety_poll_s: float = Field(default=5.0, gt=0)
     listener_ping_s: float = Field(default=10.0, gt=0)
     wake_batch_ms: float = Field(default=1.0, ge=0)

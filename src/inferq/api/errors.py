@@ -66,6 +66,7 @@ class Mapping:
 # Looked up along the exception's MRO, so the most specific class wins.
 ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.Unauthorized: Mapping(401, "authentication_error", "invalid_api_key"),
+    errors.TokenRevoked: Mapping(401, "authentication_error", "token_revoked"),
     errors.Forbidden: Mapping(403, "permission_error", "forbidden"),
     BodyTooLarge: Mapping(413, "invalid_request_error", "body_too_large"),
     InvalidJson: Mapping(400, "invalid_request_error", "invalid_json"),

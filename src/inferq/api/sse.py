@@ -9,6 +9,9 @@ would close it.
 
 The OpenAI format sends only ``data:`` lines and comments, never ``id:`` or ``retry:``: the
 official client breaks on them.
+
+A stream whose token is revoked (``revoked`` is set, inferq.services.drain) ends with
+``revoked_frame``, an error frame of either format (``REVOKED_NATIVE``, ``REVOKED_OPENAI``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ log = structlog.get_logger(__name__)
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
 _END = object()
+
+_REVOKED = orjson.dumps(
+    {
+        "error": {
+            "message": "this token was revoked",
+            "type": "authentication_error",
+            "code": "token_revoked",
+            "param": None,
+        }
+    }
+)
+REVOKED_NATIVE = b"event: error\ndata: " + _REVOKED + b"\n\n"
+REVOKED_OPENAI = b"data: " + _REVOKED + b"\n\n"
 
 
 def _frame(event: str, data: Any, event_id: str | None = None) -> bytes:
@@ -150,8 +166,12 @@ class EventStream(Response):
         on_drain: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], None] | None = None,
         headers: dict[str, str] | None = None,
+        revoked: asyncio.Event | None = None,
+        revoked_frame: bytes = REVOKED_NATIVE,
     ) -> None:
         super().__init__(status_code=200)
+        self.revoked = revoked
+        self.revoked_frame = revoked_frame
         self.frames = frames
         self.heartbeat_s = heartbeat_s
         self.drain = drain
@@ -179,13 +199,14 @@ class EventStream(Response):
         pump = asyncio.create_task(self._pump(queue))
         gone = asyncio.create_task(_disconnected(receive))
         drained = asyncio.create_task(self.drain.wait())
+        revoked = asyncio.create_task((self.revoked or asyncio.Event()).wait())
         client_left = was_drained = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait(
-                    {getter, gone, drained},
+                    {getter, gone, drained, revoked},
                     timeout=self.heartbeat_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -205,6 +226,11 @@ class EventStream(Response):
                     was_drained = True
                     await self._send(send, self.drain_frame)
                     break
+                elif revoked in done:
+                    # Like a drain: the caller may not read on, so its task is abandoned.
+                    was_drained = True
+                    await self._send(send, self.revoked_frame)
+                    break
                 else:
                     await self._send(send, PING)
             if not client_left:
@@ -212,7 +238,7 @@ class EventStream(Response):
         except OSError:
             client_left = True
         finally:
-            for fut in (pump, gone, drained):
+            for fut in (pump, gone, drained, revoked):
                 fut.cancel()
             with contextlib.suppress(BaseException):
                 await pump

@@ -122,6 +122,7 @@ async def task_events(
         drain=svc.drain.event,
         drain_frame=_DRAIN_FRAME,
         on_close=following.close,
+        revoked=following.revoked,
     )
 
 

@@ -18,7 +18,13 @@ from uuid import UUID
 from inferq.db.tasks import TaskRepository
 from inferq.domain.records import ApiToken
 from inferq.domain.task import Task
-from inferq.errors import InvalidTransition, ShuttingDown, TaskNotFound, WaitTimeout
+from inferq.errors import (
+    InvalidTransition,
+    ShuttingDown,
+    TaskNotFound,
+    TokenRevoked,
+    WaitTimeout,
+)
 from inferq.metrics import Metrics
 from inferq.services.drain import Drain
 from inferq.services.limits import WaitSlots
@@ -77,7 +83,8 @@ class CompletionService:
 
     async def answer(self, call: Call, *, gone: Gone | None = None) -> Task:
         """The completed task. Raises TaskFailed, TaskCancelled, WaitTimeout (the task is
-        then abandoned), ShuttingDown (likewise), ClientGone (likewise), TaskNotFound."""
+        then abandoned), ShuttingDown (likewise), ClientGone (likewise), TokenRevoked
+        (likewise), TaskNotFound."""
         started = time.perf_counter()
         try:
             return await self.drain.guarded(
@@ -86,8 +93,9 @@ class CompletionService:
                 ),
                 gone=gone,
                 on_gone=call.abandon,
+                token_id=call.token.id,
             )
-        except (WaitTimeout, ShuttingDown):
+        except (WaitTimeout, ShuttingDown, TokenRevoked):
             if call.abandon is not None:
                 await call.abandon()
             raise
@@ -99,11 +107,12 @@ class CompletionService:
         """The task's events, the first one read; ``Following.close`` frees the slot."""
         try:
             events = self.waits.events(call.task_id, owner_id=call.token.owner_id)
-            first = await self.drain.guarded(anext(events))
+            first = await self.drain.guarded(anext(events), token_id=call.token.id)
         except BaseException:
             self.slots.release(call.token)
             raise
-        return Following(first, events, lambda: self.slots.release(call.token))
+        revoked = self.drain.revocation(call.token.id)
+        return Following(first, events, lambda: self.slots.release(call.token), revoked)
 
     def _abandon(self, token: ApiToken, task_id: UUID) -> Abandon | None:
         """Cancel the task nobody will read (None when INFERQ_CANCEL_ON_DISCONNECT=false)."""

@@ -9,6 +9,7 @@ slots for as long as they last; a client that leaves frees it at once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +46,13 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class Following:
-    """An open event stream: its first event, the rest, and ``close`` to free its slot."""
+    """An open event stream: its first event, the rest, ``close`` to free its slot, and
+    ``revoked``, set when the caller's token is revoked (the stream must then end)."""
 
     first: Event
     rest: AsyncIterator[Event]
     close: Callable[[], None]
+    revoked: asyncio.Event | None = None
 
 
 class TaskService:
@@ -153,13 +156,16 @@ class TaskService:
         self, token: ApiToken, task_id: UUID, timeout_s: float, *, gone: Gone | None = None
     ) -> Task:
         """The task once terminal, or as it is at the deadline (never raises on timeout).
-        Raises TaskNotFound, TooManyWaits, ShuttingDown; ClientGone when ``gone`` returns."""
+        Raises TaskNotFound, TooManyWaits, ShuttingDown; ClientGone when ``gone`` returns;
+        TokenRevoked when the token is revoked meanwhile."""
         self.drain.check()
         timeout_s = min(timeout_s, self.settings.max_wait_s)
         self.slots.acquire(token)
         try:
             return await self.drain.guarded(
-                self.waits.wait_terminal(task_id, timeout_s, owner_id=token.owner_id), gone=gone
+                self.waits.wait_terminal(task_id, timeout_s, owner_id=token.owner_id),
+                gone=gone,
+                token_id=token.id,
             )
         finally:
             self.slots.release(token)
@@ -173,8 +179,9 @@ class TaskService:
         self.slots.acquire(token)
         try:
             events = self.waits.events(task_id, owner_id=token.owner_id, after=after)
-            first = await self.drain.guarded(anext(events))
+            first = await self.drain.guarded(anext(events), token_id=token.id)
         except BaseException:
             self.slots.release(token)
             raise
-        return Following(first, events, lambda: self.slots.release(token))
+        revoked = self.drain.revocation(token.id)
+        return Following(first, events, lambda: self.slots.release(token), revoked)
