@@ -40,7 +40,8 @@ def assert_refused(r: httpx.Response, field: str, cap: int, code: str = "above_c
 async def test_caps_on_both_openai_routes_and_the_native_submit(
     settings: Settings, dsn: str
 ) -> None:
-    capped = settings.model_copy(update={"max_tokens": 100, "max_n": 4})
+    # A short max wait: a call wrongly let through answers 504 at once instead of waiting.
+    capped = settings.model_copy(update={"max_tokens": 100, "max_n": 4, "max_wait_s": 2.0})
     tokens = await make_tokens(capped, dsn)
     async with (
         serve_app(capped, dsn) as server,
