@@ -270,8 +270,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "no_head_timeout",
         "a connection that never sends a head (or trickles it) stays open for ever",
-        _one(PROTOCOL, "        self._head_timer = self.loop.call_later(limits.head_timeout_s, self._head_timed_out)",
-             "        self._head_timer = None"),
+        _one(PROTOCOL, "self._bounds.head_timer = self.loop.call_later(limits.head_timeout_s, self._head_timed_out)",
+             "self._bounds.head_timer = None"),
         (f"{HARDENING}::test_a_slow_head_a_silent_connection_and_a_stalled_body_are_closed",),
     ),
     Mutant(
