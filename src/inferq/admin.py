@@ -18,7 +18,7 @@ from inferq.db.llms import LlmRepository
 from inferq.db.pool import Pool, create_pool
 from inferq.db.stats import StatsRepository
 from inferq.db.tokens import TokenRepository
-from inferq.domain.records import Role
+from inferq.domain.records import Llm, Role
 from inferq.errors import ConfigurationError
 from inferq.settings import Settings
 
@@ -102,12 +102,23 @@ def llm_command(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: Pool) -> int:
         llms = LlmRepository(pool)
         if args.llm_command == "add":
-            llm = await llms.put(args.name, args.pool, args.model, args.tier)
-            print(f"{llm.name} -> pool {llm.pool_name} (model {llm.model}, tier {llm.tier})")
+            llm = await llms.put(
+                args.name,
+                args.pool,
+                args.model,
+                args.tier,
+                max_tokens=args.max_tokens,
+                max_n=args.max_n,
+            )
+            where = f"pool {llm.pool_name} (model {llm.model}, tier {llm.tier}{_caps(llm)})"
+            print(f"{llm.name} -> {where}")
             return 0
         if args.llm_command == "list":
             for llm in await llms.all():
-                print(f"{llm.name:30} pool={llm.pool_name:20} model={llm.model} tier={llm.tier}")
+                print(
+                    f"{llm.name:30} pool={llm.pool_name:20} model={llm.model} tier={llm.tier}"
+                    f"{_caps(llm)}"
+                )
             return 0
         if not await llms.remove(args.name):
             print(f"inferq: model {args.name!r} does not exist", file=sys.stderr)
@@ -116,6 +127,15 @@ def llm_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return with_pool(settings, work)
+
+
+def _caps(llm: Llm) -> str:
+    caps = [
+        f"{name}={value}"
+        for name, value in (("max_tokens", llm.max_tokens), ("max_n", llm.max_n))
+        if value
+    ]
+    return "".join(f" {cap}" for cap in caps)
 
 
 def status_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pool", required=True)
     t.add_argument("--model", help="upstream model name (default: the name)")
     t.add_argument("--tier", default="standard")
+    t.add_argument(
+        "--max-tokens", type=int, help="cap on a request's max_tokens (default INFERQ_MAX_TOKENS)"
+    )
+    t.add_argument("--max-n", type=int, help="cap on a request's n (default INFERQ_MAX_N)")
     lsub.add_parser("list", help="list models")
     t = lsub.add_parser("remove", help="remove a model")
     t.add_argument("name")

@@ -6,7 +6,8 @@ parked app (which measures that server's own memory floor) and the tests' in-pro
 
 ``Replica`` starts the parts in that order and stops them in reverse; tests use it to run
 real apps in-process. ``serve_command`` adds the embedded database, uvicorn (uvloop +
-httptools) and the drain on SIGTERM/SIGINT:
+httptools, with request heads bounded before any application code runs: see
+inferq.http_protocol) and the drain on SIGTERM/SIGINT:
 
 1. the drain switch flips: /readyz answers 503, new work (submit, wait, stream, bind, claim)
    gets 503 + Retry-After, worker long-polls return empty;
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -37,6 +39,7 @@ import structlog
 import uvicorn
 
 from inferq.api import create_app
+from inferq.api.app import metrics_app
 from inferq.db.batches import BatchRepository
 from inferq.db.chunks import ChunkRepository
 from inferq.db.files import FileRepository
@@ -49,6 +52,7 @@ from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.stats import StatsRepository
 from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.http_protocol import BoundedHttpToolsProtocol, HttpLimits
 from inferq.maintenance import Maintenance
 from inferq.metrics import Metrics
 from inferq.runtime import freeze_startup_heap, run
@@ -68,6 +72,7 @@ from inferq.services.batches import BatchKeeper
 from inferq.services.limits import PendingLimiter, WaitSlots
 from inferq.services.registry import Registry
 from inferq.services.relay import ChunkRelay
+from inferq.services.revocations import RevocationWatch
 from inferq.services.waits import WaitService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -106,6 +111,7 @@ class Replica:
         self.waits: WaitService | None = None
         self.relay: ChunkRelay | None = None
         self.maintenance: Maintenance | None = None
+        self.revocations: RevocationWatch | None = None
         self.services: Services | None = None
 
     async def start(self) -> None:
@@ -152,6 +158,8 @@ class Replica:
             relay=relay,
             listener=self.listener,
         )
+        self.revocations = RevocationWatch(tokens, self.services.auth, settings.revocation_poll_s)
+        self.revocations.start()
         log.info("replica_started", listener_healthy=self.listener.healthy)
 
     async def stop(self) -> None:
@@ -159,6 +167,8 @@ class Replica:
         with the database gone, releasing leases or flushing chunks would otherwise wait for
         the pool's own timeouts."""
         parts: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if self.revocations is not None:
+            parts.append(("revocations", self.revocations.stop))
         if self.maintenance is not None:
             parts.append(("maintenance", self.maintenance.stop))
         if self.waits is not None:
@@ -222,13 +232,14 @@ def build_services(
 ) -> Services:
     """Every service of one replica, wired to the given repositories."""
     metrics = Metrics()
-    drain = Drain(settings.drain_grace_s)
 
     def generation() -> int:
         # Revocations sent while the listener was away are lost: a reconnect drops the cache.
         return listener.stats.reconnects if listener is not None else 0
 
     auth = Authenticator(tokens, generation=generation)
+    drain = Drain(settings.drain_grace_s, is_revoked=auth.is_revoked)
+    auth.subscribe(drain.revoke)  # a revoked token's open waits and streams end
     registry = Registry(llms)
     slots = WaitSlots(settings.max_waits_per_token, metrics)
     pending = PendingLimiter(tasks, settings.max_pending_per_token)
@@ -263,18 +274,30 @@ def build_services(
             tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
         ),
         admin=AdminService(registry, tokens, stats, auth),
-        health=HealthService(stats, metrics, drain, waits.hub, listener),
+        health=HealthService(
+            stats,
+            metrics,
+            drain,
+            waits.hub,
+            listener,
+            interval_s=settings.metrics_interval_s,
+            token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
+            own_port=settings.metrics_port is not None,
+        ),
         files=FileService(files, settings),
         batches=BatchService(batches, files, settings),
     )
 
 
-def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
-    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools, no lifespan (the
-    caller starts and stops the replica), inferq's own logging (no access log, no default log
-    config), no Server header; ``options`` add to or override these."""
+def uvicorn_config(app: Any, *, limits: HttpLimits | None = None, **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for ``app`` as ``inferq serve`` runs it: httptools with request heads,
+    bodies and connections bounded by ``limits`` (inferq.http_protocol; the defaults of
+    Settings when None), no WebSocket upgrades, no lifespan (the caller starts and stops the
+    replica), inferq's own logging (no access log, no default log config), no Server header;
+    ``options`` add to or override these."""
     defaults: dict[str, Any] = {
-        "http": "httptools",
+        "http": BoundedHttpToolsProtocol.with_limits(limits or HttpLimits()),
+        "ws": "none",
         "lifespan": "off",
         "log_config": None,
         "access_log": False,
@@ -330,19 +353,51 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class MetricsServer(uvicorn.Server):
+    """The INFERQ_METRICS_PORT listener: serves inferq.api.app.metrics_app and leaves the
+    process's signals to the DrainingServer, which stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(settings: Settings, dsn: str, host: str, port: int) -> None:
     """Run one replica until SIGTERM/SIGINT, then drain and stop."""
     async with Replica(settings, dsn) as replica:
+        limits = HttpLimits.from_settings(settings)
         config = uvicorn_config(
             replica.app(),
+            limits=limits,
             host=host,
             port=port,
             timeout_graceful_shutdown=math.ceil(settings.drain_grace_s) + STOP_SLACK_S,
         )
         server = DrainingServer(config, replica)
+        side: MetricsServer | None = None
+        if settings.metrics_port is not None:
+            assert replica.services is not None
+            side = MetricsServer(
+                uvicorn_config(
+                    metrics_app(replica.services),
+                    limits=limits,
+                    host=host,
+                    port=settings.metrics_port,
+                )
+            )
+        side_task = asyncio.create_task(side.serve()) if side is not None else None
         freeze_startup_heap()
-        log.info("server_started", url=f"http://{host}:{port}")
-        await server.serve()
+        log.info(
+            "server_started",
+            url=f"http://{host}:{port}",
+            metrics_port=settings.metrics_port,
+        )
+        try:
+            await server.serve()
+        finally:
+            if side is not None and side_task is not None:
+                side.should_exit = True
+                await side_task
 
 
 def serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:

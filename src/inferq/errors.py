@@ -127,8 +127,16 @@ class Unauthorized(InferqError):
     """Missing or invalid bearer token: send `Authorization: Bearer <token>`."""
 
 
+class TokenRevoked(Unauthorized):
+    """This token was revoked."""
+
+
 class Forbidden(InferqError):
     """This token may not use this route."""
+
+
+class RouteNotFound(InferqError):
+    """No such route."""
 
 
 class TokenNotFound(InferqError):
@@ -152,6 +160,10 @@ class DatabaseError(InferqError):
 
 class DatabaseUnavailable(DatabaseError):
     """The database is unavailable; retry."""
+
+
+class AboveCap(InvalidRequest):
+    """A value of the request is above its cap."""
 
 
 class InvalidValue(InvalidRequest):

@@ -40,9 +40,19 @@ class Settings(BaseSettings):
     # handed out; busier ones are not (a request's own retry covers them).
     pool_check_idle_s: float = Field(default=1.0, ge=0)
 
-    # HTTP.
+    # HTTP. Request heads are bounded before any application code runs (inferq.http_protocol).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers: 431
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a whole head, else 408 and close
+    body_timeout_s: float = Field(default=10.0, gt=0)  # longest silence inside a body
+    max_connections: int = Field(default=4096, ge=1)  # open connections per replica
+
+    # /metrics: queue figures read at most once per interval, whatever the scrape rate; a
+    # bearer token to require, and/or a port of its own (then the API port has no /metrics).
+    metrics_interval_s: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Logs.
     log_format: Literal["console", "json"] = "console"
@@ -60,6 +70,9 @@ class Settings(BaseSettings):
 
     # Wakeups.
     poll_only: bool = False  # no LISTEN at all: waiters rely on the safety poll
+    # Revoked tokens are looked for this often, whatever the mode (a notification is faster,
+    # but none comes in poll-only mode or while the listener is away).
+    revocation_poll_s: float = Field(default=0.5, gt=0)
     safety_poll_s: float = Field(default=5.0, gt=0)
     listener_ping_s: float = Field(default=10.0, gt=0)
     wake_batch_ms: float = Field(default=1.0, ge=0)
@@ -89,6 +102,10 @@ class Settings(BaseSettings):
     batch_interval_s: float = Field(default=1.0, gt=0)
 
     # Limits.
+    # What one request may ask a worker for, unless its model's registry entry says otherwise:
+    # `max_tokens` / `max_completion_tokens`, and `n` / `best_of` (inferq.services.caps).
+    max_tokens: int = Field(default=32_768, ge=1)
+    max_n: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_json_depth: int = Field(default=64, ge=2)
     max_waits_per_token: int = Field(default=1000, ge=1)

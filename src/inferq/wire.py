@@ -216,6 +216,10 @@ class LlmIn(_Wire):
     pool: PoolName = Field(min_length=1, max_length=63)
     model: str | None = Field(default=None, max_length=200)
     tier: str = Field(default="standard", max_length=64)
+    # Caps on a request's `max_tokens` (and `max_completion_tokens`) and `n` (and `best_of`);
+    # null: the replica's INFERQ_MAX_TOKENS / INFERQ_MAX_N.
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000_000)
+    max_n: int | None = Field(default=None, ge=1, le=1000)
 
 
 class LlmOut(_Lenient):
@@ -223,6 +227,8 @@ class LlmOut(_Lenient):
     pool: str
     model: str
     tier: str
+    max_tokens: int | None = None
+    max_n: int | None = None
     created_at: datetime
 
 

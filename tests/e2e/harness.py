@@ -3,8 +3,9 @@
 Everything is a real process started from this checkout, so faults are real: a replica is
 killed with SIGKILL, PostgreSQL is restarted with `pg_ctl restart -m fast`, a LISTEN connection
 is ended with pg_terminate_backend. nginx runs the shipped deploy/nginx/inferq.conf with only its
-replica block and listen port substituted. With ``pgbouncer=True`` the replicas' pool goes
-through PgBouncer in transaction mode and only the listener connects directly.
+replica block and listen port substituted, in plain HTTP (tests/proxy_conf.py). With
+``pgbouncer=True`` the replicas' pool goes through PgBouncer in transaction mode and only the
+listener connects directly.
 
 The database carries the e2e audit trail (tests/e2e/audit.py): every change of every task
 with its OLD and NEW values, from which the checker verifies I2 and I5.
@@ -33,7 +34,7 @@ import psycopg
 from inferq.db.cluster import UNPRIVILEGED_USER, PrivateCluster, free_port
 from inferq.db.migrations import Migrator
 from inferq.db.tokens import hash_token, new_secret
-from tests import system_packages
+from tests import proxy_conf, system_packages
 from tests.e2e import audit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -495,24 +496,12 @@ class Deployment:
     # -- nginx -----------------------------------------------------------------------------
 
     def _nginx_conf(self, ports: list[int]) -> str:
-        conf = NGINX_CONF.read_text()
-        servers = "".join(f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;\n" for p in ports)
-        conf, n = re.subn(
-            r"( *# BEGIN replicas\n).*?( *# END replicas\n)",
-            lambda m: m.group(1) + servers + m.group(2),
-            conf,
-            flags=re.S,
-        )
-        if n != 1:
-            raise HarnessError(f"{NGINX_CONF} lost its '# BEGIN replicas' block")
-        conf, n = re.subn(
-            r"listen \S+;( *# inferq-listen)",
-            f"listen 127.0.0.1:{self.nginx_port};\\1",
-            conf,
-        )
-        if n != 1:
-            raise HarnessError(f"{NGINX_CONF} lost its '# inferq-listen' line")
-        return conf
+        # The shipped file, plain HTTP: the harness's clients and workers do not speak TLS
+        # (tests/e2e/test_proxy_tls.py runs it with TLS).
+        try:
+            return proxy_conf.nginx(ports, self.nginx_port)
+        except proxy_conf.ConfError as exc:
+            raise HarnessError(f"{NGINX_CONF}: {exc}") from None
 
     def _start_nginx(self, ports: list[int]) -> None:
         ndir = self.workdir / "nginx"

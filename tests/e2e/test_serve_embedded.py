@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
-from inferq.db.cluster import PrivateCluster
+from inferq.db.cluster import PrivateCluster, find_bindir
+from inferq.embedded import write_secret_file
 from tests.api_helpers import MODEL, POOL, EchoWorker, auth, running_worker
 
 pytestmark = pytest.mark.e2e
@@ -107,7 +109,9 @@ async def test_serve_without_database_url(data_dir: Path) -> None:
             task_id = r.headers["x-inferq-task-id"]
     finally:
         out = stop(proc)
-    assert admin in out  # printed once, on the first start
+    # The first start says where the token is, never what it is (stdout and stderr alike).
+    assert admin not in out
+    assert f"{data_dir / 'admin-token'} (mode 0600" in out
 
     proc = start(data_dir, port)
     try:
@@ -119,3 +123,107 @@ async def test_serve_without_database_url(data_dir: Path) -> None:
     finally:
         out = stop(proc)
     assert admin not in out  # the second start reuses the data and its token
+    assert (data_dir / "admin-token").read_text().strip() == admin
+
+
+def _modes(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _psql(user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """psql as ``user`` (runuser, when root), never prompting for a password."""
+    psql = str(find_bindir() / "psql")  # type: ignore[operator]
+    argv = [psql, "-w", "-X", "-At", "-U", "postgres", "-d", "inferq", "-c", "SELECT 1", *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/", check=False)
+
+
+def test_the_embedded_database_admits_no_one_without_its_password(data_dir: Path) -> None:
+    port = free_port()
+    proc = start(data_dir, port)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        cluster_dir = data_dir / "postgres"
+        pg_port = int((cluster_dir / "port").read_text())
+        passfile = data_dir / "pgpass"
+        password = passfile.read_text().strip().rsplit(":", 1)[1]
+        tcp = {"host": "127.0.0.1", "port": pg_port, "user": "postgres", "dbname": "inferq"}
+        # Over TCP: nothing without the password, nothing with a wrong one.
+        for attempt in ({}, {"password": "wrong"}):
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(**tcp, **attempt, connect_timeout=5).close()
+        with psycopg.connect(**tcp, password=password) as conn:
+            rules = conn.execute(
+                "SELECT type, auth_method FROM pg_hba_file_rules ORDER BY line_number"
+            ).fetchall()
+            listen = conn.execute("SHOW listen_addresses").fetchone()
+            socket_mode = conn.execute("SHOW unix_socket_permissions").fetchone()
+        socket_file = cluster_dir / f".s.PGSQL.{pg_port}"
+        socket_is_private = socket_file.is_socket() and _modes(socket_file) == 0o700
+        # Another local user: the socket directory is closed to it, and TCP asks a password.
+        other = "daemon" if os.geteuid() == 0 else None
+        by_socket = _psql(other, "-h", str(cluster_dir), "-p", str(pg_port))
+        by_tcp = _psql(other, "-h", "127.0.0.1", "-p", str(pg_port))
+    finally:
+        stop(proc)
+    assert {method for _, method in rules} == {"scram-sha-256"}
+    assert {kind for kind, _ in rules} == {"local", "host"}
+    assert listen == ("127.0.0.1",)
+    assert socket_mode == ("0700",)
+    assert socket_is_private
+    assert _modes(cluster_dir) == 0o700
+    assert _modes(cluster_dir / "data") == 0o700
+    assert _modes(passfile) == 0o600 and _modes(data_dir / "admin-token") == 0o600
+    assert not _modes(data_dir) & 0o066  # others may traverse it (root), never list it
+    assert by_socket.returncode != 0 and by_tcp.returncode != 0
+    if other is not None:
+        assert "Permission denied" in by_socket.stderr, by_socket.stderr
+    assert "password" in by_tcp.stderr, by_tcp.stderr
+
+
+def test_a_trusting_cluster_of_an_older_inferq_is_locked_at_its_next_start(
+    data_dir: Path,
+) -> None:
+    data_dir.chmod(0o755)  # as an older inferq left it
+    old = PrivateCluster(data_dir / "postgres")  # trust, as inferq made it before
+    old.start()
+    with psycopg.connect(old.dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE inferq")
+    old.stop()
+    port = free_port()
+    proc = start(data_dir, port)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(old.dsn, connect_timeout=5).close()
+        with psycopg.connect(
+            PrivateCluster(data_dir / "postgres", passfile=data_dir / "pgpass").dsn_for("inferq")
+        ) as conn:
+            methods = conn.execute("SELECT DISTINCT auth_method FROM pg_hba_file_rules").fetchall()
+    finally:
+        stop(proc)
+    assert methods == [("scram-sha-256",)]
+    assert _modes(data_dir / "postgres") == 0o700
+
+
+def test_secret_files_are_0600_from_their_first_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No later chmod may be what makes the file private: with chmod disabled and the most
+    # permissive umask, the file is still 0600, and an existing secret is never overwritten.
+    def no_chmod(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a secret file must not need a chmod")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(Path, "chmod", no_chmod)
+    previous = os.umask(0)
+    try:
+        write_secret_file(tmp_path / "secret", "s3cret\n")
+    finally:
+        os.umask(previous)
+    assert _modes(tmp_path / "secret") == 0o600
+    assert (tmp_path / "secret").read_text() == "s3cret\n"
+    with pytest.raises(FileExistsError):
+        write_secret_file(tmp_path / "secret", "other\n")

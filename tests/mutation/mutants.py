@@ -35,6 +35,11 @@ TRIGGERS = "sql/0002_triggers.sql"
 REPO_TESTS = "tests/integration/test_task_repository.py"
 CLAIM_TESTS = "tests/integration/test_claim.py"
 CANCEL_TESTS = "tests/integration/test_api_openai_cancel.py"
+PROTOCOL = "src/inferq/http_protocol.py"
+HARDENING = "tests/e2e/test_serve_hardening.py"
+EMBEDDED = "tests/e2e/test_serve_embedded.py"
+METRICS_TESTS = "tests/integration/test_metrics.py"
+REVOCATION_TESTS = "tests/integration/test_revocation.py"
 
 
 def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
@@ -314,5 +319,126 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("src/inferq/worker/runner.py", "            self._ack_due.set()  # a streaming task is acknowledged by its start",
              "            pass"),
         ("tests/integration/test_claim_ack.py::test_the_sdk_acknowledges_a_long_unstreamed_task_in_time",),
+    ),
+    # -- security (issue #14) -------------------------------------------------------------------
+    Mutant(
+        "http_heads_unbounded",
+        "8 unauthenticated connections with unfinished huge headers take the replica's memory",
+        _one("src/inferq/daemon.py", '"http": BoundedHttpToolsProtocol.with_limits(limits or HttpLimits()),',
+             '"http": "httptools",'),
+        (f"{HARDENING}::test_unfinished_huge_headers_leave_memory_flat_and_healthz_answering",),
+    ),
+    Mutant(
+        "complete_head_not_measured",
+        "a head over the limit that arrives in one read reaches the application",
+        _one(PROTOCOL, "            raise _HeadTooLarge()\n", "            pass\n"),
+        (f"{HARDENING}::test_an_oversized_complete_head_is_431_and_one_under_the_limit_is_served",),
+    ),
+    Mutant(
+        "no_head_timeout",
+        "a connection that never sends a head (or trickles it) stays open for ever",
+        _one(PROTOCOL, "self._bounds.head_timer = self.loop.call_later(limits.head_timeout_s, self._head_timed_out)",
+             "self._bounds.head_timer = None"),
+        (f"{HARDENING}::test_a_slow_head_a_silent_connection_and_a_stalled_body_are_closed",),
+    ),
+    Mutant(
+        "no_connection_cap",
+        "connections past INFERQ_MAX_CONNECTIONS are accepted and kept",
+        _one(PROTOCOL, "if len(self.connections) > limits.max_connections:", "if False:"),
+        (f"{HARDENING}::test_connections_past_the_cap_are_refused_with_503",),
+    ),
+    Mutant(
+        "embedded_database_trusts_tcp",
+        "any local user logs in to the embedded PostgreSQL over TCP as superuser",
+        _one("src/inferq/db/cluster.py", "host    all   all   127.0.0.1/32  scram-sha-256",
+             "host    all   all   127.0.0.1/32  trust"),
+        (f"{EMBEDDED}::test_the_embedded_database_admits_no_one_without_its_password",),
+    ),
+    Mutant(
+        "admin_token_printed",
+        "the admin token lands in journald or the container logs",
+        _one("src/inferq/embedded.py", '        write_secret_file(token_file, secret + "\\n")\n',
+             '        write_secret_file(token_file, secret + "\\n")\n        print(secret)\n'),
+        (f"{EMBEDDED}::test_serve_without_database_url",),
+    ),
+    Mutant(
+        "secret_file_chmod_later",
+        "a secret file is world-readable between its creation and a chmod",
+        _one("src/inferq/embedded.py", "fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)",
+             "fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644); os.chmod(path, 0o600)"),
+        (f"{EMBEDDED}::test_secret_files_are_0600_from_their_first_byte",),
+    ),
+    Mutant(
+        "metrics_read_every_scrape",
+        "every scrape runs a GROUP BY over the whole task table",
+        _one("src/inferq/services/health.py", "if read_at is not None and self.clock() - read_at < self.interval_s:",
+             "if False:"),
+        (f"{METRICS_TESTS}::test_a_burst_of_scrapes_reads_the_queue_once_per_interval",),
+    ),
+    Mutant(
+        "metrics_token_ignored",
+        "INFERQ_METRICS_TOKEN is set, and /metrics answers anyone",
+        _one("src/inferq/services/health.py", "        if self._token is None:\n            return\n",
+             "        if True:\n            return\n"),
+        (f"{METRICS_TESTS}::test_a_metrics_token_is_required_when_set",),
+    ),
+    Mutant(
+        "caps_not_checked",
+        "a request asks a worker for a million tokens or a thousand generations",
+        _one("src/inferq/services/tasks.py",
+             "        check_request(submission.request_body, llm, self.settings)  # 400 above a cap\n", ""),
+        ("tests/integration/test_caps.py::test_caps_on_both_openai_routes_and_the_native_submit",),
+    ),
+    Mutant(
+        "model_caps_ignored",
+        "a model's own caps in the registry are ignored: the server's defaults apply",
+        _one("src/inferq/services/caps.py", "cap: int = getattr(llm, cap_name, None) or getattr(settings, cap_name)",
+             "cap: int = getattr(settings, cap_name)"),
+        ("tests/integration/test_caps.py::test_a_models_own_caps_from_the_registry",),
+    ),
+    Mutant(
+        "database_text_to_clients",
+        "a client reads `value for domain inferq.pool_name violates check constraint ...`",
+        _one("src/inferq/db/errors.py", "return InvalidValue(message, param=field or None)",
+             "return InvalidValue(str(exc), param=field or None)"),
+        ("tests/integration/test_error_text.py::test_no_error_body_carries_database_text",),
+    ),
+    Mutant(
+        "no_revocation_poll",
+        "in poll-only mode a revoked token keeps working for its cache life (30 s)",
+        _one("src/inferq/daemon.py", "        self.revocations.start()\n", ""),
+        (f"{REVOCATION_TESTS}::test_a_revocation_takes_effect_within_a_second[poll_only]",),
+    ),
+    Mutant(
+        "lookup_resurrects_revoked_token",
+        "a lookup that read the row just before the revocation caches the token again",
+        _one("src/inferq/services/auth.py", "if self.revocations != revocations:", "if False:"),
+        (f"{REVOCATION_TESTS}::test_a_lookup_in_flight_cannot_resurrect_a_revoked_token",),
+    ),
+    Mutant(
+        "revoked_waits_go_on",
+        "a revoked token's open waits, sync calls and long-polls carry on",
+        _one("src/inferq/services/drain.py", "            wait.interrupt(REVOKED)\n", "            pass\n"),
+        (f"{REVOCATION_TESTS}::test_open_waits_and_streams_of_a_revoked_token_end",),
+    ),
+    Mutant(
+        "revoked_streams_go_on",
+        "a revoked token's SSE streams keep relaying",
+        _one("src/inferq/services/drain.py", "            event.set()\n\n    def revocation",
+             "            pass\n\n    def revocation"),
+        (f"{REVOCATION_TESTS}::test_open_waits_and_streams_of_a_revoked_token_end",),
+        timeout_s=90.0,
+    ),
+    Mutant(
+        "proxy_serves_metrics",
+        "the public nginx listener serves /metrics to anyone",
+        _one("deploy/nginx/inferq.conf", "    location = /metrics {\n", "    location = /metrics-off {\n"),
+        ("tests/e2e/test_proxy_tls.py::test_nginx_terminates_tls_and_redirects_plain_http",),
+    ),
+    Mutant(
+        "compose_database_as_root",
+        "a compose service runs as root",
+        _one("docker-compose.yml", 'user: "999:999"', 'user: "0:0"'),
+        ("tests/unit/test_deploy_files.py::test_no_compose_service_runs_as_root",),
     ),
 )  # fmt: skip

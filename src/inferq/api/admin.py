@@ -43,7 +43,9 @@ async def list_llms(svc: Svc, admin: Admin) -> Response:
 async def put_llm(
     svc: Svc, admin: Admin, body: Annotated[LlmIn, Depends(json_body(LlmIn))]
 ) -> Response:
-    llm = await svc.admin.put_llm(body.name, body.pool, body.model, body.tier)
+    llm = await svc.admin.put_llm(
+        body.name, body.pool, body.model, body.tier, max_tokens=body.max_tokens, max_n=body.max_n
+    )
     return json_response(llm_json(llm), 201)
 
 

@@ -1,4 +1,5 @@
-"""create_app: the FastAPI application of one replica around its Services.
+"""create_app: the FastAPI application of one replica around its Services; metrics_app: the
+bare app of INFERQ_METRICS_PORT.
 
 The request middleware (request id, log, metrics, body limit) is the outermost layer, in
 front of FastAPI's own stack, and the hot routes are answered under it by the fast path
@@ -11,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferq import __version__
@@ -19,6 +23,7 @@ from inferq.api.body import openapi_schemas
 from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
 from inferq.api.render import OrjsonResponse
+from inferq.errors import InferqError, RouteNotFound
 from inferq.services import Services
 
 
@@ -78,4 +83,29 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def metrics_app(services: Services) -> ASGIApp:
+    """The app of INFERQ_METRICS_PORT: ``GET /metrics`` (with INFERQ_METRICS_TOKEN when set),
+    404 for anything else."""
+    health = services.health
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        response: Response
+        try:
+            if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
+                raise RouteNotFound(
+                    f"{scope['method']} {scope['path'][:200]}: this port serves GET /metrics"
+                )
+            page = await health.metrics_page(
+                Headers(scope=scope).get("authorization"), on_metrics_port=True
+            )
+            response = Response(page, media_type=CONTENT_TYPE_LATEST)
+        except InferqError as exc:
+            response = errors.error_response(exc)
+        await response(scope, receive, send)
+
     return app

@@ -67,6 +67,7 @@ class Mapping:
 # Looked up along the exception's MRO, so the most specific class wins.
 ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.Unauthorized: Mapping(401, "authentication_error", "invalid_api_key"),
+    errors.TokenRevoked: Mapping(401, "authentication_error", "token_revoked"),
     errors.Forbidden: Mapping(403, "permission_error", "forbidden"),
     BodyTooLarge: Mapping(413, "invalid_request_error", "body_too_large"),
     InvalidJson: Mapping(400, "invalid_request_error", "invalid_json"),
@@ -75,6 +76,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     UnsupportedMediaType: Mapping(415, "invalid_request_error", "unsupported_media_type"),
     errors.InvalidRequest: Mapping(400, "invalid_request_error", "invalid_request"),
     errors.InvalidValue: Mapping(400, "invalid_request_error", "invalid_value"),
+    errors.AboveCap: Mapping(400, "invalid_request_error", "above_cap"),
     InvalidBody: Mapping(422, "invalid_request_error", "invalid_body"),
     # nginx's "client closed request": nobody reads it, but the log and metrics show it.
     errors.ClientGone: Mapping(499, "invalid_request_error", "client_closed_request"),
@@ -83,6 +85,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
     errors.TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
     errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
+    errors.RouteNotFound: Mapping(404, "not_found_error", "route_not_found"),
     errors.TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
     errors.TaskNotFound: Mapping(404, "not_found_error", "task_not_found"),
     errors.UnknownModel: Mapping(404, "not_found_error", "model_not_found"),

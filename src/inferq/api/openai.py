@@ -19,7 +19,13 @@ from inferq.api.body import documented, read_document, validate
 from inferq.api.deps import Client, Svc, disconnected, hot
 from inferq.api.errors import ERRORS, InvalidBody
 from inferq.api.render import json_response, model_json
-from inferq.api.sse import EventStream, openai_error_frame, openai_frames, prepend
+from inferq.api.sse import (
+    REVOKED_OPENAI,
+    EventStream,
+    openai_error_frame,
+    openai_frames,
+    prepend,
+)
 from inferq.domain.records import ApiToken
 from inferq.errors import InvalidRequest
 from inferq.jsontext import dumps
@@ -146,4 +152,6 @@ async def _stream(
         on_error=call.abandon,
         on_close=following.close,
         headers=headers,
+        revoked=following.revoked,
+        revoked_frame=REVOKED_OPENAI,
     )

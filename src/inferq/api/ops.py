@@ -1,9 +1,11 @@
 """Operations routes: /healthz (alive), /readyz (database + listener, red while draining),
-/metrics (Prometheus)."""
+/metrics (Prometheus; a token and a port of its own are inferq.services.health's business)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Header
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
@@ -40,5 +42,5 @@ async def readyz(svc: Svc) -> Response:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
     summary="Prometheus metrics",
 )
-async def metrics(svc: Svc) -> Response:
-    return Response(await svc.health.metrics_page(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(svc: Svc, authorization: Annotated[str | None, Header()] = None) -> Response:
+    return Response(await svc.health.metrics_page(authorization), media_type=CONTENT_TYPE_LATEST)

@@ -87,6 +87,8 @@ def llm_json(llm: Llm) -> dict[str, Any]:
         "pool": llm.pool_name,
         "model": llm.model,
         "tier": llm.tier,
+        "max_tokens": llm.max_tokens,
+        "max_n": llm.max_n,
         "created_at": llm.created_at,
     }
 

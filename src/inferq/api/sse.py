@@ -10,8 +10,10 @@ would close it.
 The OpenAI format sends only ``data:`` lines and comments, never ``id:`` or ``retry:``: the
 official client breaks on them. A stream is never cut silently: it ends with its terminal
 event (``done``, or ``data: [DONE]`` for a completed OpenAI stream), or with an error frame —
-the drain's at the end of its grace, or ``error_frame`` when reading the events failed (after
-the reads' own retries, see inferq.services.waits) — which the ``openai`` client raises.
+the drain's at the end of its grace, ``revoked_frame`` when its token is revoked (``revoked``
+is set, inferq.services.drain; ``REVOKED_NATIVE``, ``REVOKED_OPENAI``), or ``error_frame`` when
+reading the events failed (after the reads' own retries, see inferq.services.waits) — which
+the ``openai`` client raises.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ log = structlog.get_logger(__name__)
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
 _END = object()
+
+_REVOKED = orjson.dumps(
+    {
+        "error": {
+            "message": "this token was revoked",
+            "type": "authentication_error",
+            "code": "token_revoked",
+            "param": None,
+        }
+    }
+)
+REVOKED_NATIVE = b"event: error\ndata: " + _REVOKED + b"\n\n"
+REVOKED_OPENAI = b"data: " + _REVOKED + b"\n\n"
 
 
 def _frame(event: str, data: Any, event_id: str | None = None) -> bytes:
@@ -155,8 +170,12 @@ class EventStream(Response):
         on_error: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], None] | None = None,
         headers: dict[str, str] | None = None,
+        revoked: asyncio.Event | None = None,
+        revoked_frame: bytes = REVOKED_NATIVE,
     ) -> None:
         super().__init__(status_code=200)
+        self.revoked = revoked
+        self.revoked_frame = revoked_frame
         self.frames = frames
         self.heartbeat_s = heartbeat_s
         self.drain = drain
@@ -186,13 +205,14 @@ class EventStream(Response):
         pump = asyncio.create_task(self._pump(queue))
         gone = asyncio.create_task(_disconnected(receive))
         drained = asyncio.create_task(self.drain.wait())
+        revoked = asyncio.create_task((self.revoked or asyncio.Event()).wait())
         client_left = was_drained = failed = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait(
-                    {getter, gone, drained},
+                    {getter, gone, drained, revoked},
                     timeout=self.heartbeat_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -215,6 +235,11 @@ class EventStream(Response):
                     was_drained = True
                     await self._send(send, self.drain_frame)
                     break
+                elif revoked in done:
+                    # Like a drain: the caller may not read on, so its task is abandoned.
+                    was_drained = True
+                    await self._send(send, self.revoked_frame)
+                    break
                 else:
                     await self._send(send, PING)
             if not client_left:
@@ -222,7 +247,7 @@ class EventStream(Response):
         except OSError:
             client_left = True
         finally:
-            for fut in (pump, gone, drained):
+            for fut in (pump, gone, drained, revoked):
                 fut.cancel()
             with contextlib.suppress(BaseException):
                 await pump

@@ -124,6 +124,7 @@ async def task_events(
         drain_frame=_DRAIN_FRAME,
         error_frame=_ERROR_FRAME,
         on_close=following.close,
+        revoked=following.revoked,
     )
 
 

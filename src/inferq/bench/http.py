@@ -148,10 +148,9 @@ def _uvicorn_floor(open_waits: int, progress: Callable[[str], None]) -> float:
     uvicorn settings of `inferq serve`: the part of an open wait's cost that is the HTTP
     stack's own."""
     port = free_port()
+    env = {**os.environ, "INFERQ_MAX_CONNECTIONS": str(open_waits + 1000)}
     with _processes() as procs:
-        procs.append(
-            _spawn("parked", ["-m", "inferq.bench.parked_app", str(port)], {**os.environ}, raw=True)
-        )
+        procs.append(_spawn("parked", ["-m", "inferq.bench.parked_app", str(port)], env, raw=True))
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, procs[0], path="/parked")
         return float(run(_floor(url, procs[0].popen.pid, open_waits, progress)))
@@ -186,6 +185,7 @@ def _setup(dsn: str, load: int) -> tuple[dict[str, str], _Setup]:
         "INFERQ_MAX_WAITS_PER_TOKEN": str(load + 100),
         "INFERQ_MAX_PENDING_PER_TOKEN": str(load + 1000),
         "INFERQ_MAX_WAIT_S": str(WAIT_S),
+        "INFERQ_MAX_CONNECTIONS": str(load + 1000),
     }
     _inferq(["migrate"], env)
     return env, run(_prepare(dsn))

@@ -14,7 +14,9 @@ import sys
 from typing import Any
 
 from inferq.daemon import uvicorn_config
+from inferq.http_protocol import HttpLimits
 from inferq.runtime import freeze_startup_heap, run
+from inferq.settings import Settings
 
 _parked = 0
 
@@ -36,7 +38,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def main() -> None:
     import uvicorn
 
-    config = uvicorn_config(app, host="127.0.0.1", port=int(sys.argv[1]))
+    # The limits of the environment (INFERQ_MAX_CONNECTIONS: the bench parks 10,000 requests).
+    limits = HttpLimits.from_settings(Settings())
+    config = uvicorn_config(app, limits=limits, host="127.0.0.1", port=int(sys.argv[1]))
     freeze_startup_heap()
     run(uvicorn.Server(config).serve())
 

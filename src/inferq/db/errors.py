@@ -40,6 +40,8 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "task_idempotency_key_check": ("Idempotency-Key", "Idempotency-Key has 1 to 255 characters"),
     "worker_session_capacity_check": ("capacity", "capacity must be between 1 and 10000"),
     "worker_session_pools_check": ("pools", "name at least one pool"),
+    "llm_max_tokens_check": ("max_tokens", "max_tokens must be between 1 and 100000000"),
+    "llm_max_n_check": ("max_n", "max_n must be between 1 and 1000"),
 }
 
 

@@ -10,7 +10,7 @@ from inferq.db.pool import Pool
 from inferq.domain.records import Llm
 from inferq.errors import UnknownModel
 
-_COLUMNS = sql.SQL("name, pool_name, model, tier, created_at")
+_COLUMNS = sql.SQL("name, pool_name, model, tier, created_at, max_tokens, max_n")
 
 
 class LlmRepository:
@@ -20,18 +20,27 @@ class LlmRepository:
         self.pool = pool
 
     async def put(
-        self, name: str, pool_name: str, model: str | None = None, tier: str = "standard"
+        self,
+        name: str,
+        pool_name: str,
+        model: str | None = None,
+        tier: str = "standard",
+        *,
+        max_tokens: int | None = None,
+        max_n: int | None = None,
     ) -> Llm:
         """Add or replace an entry; queued tasks keep the routing they were enqueued with."""
         async with connect(self.pool) as conn:
             cur = conn.cursor(row_factory=class_row(Llm))
             await cur.execute(
                 sql.SQL(
-                    "INSERT INTO inferq.llm (name, pool_name, model, tier) VALUES (%s, %s, %s, %s) "
+                    "INSERT INTO inferq.llm (name, pool_name, model, tier, max_tokens, max_n) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (name) DO UPDATE SET pool_name = excluded.pool_name, "
-                    "model = excluded.model, tier = excluded.tier RETURNING {}"
+                    "model = excluded.model, tier = excluded.tier, "
+                    "max_tokens = excluded.max_tokens, max_n = excluded.max_n RETURNING {}"
                 ).format(_COLUMNS),
-                (name, pool_name, model or name, tier),
+                (name, pool_name, model or name, tier, max_tokens, max_n),
             )
             llm = await cur.fetchone()
         assert llm is not None

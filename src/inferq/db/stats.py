@@ -30,6 +30,7 @@ class StatsRepository:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self.queue_reads = 0  # statements run by queue(), for tests and curious operators
 
     async def ping(self, timeout_s: float) -> None:
         """One round trip within ``timeout_s``; raises DatabaseUnavailable otherwise."""
@@ -44,6 +45,7 @@ class StatsRepository:
         tasks: dict[str, dict[str, int]] = {}
         sessions = capacity = 0
         async with connect(self.pool) as conn:
+            self.queue_reads += 1
             cur = await conn.execute(STATS)
             for kind, pool_name, status, n, cap in await cur.fetchall():
                 if kind == "task":

@@ -96,6 +96,17 @@ class TokenRepository:
                 await conn.execute("SELECT pg_notify(%s, %s)", (channels.TOKEN, str(token_id)))
             return cur.rowcount > 0
 
+    async def recently_revoked(self, window_s: float) -> list[UUID]:
+        """The tokens revoked within the last ``window_s`` (database time), for the replicas'
+        revocation poll (api_token_revoked_idx, sql/0003_security.sql)."""
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(
+                "SELECT id FROM inferq.api_token "
+                "WHERE revoked_at > now() - make_interval(secs => %s)",
+                (window_s,),
+            )
+            return [row[0] for row in await cur.fetchall()]
+
     async def count(self) -> int:
         async with connect(self.pool) as conn:
             cur = await conn.execute("SELECT count(*) FROM inferq.api_token")

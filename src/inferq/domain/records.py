@@ -37,6 +37,9 @@ class Llm:
     model: str
     tier: str
     created_at: datetime
+    # Caps on a request's `max_tokens` and `n`; None: the replica's INFERQ_MAX_TOKENS/_MAX_N.
+    max_tokens: int | None = None
+    max_n: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

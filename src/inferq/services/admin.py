@@ -31,9 +31,19 @@ class AdminService:
     async def llms(self) -> list[Llm]:
         return await self.registry.all()
 
-    async def put_llm(self, name: str, pool: str, model: str | None, tier: str) -> Llm:
-        """Add or replace a model; queued tasks keep the routing they were enqueued with."""
-        return await self.registry.put(name, pool, model, tier)
+    async def put_llm(
+        self,
+        name: str,
+        pool: str,
+        model: str | None,
+        tier: str,
+        *,
+        max_tokens: int | None = None,
+        max_n: int | None = None,
+    ) -> Llm:
+        """Add or replace a model (with its caps on a request's `max_tokens` and `n`; None:
+        the replica's defaults); queued tasks keep the routing they were enqueued with."""
+        return await self.registry.put(name, pool, model, tier, max_tokens=max_tokens, max_n=max_n)
 
     async def remove_llm(self, name: str) -> None:
         """Raises UnknownModel when there is no such model."""

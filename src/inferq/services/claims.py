@@ -89,7 +89,7 @@ class ClaimService:
     ) -> list[Task]:
         """Up to ``max_tasks`` tasks, waiting up to ``wait_s`` for work; empty at the deadline
         or when the replica drains. Raises SessionNotFound when the session is gone or expires
-        while waiting (the worker binds again)."""
+        while waiting (the worker binds again), TokenRevoked when the token is revoked."""
         self.drain.check()
         # Whether the session lives is vouched for by the claim statement itself (bound=True),
         # so a claim that finds work costs one statement.
@@ -125,7 +125,9 @@ class ClaimService:
                 try:
                     # A worker that left must not have work claimed into its closed connection
                     # (the task would sit until its lease expired and count as a lost attempt).
-                    await self.drain.guarded(waiter.wait(remaining), gone=gone, at_start=True)
+                    await self.drain.guarded(
+                        waiter.wait(remaining), gone=gone, at_start=True, token_id=token.id
+                    )
                 except ShuttingDown:
                     break  # an empty answer: the worker claims again, from another replica
         self.metrics.claim_seconds.observe(time.perf_counter() - started)

@@ -125,7 +125,8 @@ class CompletionService:
 
     async def answer(self, call: Call, *, gone: Gone | None = None) -> Task:
         """The completed task. Raises TaskFailed, TaskCancelled, WaitTimeout, ShuttingDown,
-        NoWorkerAvailable, DatabaseUnavailable, ClientGone, TaskNotFound — each carrying the
+        NoWorkerAvailable, DatabaseUnavailable, ClientGone, TokenRevoked, TaskNotFound — each
+        carrying the
         task's id, the task abandoned as the module docstring says."""
         started = time.perf_counter()
         try:
@@ -136,6 +137,7 @@ class CompletionService:
                     self.waits.wait_terminal(call.task_id, left_s, owner_id=call.token.owner_id),
                     gone=gone,
                     on_gone=call.left,
+                    token_id=call.token.id,
                 )
             return _completed(task, self.settings.max_wait_s)
         except ClientGone as exc:
@@ -156,7 +158,7 @@ class CompletionService:
         try:
             await self._claimed_or_fail(call, gone)
             events = self.waits.events(call.task_id, owner_id=call.token.owner_id)
-            first = await self.drain.guarded(anext(events))
+            first = await self.drain.guarded(anext(events), token_id=call.token.id)
         except BaseException as exc:
             self.slots.release(call.token)
             if isinstance(exc, InferqError):
@@ -164,7 +166,8 @@ class CompletionService:
                 if not isinstance(exc, ClientGone | TaskNotFound):
                     await call.abandon()
             raise
-        return Following(first, events, lambda: self.slots.release(call.token))
+        revoked = self.drain.revocation(call.token.id)
+        return Following(first, events, lambda: self.slots.release(call.token), revoked)
 
     async def _claimed_or_fail(self, call: Call, gone: Gone | None) -> Task:
         """The task, once it is known that a worker will take it: at once when a live session
@@ -179,6 +182,7 @@ class CompletionService:
             self.waits.wait_claimed(call.task_id, wait_s, owner_id=owner),
             gone=gone,
             on_gone=call.left,
+            token_id=call.token.id,
         )
         if task.status is TaskStatus.PENDING and not await self._served(task.pool_name):
             raise NoWorkerAvailable(

@@ -1,5 +1,5 @@
-"""Drain: the replica's shutdown switch, and ``guarded()``, which races a wait against it and
-against the client leaving.
+"""Drain: the replica's shutdown switch, and ``guarded()``, which races a wait against it,
+against the client leaving and against its token being revoked.
 
 A drain never cancels work a client can come back for. When it starts, new work is refused
 (503 + Retry-After), /readyz turns red and worker long-polls end at once (their workers claim
@@ -15,24 +15,32 @@ and one small watcher task instead of a task per racer. Someone else's cancellat
 server stopping) stays a cancellation. The watcher is any coroutine that returns when the
 client is gone (the HTTP layer passes one that reads ``http.disconnect``), so this module
 knows nothing of HTTP.
+
+Revocation (``revoke(token_id)``, subscribed to Authenticator.revoked): the token's guarded
+waits end with TokenRevoked, found through a per-token index (no task per wait), and the
+``revocation(token_id)`` events of its streams are set, so the stream can send its last frame.
+A wait or stream that starts for a token revoked a moment before ends at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from uuid import UUID
 
-from inferq.errors import ClientGone, ShuttingDown
+from inferq.errors import ClientGone, ShuttingDown, TokenRevoked
 
 T = TypeVar("T")
 
 DRAINED = "drained"
 GONE = "gone"
+REVOKED = "revoked"
 
 
 class Interruption:
-    """Ends one guarded wait from outside; ``reason`` says why (DRAINED or GONE)."""
+    """Ends one guarded wait from outside; ``reason`` says why (DRAINED, GONE or REVOKED)."""
 
     __slots__ = ("reason", "task")
 
@@ -49,16 +57,26 @@ class Interruption:
 class Drain:
     """The replica's shutdown switch (see the module docstring)."""
 
-    def __init__(self, grace_s: float = 30.0, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        grace_s: float = 30.0,
+        retry_after_s: float = 1.0,
+        is_revoked: Callable[[UUID], bool] | None = None,
+    ) -> None:
         self.grace_s = grace_s
         self.draining = False
         self.expired = False
         self.retry_after_s = retry_after_s
         self.event = asyncio.Event()  # set when the drain starts
         self.expired_event = asyncio.Event()  # set when the grace is over
+        self.is_revoked = is_revoked or (lambda token_id: False)
         self._waits: set[Interruption] = set()  # interrupted when the grace is over
         self._now: set[Interruption] = set()  # interrupted when the drain starts
         self._timer: asyncio.TimerHandle | None = None
+        self._by_token: dict[UUID, set[Interruption]] = {}
+        self._revocations: weakref.WeakValueDictionary[UUID, asyncio.Event] = (
+            weakref.WeakValueDictionary()
+        )
 
     def start(self, grace_s: float | None = None) -> None:
         """Start draining; open waits end ``grace_s`` later (idempotent)."""
@@ -83,6 +101,24 @@ class Drain:
         for wait in list(self._waits):
             wait.interrupt(DRAINED)
 
+    def revoke(self, token_id: UUID) -> None:
+        """End the token's guarded waits (TokenRevoked) and signal its streams."""
+        for wait in list(self._by_token.get(token_id, ())):
+            wait.interrupt(REVOKED)
+        event = self._revocations.get(token_id)
+        if event is not None:
+            event.set()
+
+    def revocation(self, token_id: UUID) -> asyncio.Event:
+        """An event set when ``token_id`` is revoked (already set when it was), for a stream
+        to race; it lives as long as someone holds it."""
+        event = self._revocations.get(token_id)
+        if event is None:
+            event = self._revocations[token_id] = asyncio.Event()
+        if self.is_revoked(token_id):
+            event.set()
+        return event
+
     def check(self) -> None:
         """Raise ShuttingDown (503 + Retry-After) once draining."""
         if self.draining:
@@ -95,18 +131,24 @@ class Drain:
         gone: Callable[[], Awaitable[None]] | None = None,
         on_gone: Callable[[], Awaitable[None]] | None = None,
         at_start: bool = False,
+        token_id: UUID | None = None,
     ) -> T:
         """``work``'s result, unless the drain's grace runs out first (ShuttingDown; with
-        ``at_start``, as soon as the drain starts) or ``gone()`` returns first (ClientGone,
-        after awaiting ``on_gone``)."""
+        ``at_start``, as soon as the drain starts), ``gone()`` returns first (ClientGone,
+        after awaiting ``on_gone``) or ``token_id`` is revoked first (TokenRevoked)."""
         if self.expired or (at_start and self.draining):
             _close(work)
             raise ShuttingDown(retry_after_s=self.retry_after_s)
+        if token_id is not None and self.is_revoked(token_id):
+            _close(work)
+            raise TokenRevoked("this token was revoked")
         task = asyncio.current_task()
         assert task is not None
         stop = Interruption(task)
         watched = self._now if at_start else self._waits
         watched.add(stop)
+        if token_id is not None:
+            self._by_token.setdefault(token_id, set()).add(stop)
         watcher = asyncio.ensure_future(_watch(gone, stop)) if gone is not None else None
         try:
             result = await work
@@ -117,9 +159,17 @@ class Drain:
                 if on_gone is not None:
                     await on_gone()
                 raise ClientGone() from None
+            if stop.reason == REVOKED:
+                raise TokenRevoked("this token was revoked while the request waited") from None
             raise ShuttingDown(retry_after_s=self.retry_after_s) from None
         finally:
             watched.discard(stop)
+            if token_id is not None:
+                held = self._by_token.get(token_id)
+                if held is not None:
+                    held.discard(stop)
+                    if not held:
+                        del self._by_token[token_id]
             if watcher is not None:
                 watcher.cancel()
         if stop.reason is not None:

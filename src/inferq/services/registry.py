@@ -37,8 +37,17 @@ class Registry:
     async def all(self) -> list[Llm]:
         return await self.llms.all()
 
-    async def put(self, name: str, pool: str, model: str | None, tier: str) -> Llm:
-        llm = await self.llms.put(name, pool, model, tier)
+    async def put(
+        self,
+        name: str,
+        pool: str,
+        model: str | None,
+        tier: str,
+        *,
+        max_tokens: int | None = None,
+        max_n: int | None = None,
+    ) -> Llm:
+        llm = await self.llms.put(name, pool, model, tier, max_tokens=max_tokens, max_n=max_n)
         self._cache.pop(llm.name, None)
         return llm
 

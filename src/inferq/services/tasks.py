@@ -9,6 +9,7 @@ slots for as long as they last; a client that leaves frees it at once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from inferq.domain.records import ApiToken, Enqueued, Llm, Page
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import InvalidRequest
 from inferq.metrics import Metrics
+from inferq.services.caps import check_request
 from inferq.services.drain import Drain
 from inferq.services.limits import PendingLimiter, WaitSlots
 from inferq.services.registry import Registry
@@ -45,11 +47,13 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class Following:
-    """An open event stream: its first event, the rest, and ``close`` to free its slot."""
+    """An open event stream: its first event, the rest, ``close`` to free its slot, and
+    ``revoked``, set when the caller's token is revoked (the stream must then end)."""
 
     first: Event
     rest: AsyncIterator[Event]
     close: Callable[[], None]
+    revoked: asyncio.Event | None = None
 
 
 class TaskService:
@@ -80,7 +84,7 @@ class TaskService:
 
     async def submit(self, token: ApiToken, submission: Submission) -> Enqueued:
         """Route and enqueue. Raises ShuttingDown, TooManyPending, UnknownModel,
-        InvalidRequest, IdempotencyConflict."""
+        InvalidRequest, AboveCap (inferq.services.caps), IdempotencyConflict."""
         self.drain.check()
         key = submission.idempotency_key
         if key is not None and not 1 <= len(key) <= 255:
@@ -88,6 +92,7 @@ class TaskService:
                 "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key"
             )
         llm = await self.registry.resolve(submission.model) if submission.model else None
+        check_request(submission.request_body, llm, self.settings)  # 400 above a cap
         pool_name = llm.pool_name if llm is not None else submission.pool
         if pool_name is None:
             raise InvalidRequest("name a `model` (or `llm`) or a `pool`", param="model")
@@ -160,7 +165,8 @@ class TaskService:
     ) -> Task:
         """The task once terminal, or as it is at the deadline (never raises on timeout).
         Raises TaskNotFound, TooManyWaits, ShuttingDown; ClientGone when ``gone`` returns;
-        InvalidRequest for a timeout past INFERQ_MAX_WAIT_S (never silently shortened)."""
+        InvalidRequest for a timeout past INFERQ_MAX_WAIT_S (never silently shortened);
+        TokenRevoked when the token is revoked meanwhile."""
         self.drain.check()
         if not 0 <= timeout_s <= self.settings.max_wait_s:
             raise InvalidRequest(
@@ -171,7 +177,9 @@ class TaskService:
         self.slots.acquire(token)
         try:
             return await self.drain.guarded(
-                self.waits.wait_terminal(task_id, timeout_s, owner_id=token.owner_id), gone=gone
+                self.waits.wait_terminal(task_id, timeout_s, owner_id=token.owner_id),
+                gone=gone,
+                token_id=token.id,
             )
         finally:
             self.slots.release(token)
@@ -185,8 +193,9 @@ class TaskService:
         self.slots.acquire(token)
         try:
             events = self.waits.events(task_id, owner_id=token.owner_id, after=after)
-            first = await self.drain.guarded(anext(events))
+            first = await self.drain.guarded(anext(events), token_id=token.id)
         except BaseException:
             self.slots.release(token)
             raise
-        return Following(first, events, lambda: self.slots.release(token))
+        revoked = self.drain.revocation(token.id)
+        return Following(first, events, lambda: self.slots.release(token), revoked)
