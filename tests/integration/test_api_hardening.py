@@ -276,11 +276,18 @@ async def test_openapi_names_the_request_body_of_every_route_that_takes_one(
 ) -> None:
     async with running(settings, dsn) as (_, _tokens, http):
         spec = (await http.get("/openapi.json")).json()
-    bodies = {
-        (path, method): op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    contents = {
+        (path, method): op["requestBody"]["content"]
         for path, item in spec["paths"].items()
         for method, op in item.items()
         if "requestBody" in op
+    }
+    # The one upload is a multipart form (OpenAI's shape); every other body is JSON.
+    form = contents.pop(("/v1/files", "post"))["multipart/form-data"]["schema"]
+    assert sorted(form["required"]) == ["file", "purpose"]
+    assert form["properties"]["file"]["format"] == "binary"
+    bodies = {
+        key: content["application/json"]["schema"]["$ref"] for key, content in contents.items()
     }
     assert bodies[("/v1/tasks", "post")] == "#/components/schemas/SubmitRequest"
     assert bodies[("/v1/worker/tasks/{task_id}/chunks", "post")].endswith("/ChunksRequest")
