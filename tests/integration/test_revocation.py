@@ -132,6 +132,13 @@ async def test_open_waits_and_streams_of_a_revoked_token_end(
         httpx.AsyncClient(base_url=server.url, timeout=30) as http,
     ):
         alice, worker = auth(tokens.alice), auth(tokens.worker)
+        # A live session serves the model's pool (bound before any task exists, it never
+        # claims), so the OpenAI calls wait for their answer instead of failing fast for want
+        # of a worker.
+        serving = await http.post(
+            "/v1/worker/sessions", json={"pools": [POOL], "capacity": 1}, headers=worker
+        )
+        assert serving.json()["tasks"] == [], serving.text
         tid = (
             await http.post("/v1/tasks", json={"pool": POOL, "request": CHAT}, headers=alice)
         ).json()["id"]

@@ -25,8 +25,9 @@ SERVER_PACKAGES = (
 )
 # What `python -m inferq worker` and an SDK user import.
 WORKER_MODULES = "inferq.worker, inferq.worker.cli, inferq.cli"
-# Imported by a dependency only when installed (structlog's console renderer).
-OPTIONAL = {"rich", "pygments"}
+# Imported by a dependency only when installed (structlog: its console renderer, and
+# greenlet for its context variables; playwright brings greenlet to the test install).
+OPTIONAL = {"rich", "pygments", "greenlet"}
 
 
 def imported_top_level_modules(modules: str = WORKER_MODULES) -> list[str]:

@@ -46,10 +46,12 @@ class ChunkStream:
         """Post queued chunks until closed and empty; raises what ``send`` raises.
 
         ``gate`` (the task's start call) is awaited before the first post, so chunks never
-        reach the daemon before the task is running.
+        reach the daemon before the task is running. It is shielded: the runner awaits the
+        same call before posting the outcome, so cancelling this loop (the handler failed
+        early) must not cancel the start.
         """
         if gate is not None:
-            await gate
+            await asyncio.shield(gate)
         while True:
             if not self._pending:
                 if self._closed:
