@@ -39,6 +39,7 @@ from psycopg import sql
 
 from inferq import runtime
 from inferq.bench import ceiling, http, latency, pipeline
+from inferq.bench.stats import percentile
 from inferq.db.cluster import PrivateCluster
 from inferq.db.migrations import Migrator
 from inferq.settings import Settings
@@ -318,11 +319,6 @@ async def _waiter_memory(dsn: str, sizes: Sizes) -> dict[str, float]:
 
     result = await wakeups.measure_waiter_memory(dsn, waiters=sizes.waiter_memory)
     return {"waiters.bytes_per_waiter": result.per_waiter_bytes}
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """The ``q`` quantile (nearest rank) of already sorted values."""
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # -- database -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import orjson
 import psycopg
 
 from inferq.bench.queries import BenchTasks
+from inferq.bench.stats import percentile
 from inferq.db.chunks import ChunkRepository
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
@@ -118,9 +119,8 @@ class MemoryFigures:
 
 def latency(samples_s: list[float]) -> Latency:
     """p50/p99 in milliseconds of ``samples_s`` (seconds)."""
-    ordered = sorted(samples_s)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Latency(len(ordered), statistics.median(ordered) * 1000, p99 * 1000)
+    p99 = percentile(samples_s, 0.99)
+    return Latency(len(samples_s), statistics.median(samples_s) * 1000, p99 * 1000)
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None:
