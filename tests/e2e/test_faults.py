@@ -24,10 +24,11 @@ from typing import Any, Protocol
 
 import pytest
 
+from inferq.bench.polling import wait_until
 from inferq.db import channels
 from tests.e2e.audit import most_held
 from tests.e2e.checker import TERMINAL, Report, check, read_database
-from tests.e2e.harness import Deployment, wait_until
+from tests.e2e.harness import Deployment
 from tests.e2e.loadgen import History, LoadGenerator, Profile
 from tests.e2e.profiles import from_env
 

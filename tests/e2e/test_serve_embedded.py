@@ -5,27 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from inferq.db.cluster import PrivateCluster
+from inferq.bench.processes import Proc
+from inferq.db.cluster import PrivateCluster, free_port
 from tests.api_helpers import MODEL, POOL, EchoWorker, auth, running_worker
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -37,7 +29,8 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+def start(data_dir: Path, port: int, log: Path) -> Proc:
+    """`inferq serve` on ``port``; its output goes to ``log``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env.update(
         INFERQ_DATA_DIR=str(data_dir),
@@ -45,41 +38,25 @@ def start(data_dir: Path, port: int) -> subprocess.Popen[str]:
         INFERQ_SHUTDOWN_GRACE_S="5",
         INFERQ_LOG_FORMAT="json",
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    argv = [sys.executable, "-m", "inferq", "serve", "--port", str(port)]
+    return Proc("serve", argv, env, log).start()
 
 
-def wait_ready(proc: subprocess.Popen[str], url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("inferq serve did not become ready")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=15)
-    assert proc.returncode == 0, out
+def stop(proc: Proc) -> str:
+    """SIGTERM, and what it printed; it must exit 0."""
+    proc.signal(signal.SIGTERM)
+    code = proc.wait(15)
+    out = proc.log_text()
+    assert code == 0, out
     return out
 
 
-async def test_serve_without_database_url(data_dir: Path) -> None:
+async def test_serve_without_database_url(data_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "first.log")
     try:
-        wait_ready(proc, url)
+        proc.wait_http(url + "/readyz", 60)
         admin = (data_dir / "admin-token").read_text().strip()
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             r = await http.post(
@@ -109,9 +86,9 @@ async def test_serve_without_database_url(data_dir: Path) -> None:
         out = stop(proc)
     assert admin in out  # printed once, on the first start
 
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "second.log")
     try:
-        wait_ready(proc, url)
+        proc.wait_http(url + "/readyz", 60)
         async with httpx.AsyncClient(base_url=url) as http:
             r = await http.get(f"/v1/tasks/{task_id}", headers=auth(client))
         assert r.status_code == 200

@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from inferq.db.cluster import free_port
 from tests import fake_upstream
-from tests.e2e.harness import wait_until
-from tests.e2e.procs import REPO, Proc, Stack, words
+from tests.e2e.procs import REPO, Stack, words
 
 pytestmark = pytest.mark.e2e
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
+from inferq.bench.polling import wait_until
 from tests.e2e import audit
-from tests.e2e.procs import MODEL, Stack, wait_until, words
+from tests.e2e.procs import MODEL, Stack, words
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from openai import OpenAI
 
-from tests.e2e.harness import wait_until
+from inferq.bench.polling import wait_until
 from tests.e2e.procs import MODEL, REPO, Stack
 
 pytestmark = pytest.mark.e2e

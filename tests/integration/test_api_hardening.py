@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable
 import httpx
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -17,9 +18,7 @@ from tests.api_helpers import (
     Tokens,
     auth,
     count_rows,
-    eventually,
     make_tokens,
-    poll_until,
     serve_app,
 )
 
@@ -130,7 +129,7 @@ async def test_openai_call_refused_for_too_many_waits_writes_nothing(
         )
         svc = server.replica.services
         assert svc is not None
-        await poll_until(lambda: svc.tasks.slots.open_count > 0)
+        await eventually(lambda: svc.tasks.slots.open_count > 0)
         before = count_rows(dsn)
         r = await http.post(
             "/v1/chat/completions", json={"model": MODEL, **CHAT}, headers=auth(tokens.alice)
@@ -151,7 +150,7 @@ async def test_a_wait_whose_client_left_frees_its_slot(settings: Settings, dsn: 
             )
             svc = server.replica.services
             assert svc is not None
-            await poll_until(lambda: svc.tasks.slots.open_count > 0)
+            await eventually(lambda: svc.tasks.slots.open_count > 0)
             left.cancel()  # httpx closes the connection of a cancelled request
             with contextlib.suppress(asyncio.CancelledError):
                 await left
@@ -175,7 +174,7 @@ async def test_a_claim_whose_worker_left_takes_no_work(settings: Settings, dsn: 
                 )
             )
             hub = server.replica.waits.hub  # type: ignore[union-attr]
-            await poll_until(lambda: hub.waiter_count > 0)
+            await eventually(lambda: hub.waiter_count > 0)
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poll

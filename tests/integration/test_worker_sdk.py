@@ -16,12 +16,13 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from inferq.bench.polling import eventually
 from inferq.bench.queries import BenchTasks, NewTask
 from inferq.db.cluster import free_port
 from inferq.settings import Settings
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
-from tests.api_helpers import POOL, Server, Tokens, eventually, make_tokens, serve_app
+from tests.api_helpers import POOL, Server, Tokens, make_tokens, serve_app
 
 pytestmark = pytest.mark.db
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from inferq.bench.polling import eventually
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
 from inferq.worker.errors import BackendUnavailableError, WorkerApiError
@@ -167,10 +168,8 @@ class FakeDaemon:
         self.outcomes[task_id] = ("released", None)
 
     async def until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
+        """Re-check ``predicate`` on each change of the daemon's state, up to ``timeout_s``."""
+        await eventually(predicate, timeout_s, changed=self.changed)
 
 
 def _error_body(code: str) -> dict[str, Any]:
