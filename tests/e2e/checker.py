@@ -26,7 +26,7 @@ from typing import Any
 from inferq.bench.stats import percentile
 from tests.e2e.audit import HELD, Transition, by_task
 from tests.e2e.audit import read as read_audit
-from tests.e2e.loadgen import response_text, writer
+from tests.e2e.responses import response_text, writer
 
 TERMINAL = {"completed", "error", "cancelled"}
 
