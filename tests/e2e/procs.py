@@ -165,7 +165,8 @@ class Stack:
         """The task's native SSE stream as (event, id, data) until it ends."""
         with self.http() as http, http.stream("GET", f"/v1/tasks/{task_id}/events") as resp:
             assert resp.status_code == 200, resp.read()
-            event, event_id, data = "message", None, []
+            data: list[str] = []
+            event, event_id = "message", None
             for line in resp.iter_lines():
                 if line.startswith(":"):
                     continue

@@ -148,7 +148,7 @@ async def cut_listeners(gen: Load, dep: Deployment, notes: dict[str, Any]) -> No
         await in_thread(wait_until, resynced, 30, f"replica{i} to reconnect and resync")
     notes["relistened_at"] = time.time()
     # A notification sent now reaches every replica's listener: it LISTENs again.
-    received = []
+    received: list[float] = []
     for i in range(dep.replicas):
         count = functools.partial(dep.metric, i, NOTIFICATIONS)
         received.append(await in_thread(wait_until, count, 30, f"replica{i}'s {NOTIFICATIONS}"))

@@ -14,6 +14,7 @@ import httpx
 import openai
 import psycopg
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from inferq.bench.polling import eventually
 from inferq.settings import Settings
@@ -32,7 +33,8 @@ from tests.api_helpers import (
 
 pytestmark = pytest.mark.db
 
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+CHAT = {"messages": MESSAGES}
 
 
 @contextlib.asynccontextmanager

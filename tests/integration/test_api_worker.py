@@ -305,7 +305,9 @@ async def test_a_long_poll_whose_session_is_reaped_answers_404_when_work_arrives
         claim = asyncio.create_task(
             http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 30})
         )
-        await eventually(lambda: server.replica.waits.hub.parked_count > 0)
+        waits = server.replica.waits
+        assert waits is not None
+        await eventually(lambda: waits.hub.parked_count > 0)
 
         async def expired() -> bool:
             query = "SELECT expires_at < now() FROM inferq.worker_session WHERE id = %s"

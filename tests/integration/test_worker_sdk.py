@@ -152,7 +152,9 @@ async def test_the_sdk_falls_back_to_the_single_routes_on_a_daemon_without_outco
         await eventually(all_ended)
         worker.stop()
         await run
-    expected = {i: ("completed", {"echo": i}, None) for i in ids}
+    expected: dict[str, tuple[str, Any, str | None]] = {
+        i: ("completed", {"echo": i}, None) for i in ids
+    }
     expected[failing] = ("error", None, "the GPU fell off the bus")
     assert stored(dsn) == expected
     tried = wire.outcome_calls()

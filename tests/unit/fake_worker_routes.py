@@ -40,7 +40,12 @@ class FakeDaemon:
     def add(self, n: int = 1, *, streaming: bool = False) -> list[str]:
         ids = []
         for _ in range(n):
-            task = {"id": str(uuid.uuid4()), "attempt": 1, "pool": "p", "streaming": streaming}
+            task: dict[str, Any] = {
+                "id": str(uuid.uuid4()),
+                "attempt": 1,
+                "pool": "p",
+                "streaming": streaming,
+            }
             self.pending.append({**task, "request": {"messages": []}})
             ids.append(task["id"])
         self.new_work.set()
