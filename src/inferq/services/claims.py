@@ -81,9 +81,7 @@ class ClaimService:
             token.owner_id, pools, capacity, ttl_s=self.settings.session_ttl_s, name=name
         )
         self._remember(session.id, session.owner_id, session.pools)
-        tasks = await self.tasks.claim(
-            session.id, pools, limit=capacity, lease_s=self._ack_s
-        )
+        tasks = await self.tasks.claim(session.id, pools, limit=capacity, lease_s=self._ack_s)
         return session, self._claimed(tasks)
 
     async def claim(
