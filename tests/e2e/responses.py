@@ -11,12 +11,7 @@ import httpx
 
 def chunk_text(data: dict[str, Any]) -> str:
     """The text of one OpenAI chunk (chat delta or completion text)."""
-    choices = data.get("choices") or [{}]
-    choice = choices[0]
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return str(delta.get("content") or "")
-    return str(choice.get("text") or "")
+    return _first_choice_text(data, "delta")
 
 
 def writer(body: dict[str, Any] | None) -> str | None:
@@ -28,13 +23,15 @@ def writer(body: dict[str, Any] | None) -> str | None:
 
 def response_text(body: dict[str, Any] | None) -> str:
     """The text of a final OpenAI response (chat message or completion text)."""
-    if not body:
-        return ""
-    choices = body.get("choices") or [{}]
-    choice = choices[0]
-    message = choice.get("message")
-    if isinstance(message, dict):
-        return str(message.get("content") or "")
+    return _first_choice_text(body or {}, "message")
+
+
+def _first_choice_text(body: dict[str, Any], chat_part: str) -> str:
+    """The first choice's ``chat_part`` content (a chat object), else its text (a completion)."""
+    choice = (body.get("choices") or [{}])[0]
+    part = choice.get(chat_part)
+    if isinstance(part, dict):
+        return str(part.get("content") or "")
     return str(choice.get("text") or "")
 
 
