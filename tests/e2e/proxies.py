@@ -6,10 +6,12 @@ substituted; PgBouncer runs in transaction mode, as the README's PgBouncer setup
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -98,7 +100,8 @@ def start_pgbouncer(binary: str, workdir: Path, postgres_port: int, dbname: str)
         except psycopg.Error:
             return False
 
-    wait_until(answers, 20, "PgBouncer to accept connections")
+    with _stopped_on_error(bouncer):
+        wait_until(answers, 20, "PgBouncer to accept connections")
     return bouncer
 
 
@@ -161,5 +164,16 @@ def start_nginx(binary: str, workdir: Path, replica_ports: list[int]) -> Proc:
         raise HarnessError(f"nginx -t rejected the configuration:\n{check.stderr}")
     nginx = Proc("nginx", args, dict(os.environ), workdir / "nginx.log", extra={"port": port})
     nginx.start()
-    nginx.wait_http(f"http://127.0.0.1:{port}/healthz", 20)
+    with _stopped_on_error(nginx):
+        nginx.wait_http(f"http://127.0.0.1:{port}/healthz", 20)
     return nginx
+
+
+@contextlib.contextmanager
+def _stopped_on_error(proc: Proc) -> Iterator[None]:
+    """Stop ``proc`` when the block fails: the caller never got hold of it to stop it."""
+    try:
+        yield
+    except BaseException:
+        proc.stop()
+        raise
