@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from inferq.bench.polling import eventually
 from inferq.daemon import DrainingServer, Replica, uvicorn_config
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import create_pool
@@ -59,7 +60,7 @@ async def serve_app(
         config = uvicorn_config(replica.app(fast_path=fast_path), timeout_graceful_shutdown=2)
         server = _QuietServer(config, replica)
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        await poll_until(lambda: server.started or task.done())
+        await eventually(lambda: server.started or task.done())
         assert not task.done(), "the server did not start"
         try:
             yield Server(f"http://127.0.0.1:{port}", replica, server)
@@ -137,24 +138,6 @@ def read_task(dsn: str, task_id: Any) -> dict[str, Any]:
         assert row is not None, f"task {task_id} is not in the database"
         assert cur.description is not None
         return dict(zip([c.name for c in cur.description], row, strict=True))
-
-
-async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Return once ``predicate()`` holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Return once ``await check()`` holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.02)
 
 
 async def read_events(

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inferq.bench.stats import percentile
 from tests.e2e.audit import HELD, Transition, by_task
 from tests.e2e.audit import read as read_audit
-from tests.e2e.loadgen import response_text, writer
+from tests.e2e.responses import response_text, writer
 
 TERMINAL = {"completed", "error", "cancelled"}
 
@@ -77,13 +78,6 @@ def writer_of(fingerprint: str | None) -> tuple[str, int] | None:
     (``fp_echo_<task id hex>_<attempt>``, see EchoBackend), or None for anything else."""
     match = re.fullmatch(r"fp_echo_([0-9a-f]{32})_([0-9]+)", fingerprint or "")
     return (match[1], int(match[2])) if match else None
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def check(

@@ -13,78 +13,32 @@ with its OLD and NEW values, from which the checker verifies I2 and I5.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psycopg
 
-from inferq.db.cluster import UNPRIVILEGED_USER, PrivateCluster, free_port
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
+from inferq.db.cluster import PrivateCluster, free_port
 from inferq.db.migrations import Migrator
 from inferq.db.tokens import hash_token, new_secret
-from tests import proxy_conf, system_packages
 from tests.e2e import audit
+from tests.e2e.proxies import find_binary, start_nginx, start_pgbouncer
 
-REPO = Path(__file__).resolve().parents[2]
-NGINX_CONF = REPO / "deploy" / "nginx" / "inferq.conf"
 POOL = "e2e"
 MODEL = "echo-e2e"
 DBNAME = "inferq"
-
-T = TypeVar("T")
-
-
-class HarnessError(RuntimeError):
-    """The e2e deployment could not be set up (a missing binary, a process that died)."""
-
-
-def find_binary(name: str) -> str:
-    """The path of ``name`` (PATH, then /usr/sbin), installing its Debian package when it is
-    missing and the tests may (tests/system_packages.py); else HarnessError naming it."""
-
-    def where() -> str | None:
-        return shutil.which(name) or (
-            f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-        )
-
-    path = where()
-    if path is None:
-        try:
-            system_packages.install(name)
-        except (RuntimeError, subprocess.CalledProcessError) as exc:
-            raise HarnessError(
-                f"{name} is not installed and the e2e suite needs it: {exc}"
-            ) from None
-        path = where()
-    if path is None:
-        raise HarnessError(f"{name} is still missing after installing it")
-    return path
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, what: str = "it") -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that; HarnessError
-    naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.02
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(delay)  # the polling period of a deadline loop, not a wait for an event
-        delay = min(delay * 1.5, 0.25)
-    raise HarnessError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def metric(base_url: str, name: str) -> float | None:
@@ -98,100 +52,6 @@ def metric(base_url: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@dataclass
-class Proc:
-    """One child process; its stdout and stderr go to one log file (appended to on restart)."""
-
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def start(self, user: str | None = None) -> Proc:
-        with self.log.open("ab") as out:
-            out.write(f"\n=== start {' '.join(self.args)}\n".encode())
-            out.flush()
-            self.popen = subprocess.Popen(
-                self.args,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                user=user,
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.popen is not None
-            self.popen.send_signal(sig)
-
-    def wait(self, timeout_s: float) -> int:
-        assert self.popen is not None
-        return self.popen.wait(timeout=timeout_s)
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (after SIGCONT, for a stopped process), then SIGKILL after ``timeout_s``."""
-        if not self.alive():
-            return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.wait(10)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The JSON log lines (with ``event`` and the given fields) written so far."""
-        found = []
-        for line in self.log_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            if event is not None and entry.get("event") != event:
-                continue
-            if all(entry.get(k) == v for k, v in match.items()):
-                found.append(entry)
-        return found
-
-    def wait_event(self, event: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
-        """The first log line of ``event`` with the given fields, once it is written."""
-
-        def seen() -> dict[str, Any] | None:
-            hits = self.events(event, **match)
-            if not hits and not self.alive():
-                raise HarnessError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return hits[0] if hits else None
-
-        found: dict[str, Any] = wait_until(seen, timeout_s, f"{self.name} to log {event} {match}")
-        return found
 
 
 @dataclass
@@ -240,12 +100,12 @@ class Deployment:
                 print(f"e2e logs kept in {workdir}", file=sys.stderr)
 
     def start(self) -> None:
-        self.nginx_bin = find_binary("nginx")
-        if self.pgbouncer:
-            self.pgbouncer_bin = find_binary("pgbouncer")
+        nginx_bin = find_binary("nginx")
+        pgbouncer_bin = find_binary("pgbouncer") if self.pgbouncer else ""
         self._start_database()
         if self.pgbouncer:
-            self._start_pgbouncer()
+            self.bouncer = start_pgbouncer(pgbouncer_bin, self.workdir, self.cluster.port, DBNAME)
+            self.bouncer_port = self.bouncer.extra["port"]
         ports = [free_port() for _ in range(self.replicas)]
         for i, port in enumerate(ports):
             self.serve.append(self._serve_proc(i, port))
@@ -253,7 +113,8 @@ class Deployment:
             proc.start()
         for i in range(self.replicas):
             self.wait_replica_ready(i)
-        self._start_nginx(ports)
+        self.nginx = start_nginx(nginx_bin, self.workdir, ports)
+        self.nginx_port = self.nginx.extra["port"]
         for i in range(self.workers):
             proc = self._worker_proc(i)
             self.worker_procs.append(proc)
@@ -350,50 +211,6 @@ class Deployment:
         )
         return int(rows[0][0])
 
-    # -- PgBouncer -------------------------------------------------------------------------
-
-    def _start_pgbouncer(self) -> None:
-        bdir = self.workdir / "pgbouncer"
-        bdir.mkdir()
-        self.bouncer_port = free_port()
-        (bdir / "userlist.txt").write_text('"postgres" ""\n')
-        (bdir / "pgbouncer.ini").write_text(
-            "[databases]\n"
-            f"{DBNAME} = host=127.0.0.1 port={self.cluster.port} dbname={DBNAME}\n"
-            "[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\n"
-            f"listen_port = {self.bouncer_port}\n"
-            f"unix_socket_dir = {bdir}\n"
-            "auth_type = trust\n"
-            f"auth_file = {bdir}/userlist.txt\n"
-            "pool_mode = transaction\n"
-            "default_pool_size = 40\n"
-            "max_client_conn = 1000\n"
-            "server_reset_query =\n"
-            "ignore_startup_parameters = extra_float_digits,options,statement_timeout\n"
-        )
-        user = None
-        if os.geteuid() == 0:
-            # PgBouncer refuses to run as root.
-            shutil.chown(bdir, UNPRIVILEGED_USER)
-            user = UNPRIVILEGED_USER
-        self.bouncer = Proc(
-            "pgbouncer",
-            [self.pgbouncer_bin, str(bdir / "pgbouncer.ini")],
-            dict(os.environ),
-            self.workdir / "pgbouncer.log",
-        )
-        self.bouncer.start(user=user)
-
-        def answers() -> bool:
-            try:
-                with psycopg.connect(self.pool_dsn, connect_timeout=2, prepare_threshold=None):
-                    return True
-            except psycopg.Error:
-                return False
-
-        wait_until(answers, 20, "PgBouncer to accept connections")
-
     # -- replicas --------------------------------------------------------------------------
 
     def _serve_env(self, port: int) -> dict[str, str]:
@@ -437,14 +254,7 @@ class Deployment:
         return f"http://127.0.0.1:{self.serve[index].extra['port']}"
 
     def wait_replica_ready(self, index: int, timeout_s: float = 30.0) -> None:
-        proc = self.serve[index]
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise HarnessError(f"{proc.name} exited:\n{proc.log_text()[-3000:]}")
-            return _http_ok(self.replica_url(index) + "/readyz")
-
-        wait_until(ready, timeout_s, f"{proc.name} /readyz")
+        self.serve[index].wait_http(self.replica_url(index) + "/readyz", timeout_s)
 
     def metric(self, index: int, name: str) -> float | None:
         """The value of an unlabelled series of a replica's /metrics (None if unreachable)."""
@@ -492,48 +302,6 @@ class Deployment:
                 if proc.alive() and re.search(rf":{proc.pid}:", holder):
                     return i
         return None
-
-    # -- nginx -----------------------------------------------------------------------------
-
-    def _nginx_conf(self, ports: list[int]) -> str:
-        # The shipped file, plain HTTP: the harness's clients and workers do not speak TLS
-        # (tests/e2e/test_proxy_tls.py runs it with TLS).
-        try:
-            return proxy_conf.nginx(ports, self.nginx_port)
-        except proxy_conf.ConfError as exc:
-            raise HarnessError(f"{NGINX_CONF}: {exc}") from None
-
-    def _start_nginx(self, ports: list[int]) -> None:
-        ndir = self.workdir / "nginx"
-        ndir.mkdir()
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (ndir / sub).mkdir()
-            (ndir / sub).chmod(0o777)
-        self.nginx_port = free_port()
-        (ndir / "inferq.conf").write_text(self._nginx_conf(ports))
-        (ndir / "nginx.conf").write_text(
-            "daemon off;\n"
-            "worker_processes 1;\n"
-            f"pid {ndir}/nginx.pid;\n"
-            f"error_log {ndir}/error.log warn;\n"
-            "events { worker_connections 4096; }\n"
-            "http {\n"
-            "    access_log off;\n"
-            f"    client_body_temp_path {ndir}/client_body;\n"
-            f"    proxy_temp_path {ndir}/proxy;\n"
-            f"    fastcgi_temp_path {ndir}/fastcgi;\n"
-            f"    uwsgi_temp_path {ndir}/uwsgi;\n"
-            f"    scgi_temp_path {ndir}/scgi;\n"
-            f"    include {ndir}/inferq.conf;\n"
-            "}\n"
-        )
-        args = [self.nginx_bin, "-p", str(ndir), "-c", str(ndir / "nginx.conf")]
-        check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
-        if check.returncode != 0:
-            raise HarnessError(f"nginx -t rejected the configuration:\n{check.stderr}")
-        self.nginx = Proc("nginx", args, dict(os.environ), self.workdir / "nginx.log")
-        self.nginx.start()
-        wait_until(lambda: _http_ok(self.url + "/healthz"), 20, "nginx to proxy /healthz")
 
     @property
     def url(self) -> str:

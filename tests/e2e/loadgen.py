@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from tests.e2e.harness import MODEL
+from tests.e2e.responses import chunk_text, response_text, sse_events, writer
 
 KINDS = ("chat", "chat_stream", "native_wait", "native_stream")
 RETRYABLE_STATUS = {429, 502, 503, 504}
@@ -47,35 +48,6 @@ class GaveUp(Exception):
 def prompt_for(lid: str, words: int) -> str:
     """A prompt that names its logical operation: a response carrying another nonce is a mixup."""
     return f"nonce-{lid} " + " ".join(f"w{i}" for i in range(words))
-
-
-def chunk_text(data: dict[str, Any]) -> str:
-    """The text of one OpenAI chunk (chat delta or completion text)."""
-    choices = data.get("choices") or [{}]
-    choice = choices[0]
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return str(delta.get("content") or "")
-    return str(choice.get("text") or "")
-
-
-def writer(body: dict[str, Any] | None) -> str | None:
-    """Who wrote an OpenAI object: its ``system_fingerprint`` (the echo backend names the
-    attempt there); the checker compares it with the stored result's."""
-    value = (body or {}).get("system_fingerprint")
-    return value if isinstance(value, str) else None
-
-
-def response_text(body: dict[str, Any] | None) -> str:
-    """The text of a final OpenAI response (chat message or completion text)."""
-    if not body:
-        return ""
-    choices = body.get("choices") or [{}]
-    choice = choices[0]
-    message = choice.get("message")
-    if isinstance(message, dict):
-        return str(message.get("content") or "")
-    return str(choice.get("text") or "")
 
 
 @dataclass
@@ -457,25 +429,3 @@ class Op:
             except Retry:
                 tries += 1
                 await self._backoff(tries)
-
-
-async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str, str | None]]:
-    """(event, data, id) for each SSE event of a response; comments are skipped."""
-    event, eid = "message", None
-    data: list[str] = []
-    async for line in resp.aiter_lines():
-        if line == "":
-            if data:
-                yield event, "\n".join(data), eid
-            event, data, eid = "message", [], None
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-            elif name == "id":
-                eid = value

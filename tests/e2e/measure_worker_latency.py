@@ -20,17 +20,12 @@ from typing import Any
 import httpx
 import psycopg
 
+from inferq.bench.stats import percentile
 from inferq.db.cluster import PrivateCluster
 from inferq.db.migrations import Migrator
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import TaskContext, Worker, WorkerClient
 from tests.e2e.procs import MODEL, Stack, words
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
 
 SUBMIT_RTT: list[float] = []
 

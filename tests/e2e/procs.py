@@ -20,10 +20,12 @@ from typing import Any
 import httpx
 import psycopg
 
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from inferq.db.cluster import free_port
 from inferq.db.tokens import hash_token, new_secret
 from tests.e2e import audit
-from tests.e2e.harness import Proc, metric, wait_until
+from tests.e2e.harness import metric
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "default"
@@ -81,16 +83,8 @@ class Stack:
             **self.env_overrides,
         }
         serve = self.spawn("serve", [sys.executable, "-m", "inferq", "serve"], env)
-        wait_until(lambda: self._ready(serve), 60, "inferq serve /readyz")
+        serve.wait_http(self.url + "/readyz", 60)
         return self
-
-    def _ready(self, serve: Proc) -> bool:
-        if not serve.alive():
-            raise AssertionError(f"inferq serve exited:\n{serve.log_text()[-3000:]}")
-        try:
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -171,7 +165,8 @@ class Stack:
         """The task's native SSE stream as (event, id, data) until it ends."""
         with self.http() as http, http.stream("GET", f"/v1/tasks/{task_id}/events") as resp:
             assert resp.status_code == 200, resp.read()
-            event, event_id, data = "message", None, []
+            data: list[str] = []
+            event, event_id = "message", None
             for line in resp.iter_lines():
                 if line.startswith(":"):
                     continue

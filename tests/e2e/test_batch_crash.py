@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.bench.polling import wait_until
 from inferq.db.files import FileRepository
 from inferq.db.pool import create_pool
 from inferq.runtime import run
 from inferq.settings import Settings
-from tests.e2e.harness import MODEL, Deployment, wait_until
+from tests.e2e.harness import MODEL, Deployment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -79,7 +80,7 @@ def test_an_upload_cut_by_its_replicas_death_leaves_no_visible_file(pair: Deploy
             "SELECT count(*) FROM inferq.file_part p JOIN inferq.file f ON f.id = p.file_id "
             "WHERE f.status = 'uploading'"
         )
-        return rows[0][0] >= 3
+        return bool(rows[0][0] >= 3)
 
     wait_until(parts_stored, 60, "a few parts of the upload to be stored")
     pair.kill_replica(0)

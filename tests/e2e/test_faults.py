@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import Any, Protocol
 
 import pytest
 
+from inferq.bench.polling import wait_until
 from inferq.db import channels
 from tests.e2e.audit import most_held
 from tests.e2e.checker import TERMINAL, Report, check, read_database
-from tests.e2e.harness import Deployment, wait_until
+from tests.e2e.harness import Deployment
 from tests.e2e.loadgen import History, LoadGenerator, Profile
 from tests.e2e.profiles import from_env
 
@@ -146,7 +148,7 @@ async def cut_listeners(gen: Load, dep: Deployment, notes: dict[str, Any]) -> No
         await in_thread(wait_until, resynced, 30, f"replica{i} to reconnect and resync")
     notes["relistened_at"] = time.time()
     # A notification sent now reaches every replica's listener: it LISTENs again.
-    received = []
+    received: list[float] = []
     for i in range(dep.replicas):
         count = functools.partial(dep.metric, i, NOTIFICATIONS)
         received.append(await in_thread(wait_until, count, 30, f"replica{i}'s {NOTIFICATIONS}"))
@@ -326,7 +328,7 @@ def test_listener_connections_cut(tmp_path: Path, failed: Callable[[], bool]) ->
         )
         assert after, "no operation started after the listeners came back"
         # A figure, not a verdict: speed is `inferq bench`'s to measure.
-        print(f"median latency after the reconnect: {after[len(after) // 2]:.3f}s")
+        print(f"median latency after the reconnect: {statistics.median_high(after):.3f}s")
 
 
 def test_postgres_restart(deployment: Deployment, tmp_path: Path) -> None:

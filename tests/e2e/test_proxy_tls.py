@@ -18,10 +18,12 @@ import psycopg
 import pytest
 import trustme
 
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from inferq.db.cluster import free_port
 from inferq.db.tokens import hash_token, new_secret
 from tests import proxy_conf
-from tests.e2e.harness import Proc, find_binary, wait_until
+from tests.e2e.proxies import find_binary
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.harness import MODEL, Deployment, wait_until
+from inferq.bench.polling import wait_until
+from tests.e2e.harness import MODEL, Deployment
 
 pytestmark = pytest.mark.e2e
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,17 +15,12 @@ import httpx
 import psycopg
 import pytest
 
-from inferq.db.cluster import PrivateCluster, find_bindir
+from inferq.bench.processes import Proc
+from inferq.db.cluster import PrivateCluster, find_bindir, free_port
 from inferq.embedded import write_secret_file
 from tests.api_helpers import MODEL, POOL, EchoWorker, auth, running_worker
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -39,49 +32,34 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+def start(data_dir: Path, port: int, log: Path) -> Proc:
+    """`inferq serve` on ``port``; its output goes to ``log``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env.update(
         INFERQ_DATA_DIR=str(data_dir),
         INFERQ_DRAIN_DELAY_S="0.1",
-        INFERQ_SHUTDOWN_GRACE_S="5",
+        INFERQ_DRAIN_GRACE_S="5",
         INFERQ_LOG_FORMAT="json",
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    argv = [sys.executable, "-m", "inferq", "serve", "--port", str(port)]
+    return Proc("serve", argv, env, log).start()
 
 
-def wait_ready(proc: subprocess.Popen[str], url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("inferq serve did not become ready")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=15)
-    assert proc.returncode == 0, out
+def stop(proc: Proc) -> str:
+    """SIGTERM, and what it printed; it must exit 0."""
+    proc.signal(signal.SIGTERM)
+    code = proc.wait(15)
+    out = proc.log_text()
+    assert code == 0, out
     return out
 
 
-async def test_serve_without_database_url(data_dir: Path) -> None:
+async def test_serve_without_database_url(data_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "first.log")
     try:
-        wait_ready(proc, url)
+        proc.wait_http(url + "/readyz", 60)
         admin = (data_dir / "admin-token").read_text().strip()
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             r = await http.post(
@@ -113,9 +91,9 @@ async def test_serve_without_database_url(data_dir: Path) -> None:
     assert admin not in out
     assert f"{data_dir / 'admin-token'} (mode 0600" in out
 
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "second.log")
     try:
-        wait_ready(proc, url)
+        proc.wait_http(url + "/readyz", 60)
         async with httpx.AsyncClient(base_url=url) as http:
             r = await http.get(f"/v1/tasks/{task_id}", headers=auth(client))
         assert r.status_code == 200
@@ -140,21 +118,23 @@ def _psql(user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/", check=False)
 
 
-def test_the_embedded_database_admits_no_one_without_its_password(data_dir: Path) -> None:
+def test_the_embedded_database_admits_no_one_without_its_password(
+    data_dir: Path, tmp_path: Path
+) -> None:
     port = free_port()
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "serve.log")
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}")
+        proc.wait_http(f"http://127.0.0.1:{port}/readyz", 60)
         cluster_dir = data_dir / "postgres"
         pg_port = int((cluster_dir / "port").read_text())
         passfile = data_dir / "pgpass"
         password = passfile.read_text().strip().rsplit(":", 1)[1]
-        tcp = {"host": "127.0.0.1", "port": pg_port, "user": "postgres", "dbname": "inferq"}
+        tcp = f"host=127.0.0.1 port={pg_port} user=postgres dbname=inferq"
         # Over TCP: nothing without the password, nothing with a wrong one.
-        for attempt in ({}, {"password": "wrong"}):
+        for attempt in ("", " password=wrong"):
             with pytest.raises(psycopg.OperationalError, match="password"):
-                psycopg.connect(**tcp, **attempt, connect_timeout=5).close()
-        with psycopg.connect(**tcp, password=password) as conn:
+                psycopg.connect(tcp + attempt, connect_timeout=5).close()
+        with psycopg.connect(tcp, password=password) as conn:
             rules = conn.execute(
                 "SELECT type, auth_method FROM pg_hba_file_rules ORDER BY line_number"
             ).fetchall()
@@ -184,7 +164,7 @@ def test_the_embedded_database_admits_no_one_without_its_password(data_dir: Path
 
 
 def test_a_trusting_cluster_of_an_older_inferq_is_locked_at_its_next_start(
-    data_dir: Path,
+    data_dir: Path, tmp_path: Path
 ) -> None:
     data_dir.chmod(0o755)  # as an older inferq left it
     old = PrivateCluster(data_dir / "postgres")  # trust, as inferq made it before
@@ -193,9 +173,9 @@ def test_a_trusting_cluster_of_an_older_inferq_is_locked_at_its_next_start(
         conn.execute("CREATE DATABASE inferq")
     old.stop()
     port = free_port()
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, tmp_path / "serve.log")
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}")
+        proc.wait_http(f"http://127.0.0.1:{port}/readyz", 60)
         with pytest.raises(psycopg.OperationalError, match="password"):
             psycopg.connect(old.dsn, connect_timeout=5).close()
         with psycopg.connect(

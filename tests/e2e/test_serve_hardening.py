@@ -19,9 +19,10 @@ import httpx
 import psycopg
 import pytest
 
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from inferq.db.cluster import free_port
 from inferq.db.tokens import hash_token, new_secret
-from tests.e2e.harness import Proc, wait_until
 
 pytestmark = pytest.mark.e2e
 

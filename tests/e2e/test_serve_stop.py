@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from inferq.bench.polling import wait_until
 from inferq.db.cluster import PrivateCluster, free_port
 from inferq.db.migrations import Migrator
-from tests.e2e.harness import wait_until
 
 pytestmark = pytest.mark.e2e
 

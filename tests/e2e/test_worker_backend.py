@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from inferq.db.cluster import free_port
 from tests import fake_upstream
-from tests.e2e.harness import wait_until
-from tests.e2e.procs import REPO, Proc, Stack, words
+from tests.e2e.procs import REPO, Stack, words
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def upstream_on(stack: Stack, port: int, mode: str = "ok", delay_s: float = 0.01
 
 def statuses(stack: Stack, ids: list[str]) -> dict[str, str]:
     rows = stack.query("SELECT id::text, status FROM inferq.task WHERE id::text = ANY(%s)", (ids,))
-    return dict(rows)  # type: ignore[arg-type]
+    return dict(rows)
 
 
 def test_tasks_whose_upstream_dies_complete_on_the_healthy_worker(stack: Stack) -> None:

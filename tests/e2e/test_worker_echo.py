@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
+from inferq.bench.polling import wait_until
 from tests.e2e import audit
-from tests.e2e.procs import MODEL, Stack, wait_until, words
+from tests.e2e.procs import MODEL, Stack, words
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def test_fifty_tasks_queued_before_any_worker_are_all_done_after_one_binds(
         rows = stack.query(
             "SELECT count(*) FROM inferq.task WHERE id = ANY(%s) AND status = 'completed'", (ids,)
         )
-        return rows[0][0] == 50
+        return int(rows[0][0]) == 50
 
     wait_until(done, 60, "all 50 tasks to complete")
     assert stack.task(ids[0])["response"]["choices"][0]["message"]["content"] == "task 0"
@@ -73,7 +74,7 @@ def test_a_worker_with_capacity_two_never_holds_more_than_two_tasks(stack: Stack
         done = stack.query(
             "SELECT count(*) FROM inferq.task WHERE id = ANY(%s) AND status = 'completed'", (ids,)
         )
-        return done[0][0] == len(ids)
+        return int(done[0][0]) == len(ids)
 
     wait_until(all_done, 60, "all tasks to complete")
     # Exactly, not by sampling: from the audit in commit order, the most tasks each session

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.procs import Proc, Stack, wait_until, words
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
+from tests.e2e.procs import Stack, words
 
 pytestmark = pytest.mark.e2e
 

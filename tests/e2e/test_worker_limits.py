@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Proc, wait_until
+from inferq.bench.polling import wait_until
+from inferq.bench.processes import Proc
 from tests.fake_daemon import FakeDaemon, running
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
-from tests.e2e.harness import wait_until
+from inferq.bench.polling import wait_until
 from tests.e2e.procs import MODEL, REPO, Stack
 
 pytestmark = pytest.mark.e2e
@@ -43,12 +44,10 @@ def test_the_readme_sdk_worker_streams_fails_and_stops(stack: Stack) -> None:
     assert worker.alive(), worker.log_text()
 
     client = OpenAI(base_url=stack.url + "/v1", api_key=stack.client_token, max_retries=0)
-    messages = [{"role": "user", "content": "tokens from a model in this process"}]
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
-        stream=True,
-    )
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "tokens from a model in this process"}
+    ]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.split() == ["tokens", "from", "a", "model", "in", "this", "process"]
 

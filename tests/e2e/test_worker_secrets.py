@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from inferq.bench.polling import wait_until
 from inferq.db.cluster import free_port
 from inferq.db.tokens import new_secret
 from tests import fake_upstream
-from tests.e2e.harness import wait_until
 from tests.e2e.procs import POOL, REPO, Stack, words
 
 pytestmark = pytest.mark.e2e

@@ -5,13 +5,14 @@ from __future__ import annotations
 import openai
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests import fake_upstream
 from tests.e2e.procs import MODEL, Stack
 
 pytestmark = pytest.mark.e2e
 
-MESSAGES = [{"role": "user", "content": "say something"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "say something"}]
 
 
 def client_for(stack: Stack) -> OpenAI:

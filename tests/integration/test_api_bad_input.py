@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -20,7 +21,6 @@ from tests.api_helpers import (
     auth,
     count_rows,
     make_tokens,
-    poll_until,
     read_task,
     serve_app,
 )
@@ -384,7 +384,7 @@ async def test_too_many_waits_is_429(settings: Settings, dsn: str) -> None:
         )
         svc = server.replica.services
         assert svc is not None
-        await poll_until(lambda: svc.tasks.slots.open_count > 0)
+        await eventually(lambda: svc.tasks.slots.open_count > 0)
         second = await http.get(f"/v1/tasks/{tid}/wait?timeout=5", headers=auth(tokens.alice))
         other = await http.get(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))
         await http.post(f"/v1/tasks/{tid}/cancel", headers=auth(tokens.alice))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import httpx
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -17,9 +19,7 @@ from tests.api_helpers import (
     Tokens,
     auth,
     count_rows,
-    eventually,
     make_tokens,
-    poll_until,
     serve_app,
 )
 
@@ -49,12 +49,12 @@ async def submit(http: httpx.AsyncClient, tokens: Tokens, request: object = CHAT
     return str(r.json()["id"])
 
 
-async def bind(http: httpx.AsyncClient, secret: str, capacity: int = 1) -> dict[str, object]:
+async def bind(http: httpx.AsyncClient, secret: str, capacity: int = 1) -> dict[str, Any]:
     r = await http.post(
         "/v1/worker/sessions", json={"pools": [POOL], "capacity": capacity}, headers=auth(secret)
     )
     assert r.status_code == 201, r.text
-    bound: dict[str, object] = r.json()
+    bound: dict[str, Any] = r.json()
     return bound
 
 
@@ -71,9 +71,9 @@ async def test_odd_last_event_id_is_400_not_500(
     # '\xb2' is a superscript two: str.isdigit() accepts it, int() does not.
     async with running(settings, dsn) as (_, tokens, http):
         tid = await submit(http, tokens)
-        r = await http.get(
-            f"/v1/tasks/{tid}/events", headers={**auth(tokens.alice), "Last-Event-ID": event_id}
-        )
+        # All bytes: httpx takes str or bytes headers, not both in one mapping.
+        headers = {b"Authorization": f"Bearer {tokens.alice}".encode(), b"Last-Event-ID": event_id}
+        r = await http.get(f"/v1/tasks/{tid}/events", headers=headers)
     assert_error(r, 400, "invalid_request")
     assert "Last-Event-ID" in r.json()["error"]["message"]
 
@@ -87,7 +87,7 @@ async def test_a_huge_number_in_a_request_round_trips(settings: Settings, dsn: s
         bound = await bind(http, tokens.worker)
     assert got.status_code == 200
     assert got.json()["request"]["big"] == 10**26
-    assert [t["id"] for t in bound["tasks"]] == [tid]  # type: ignore[union-attr,index]
+    assert [t["id"] for t in bound["tasks"]] == [tid]
 
 
 async def test_an_out_of_range_seq_is_refused_without_failing_other_workers(
@@ -99,7 +99,7 @@ async def test_an_out_of_range_seq_is_refused_without_failing_other_workers(
         await submit(http, tokens)
         bound = await bind(http, tokens.worker, capacity=2)
         sid = bound["session_id"]
-        first, second = bound["tasks"]  # type: ignore[misc]
+        first, second = bound["tasks"]
         for task in (first, second):
             r = await http.post(
                 f"/v1/worker/tasks/{task['id']}/start",
@@ -131,7 +131,7 @@ async def test_openai_call_refused_for_too_many_waits_writes_nothing(
         )
         svc = server.replica.services
         assert svc is not None
-        await poll_until(lambda: svc.tasks.slots.open_count > 0)
+        await eventually(lambda: svc.tasks.slots.open_count > 0)
         before = count_rows(dsn)
         r = await http.post(
             "/v1/chat/completions", json={"model": MODEL, **CHAT}, headers=auth(tokens.alice)
@@ -152,7 +152,7 @@ async def test_a_wait_whose_client_left_frees_its_slot(settings: Settings, dsn: 
             )
             svc = server.replica.services
             assert svc is not None
-            await poll_until(lambda: svc.tasks.slots.open_count > 0)
+            await eventually(lambda: svc.tasks.slots.open_count > 0)
             left.cancel()  # httpx closes the connection of a cancelled request
             with contextlib.suppress(asyncio.CancelledError):
                 await left
@@ -176,7 +176,7 @@ async def test_a_claim_whose_worker_left_takes_no_work(settings: Settings, dsn: 
                 )
             )
             hub = server.replica.waits.hub  # type: ignore[union-attr]
-            await poll_until(lambda: hub.waiter_count > 0)
+            await eventually(lambda: hub.waiter_count > 0)
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poll
@@ -188,7 +188,7 @@ async def test_a_claim_whose_worker_left_takes_no_work(settings: Settings, dsn: 
         await eventually(claim_ended)
         tid = await submit(http, tokens)
         live = await bind(http, tokens.worker)
-    assert [t["id"] for t in live["tasks"]] == [tid]  # type: ignore[union-attr,index]
+    assert [t["id"] for t in live["tasks"]] == [tid]
 
 
 async def test_a_worker_token_cannot_drive_a_session_of_pools_it_may_not_serve(
@@ -221,7 +221,7 @@ async def test_a_worker_token_cannot_write_to_a_task_of_a_pool_it_may_not_serve(
     async with running(settings, dsn) as (_, tokens, http):
         await submit(http, tokens)
         bound = await bind(http, tokens.worker)
-        [task] = bound["tasks"]  # type: ignore[misc]
+        [task] = bound["tasks"]
         holder = {"session_id": bound["session_id"], "attempt": 1}
         r = await http.post(
             f"/v1/worker/tasks/{task['id']}/complete",

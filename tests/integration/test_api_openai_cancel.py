@@ -14,7 +14,9 @@ import httpx
 import openai
 import psycopg
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -24,7 +26,6 @@ from tests.api_helpers import (
     auth,
     chat_chunk,
     make_tokens,
-    poll_until,
     read_events,
     read_task,
     serve_app,
@@ -32,7 +33,8 @@ from tests.api_helpers import (
 
 pytestmark = pytest.mark.db
 
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+CHAT = {"messages": MESSAGES}
 
 
 @contextlib.asynccontextmanager
@@ -104,12 +106,12 @@ async def test_a_client_that_leaves_a_sync_call(
         async with r.http() as http:
             body = {"model": MODEL, **CHAT}
             call = asyncio.create_task(http.post("/v1/chat/completions", json=body, timeout=60))
-            await poll_until(lambda: r.hub.parked_count == 1)  # it waits for its answer
+            await eventually(lambda: r.hub.parked_count == 1)  # it waits for its answer
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await call
         # The connection is closed: once the replica is done with the call, the task is...
-        await poll_until(lambda: r.open_waits() == 0)
+        await eventually(lambda: r.open_waits() == 0)
     task = read_task(dsn, only_task_id(dsn))
     if cancel_on_disconnect:
         assert task["status"] == "cancelled"
@@ -134,7 +136,7 @@ async def test_a_client_that_leaves_a_stream(
             task_id = stream.headers["x-inferq-task-id"]
             await anext(stream.aiter_lines())  # the stream is live (a heartbeat)
         # Leaving the block closed the connection mid-stream.
-        await poll_until(lambda: r.open_waits() == 0)
+        await eventually(lambda: r.open_waits() == 0)
     task = read_task(dsn, task_id)
     if cancel_on_disconnect:
         assert task["status"] == "cancelled"
@@ -149,7 +151,7 @@ async def test_a_sync_call_whose_task_is_cancelled_is_409_task_cancelled(
         call = asyncio.create_task(
             client.chat.completions.create(model=MODEL, messages=CHAT["messages"])
         )
-        await poll_until(lambda: r.hub.parked_count == 1)
+        await eventually(lambda: r.hub.parked_count == 1)
         cancelled = await http.post(f"/v1/tasks/{only_task_id(dsn)}/cancel")
         assert cancelled.status_code == 200
         with pytest.raises(openai.APIStatusError) as caught:

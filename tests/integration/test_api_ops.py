@@ -12,6 +12,7 @@ import httpx
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.metrics import MAX_POOL_LABELS, OTHER_POOLS
 from inferq.settings import Settings
 from tests.api_helpers import (
@@ -21,9 +22,7 @@ from tests.api_helpers import (
     Tokens,
     allow_connections,
     auth,
-    eventually,
     make_tokens,
-    poll_until,
     serve_app,
 )
 
@@ -90,7 +89,7 @@ async def test_ready_is_red_and_listener_up_is_zero_while_the_listener_is_down(
         await allow_connections(pg_server, str(dbname), False)
         try:
             await admin.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-            await poll_until(lambda: not listener.healthy)
+            await eventually(lambda: not listener.healthy)
             down = await ready()
         finally:
             await allow_connections(pg_server, str(dbname), True)
@@ -206,7 +205,7 @@ async def test_drain_turns_ready_red_and_ends_waits_and_streams(
         async with http.stream(
             "POST", "/v1/chat/completions", json={"model": MODEL, "stream": True, **CHAT}
         ) as stream:
-            await poll_until(lambda: svc.metrics.open_waits._value.get() == 3)
+            await eventually(lambda: svc.metrics.open_waits._value.get() == 3)
             svc.drain.start(grace_s=0)
             body = (await stream.aread()).decode()
         waited, synced = await wait, await sync

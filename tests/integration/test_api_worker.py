@@ -10,15 +10,14 @@ import httpx
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     POOL,
     Server,
     Tokens,
     auth,
-    eventually,
     make_tokens,
-    poll_until,
     serve_app,
 )
 
@@ -306,7 +305,9 @@ async def test_a_long_poll_whose_session_is_reaped_answers_404_when_work_arrives
         claim = asyncio.create_task(
             http.post(f"/v1/worker/sessions/{sid}/claim", json={"wait_s": 30})
         )
-        await poll_until(lambda: server.replica.waits.hub.parked_count > 0)
+        waits = server.replica.waits
+        assert waits is not None
+        await eventually(lambda: waits.hub.parked_count > 0)
 
         async def expired() -> bool:
             query = "SELECT expires_at < now() FROM inferq.worker_session WHERE id = %s"

@@ -12,23 +12,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import openai
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.batches import BatchRepository
 from inferq.db.files import FileRepository
 from inferq.db.llms import LlmRepository
 from inferq.services.batches import BatchKeeper
 from inferq.settings import Settings
 from inferq.worker import EchoBackend, Worker, WorkerClient
-from tests.api_helpers import MODEL, POOL, Server, Tokens, eventually, make_tokens, serve_app
+from tests.api_helpers import MODEL, POOL, Server, Tokens, make_tokens, serve_app
 
 pytestmark = pytest.mark.db
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Final = "/v1/chat/completions"
 
 
 def line(i: int, **override: Any) -> dict[str, Any]:
@@ -158,6 +159,7 @@ async def test_a_cancelled_batch_stops_its_lines_and_reports_them(two: Two) -> N
         await settle(client, batch.id, "in_progress")  # no worker: nothing runs
         cancelling = await client.batches.cancel(batch.id)
         ended = await settle(client, batch.id, "cancelled")
+        assert ended.error_file_id is not None
         errors = (await client.files.content(ended.error_file_id)).content.splitlines()
     assert cancelling.status in ("cancelling", "cancelled")
     assert ended.request_counts.model_dump() == {"total": 20, "completed": 0, "failed": 20}
@@ -185,6 +187,7 @@ async def test_lines_unfinished_at_the_end_of_the_window_expire(two: Two) -> Non
         later = datetime.fromtimestamp(started.expires_at, UTC) + timedelta(seconds=1)
         await keeper.run_once(now=later)
         ended = await client.batches.retrieve(batch.id)
+        assert ended.error_file_id is not None
         errors = (await client.files.content(ended.error_file_id)).content.splitlines()
     assert ended.status == "expired" and ended.expired_at is not None
     assert {json.loads(raw)["error"]["code"] for raw in errors} == {"batch_expired"}

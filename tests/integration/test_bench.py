@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from inferq.bench.command import FIGURES
+from inferq.bench.report import FIGURES
 
 
 def test_quick_bench_writes_every_figure(dsn: str, tmp_path: Path) -> None:

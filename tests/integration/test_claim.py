@@ -9,12 +9,14 @@ import uuid
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.pool import Pool
 from inferq.db.rows import task_row
 from inferq.db.sessions import WorkerSessionRepository
-from inferq.db.tasks import CLAIM, TaskRepository
+from inferq.db.task_queries import CLAIM
+from inferq.db.tasks import TaskRepository
 from inferq.domain.task import TaskStatus
-from tests.api_helpers import enqueue, eventually
+from tests.api_helpers import enqueue
 
 pytestmark = pytest.mark.db
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.tasks import TaskRepository
 from inferq.maintenance import Rescuer
 from inferq.settings import Settings
@@ -23,7 +24,6 @@ from tests.api_helpers import (
     Tokens,
     auth,
     make_tokens,
-    poll_until,
     read_task,
     serve_app,
 )
@@ -141,7 +141,7 @@ async def test_the_sdk_acknowledges_a_long_unstreamed_task_in_time(
 
         # The worker's early heartbeat names the task: its lease becomes the full one
         # (a deadline well inside the claim's first lease of ACK_S).
-        await poll_until(lease_extended, timeout_s=ACK_S * 0.9)
+        await eventually(lease_extended, timeout_s=ACK_S * 0.9)
         release.set()
         worker.stop()
         await run

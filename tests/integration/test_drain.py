@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -27,7 +28,6 @@ from tests.api_helpers import (
     chat_chunk,
     chat_response,
     make_tokens,
-    poll_until,
     read_task,
     serve_app,
 )
@@ -156,7 +156,7 @@ async def test_a_keyed_sync_call_cut_by_a_drain_reattaches_on_another_replica(
             two.a.replica.services.drain.start(grace_s=0.2)  # A's grace ends mid-generation
             cut = await first
             retry = asyncio.create_task(on_b.post("/v1/chat/completions", json=CHAT, headers=key))
-            await poll_until(
+            await eventually(
                 lambda: two.b.replica.waits is not None and two.b.replica.waits.hub.parked_count > 0
             )
             await worker.complete("one two three four")
@@ -225,5 +225,5 @@ async def test_a_client_that_leaves_during_a_drain_does_not_cancel_its_task(
             services.drain.start(grace_s=30)
             call.cancel()  # the client (or a balancer going away) closes the connection
             await asyncio.gather(call, return_exceptions=True)
-            await poll_until(lambda: services.metrics.open_waits._value.get() == 0)
+            await eventually(lambda: services.metrics.open_waits._value.get() == 0)
         assert read_task(dsn, task["id"])["status"] == "claimed"

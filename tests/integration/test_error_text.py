@@ -41,6 +41,7 @@ def _cases(tokens: Tokens) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(who, method, path, request kwargs) for every bad input."""
     task = str(uuid.uuid4())
     holder = {"session_id": str(uuid.uuid4()), "attempt": 1}
+    body: dict[str, Any]
     cases: list[tuple[str, str, str, dict[str, Any]]] = []
     for pool in ("gpu a", "-starts-with-dash", "é", LONG, NUL, ""):
         cases.append(("alice", "POST", "/v1/tasks", {"json": {"pool": pool, "request": CHAT}}))

@@ -18,11 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.api.app import InferqApp
+from inferq.api.fastpath import FastPath
+from inferq.api.middleware import RequestMiddleware
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
     POOL,
     EchoWorker,
+    Server,
     Tokens,
     auth,
     make_tokens,
@@ -50,8 +54,15 @@ class Pair:
     fast: httpx.AsyncClient
     slow: httpx.AsyncClient
     tokens: Tokens
-    fast_path: Any  # the fast replica's FastPath
+    fast_path: FastPath  # the fast replica's
     routes: set[str] = field(default_factory=set)
+
+
+def front(server: Server) -> RequestMiddleware:
+    """The request middleware in front of a served app: it holds the fast path, if any."""
+    app = server.server.config.app
+    assert isinstance(app, InferqApp) and isinstance(app.front, RequestMiddleware)
+    return app.front
 
 
 @pytest.fixture
@@ -63,8 +74,8 @@ async def pair(settings: Settings, dsn: str) -> AsyncIterator[Pair]:
         httpx.AsyncClient(base_url=fast.url, timeout=30) as a,
         httpx.AsyncClient(base_url=slow.url, timeout=30) as b,
     ):
-        fast_path = fast.server.config.app.front.fast_path
-        assert slow.server.config.app.front.fast_path is None
+        fast_path = front(fast).fast_path
+        assert fast_path is not None and front(slow).fast_path is None
         pair = Pair(a, b, tokens, fast_path)
         yield pair
         # The fast replica did answer on its fast path (not everything fell back to FastAPI).
@@ -172,7 +183,7 @@ async def test_claim_and_outcomes(pair: Pair) -> None:
     worker = auth(t.worker)
     sids = (await bind(pair.fast, t), await bind(pair.slow, t))
     claim = (f"/v1/worker/sessions/{sids[0]}/claim", f"/v1/worker/sessions/{sids[1]}/claim")
-    outcomes = tuple(u.replace("/claim", "/outcomes") for u in claim)
+    outcomes = (claim[0].replace("/claim", "/outcomes"), claim[1].replace("/claim", "/outcomes"))
     await both(pair, "POST", claim, json={"max_tasks": 2, "wait_s": 0}, headers=worker)
     await both(pair, "POST", claim, json={"max_tasks": 0}, headers=worker)
     await both(pair, "POST", claim, json={"wait_s": 0}, headers=auth(t.alice))

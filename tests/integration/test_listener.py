@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.bench.wakeups import Stack
 from inferq.db import channels
 from inferq.db.listener import Listener
@@ -24,13 +25,6 @@ COUNT_LISTENERS = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
     "AND application_name = 'inferq-listener'"
 )
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        # State with no event to await (e.g. the hub's waiter count): poll it.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -64,7 +58,7 @@ async def test_notifications_reach_the_hub_and_token_callback(settings: Settings
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await conn.execute("SELECT pg_notify(%s, %s)", (channels.TOKEN, "tok-1"))
             await conn.execute("SELECT pg_notify(%s, %s)", (channels.TASK, "not json"))
-            await until(lambda: revoked == ["tok-1"] and listener.stats.malformed == 1)
+            await eventually(lambda: revoked == ["tok-1"] and listener.stats.malformed == 1, 30)
     finally:
         await listener.stop()
     assert not listener.healthy
@@ -78,13 +72,13 @@ async def test_lost_notifications_are_recovered_by_reconnect_and_resync(
     try:
         ids = await insert_tasks(admin, 20)
         waits = [asyncio.create_task(stack.waits.wait_terminal(i, 120)) for i in ids]
-        await until(lambda: stack.hub.waiter_count == 20)
+        await eventually(lambda: stack.hub.waiter_count == 20, 30)
         assert stack.listener.healthy
         old_pid = stack.listener.backend_pid
         # Hold the listener down: it cannot reconnect while the database refuses new sessions.
         await allow_connections(pg_server, admin.info.dbname, False)
         await admin.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
-        await until(lambda: not stack.listener.healthy)
+        await eventually(lambda: not stack.listener.healthy, 30)
         await finish(admin, ids)  # committed during the gap: these notifications are lost
         await allow_connections(pg_server, admin.info.dbname, True)
         done = await asyncio.wait_for(asyncio.gather(*waits), 30)
@@ -104,7 +98,7 @@ async def test_ten_thousand_waiters_share_one_listen_connection(
     try:
         ids = await insert_tasks(admin, 10_000)
         waits = [asyncio.create_task(stack.waits.wait_terminal(i, 300)) for i in ids]
-        await until(lambda: stack.hub.waiter_count == 10_000, 120)
+        await eventually(lambda: stack.hub.waiter_count == 10_000, 120)
         await finish(admin, ids)
         done = await asyncio.wait_for(asyncio.gather(*waits), 120)
         assert all(t.status is TaskStatus.COMPLETED for t in done)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.chunks import ChunkIn, ChunkRepository
 from inferq.db.leases import LeaseRepository
 from inferq.db.sessions import WorkerSessionRepository
@@ -152,9 +153,7 @@ async def test_the_loop_survives_a_failing_sweep(pool: Any) -> None:
     )
     runner = asyncio.create_task(loop.run())
     try:
-        async with asyncio.timeout(10):
-            while loop.runs < 2:  # noqa: ASYNC110 (a counter, polled with a deadline)
-                await asyncio.sleep(0.01)
+        await eventually(lambda: loop.runs >= 2, 10, "a second run of the loop")
         assert not runner.done()  # the failure did not end the loop
     finally:
         runner.cancel()

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.chunks import MAX_RUN, ChunkRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
@@ -82,9 +83,8 @@ async def test_stop_flushes_what_is_buffered(pool: Any, settings: Settings) -> N
     # An idle relay flushes a post at once.
     assert await relay.post(task.id, sid, task.attempt, [(1, '"x"')]) == 1
     post = asyncio.create_task(relay.post(task.id, sid, task.attempt, [(2, '"y"')]))
-    async with asyncio.timeout(10):
-        while relay.buffered == 0:  # noqa: ASYNC110 (no event marks a buffered post)
-            await asyncio.sleep(0.001)
+    # No event marks a buffered post: poll for it.
+    await eventually(lambda: relay.buffered > 0, 10, "a buffered post", period_s=0.001)
     await relay.stop()
     assert await post == 2
     stored = await ChunkRepository(pool).read(task.id, task.attempt)

@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.pool import create_pool
 from inferq.db.tokens import TokenRepository
 from inferq.domain.records import ApiToken
@@ -27,7 +28,6 @@ from tests.api_helpers import (
     Tokens,
     auth,
     make_tokens,
-    poll_until,
     read_events,
     read_task,
     serve_app,
@@ -167,8 +167,8 @@ async def test_open_waits_and_streams_of_a_revoked_token_end(
             svc = server.replica.services
             assert svc is not None
             # Every wait, stream and long-poll is open before the revocation.
-            await poll_until(lambda: svc.tasks.slots.open_count == 4)
-            await poll_until(lambda: len(svc.drain._by_token) == 2)
+            await eventually(lambda: svc.tasks.slots.open_count == 4)
+            await eventually(lambda: len(svc.drain._by_token) == 2)
             assert await repo.revoke(tokens.ids["alice"])
             assert await repo.revoke(tokens.ids["worker"])
             native_rest = await read_events(native_lines, timeout_s=10)
@@ -186,7 +186,7 @@ async def test_open_waits_and_streams_of_a_revoked_token_end(
     # Nobody may read the answers of the revoked caller's OpenAI calls: those are cancelled;
     # a native task is the client's to keep.
     with psycopg.connect(dsn) as conn:
-        statuses = dict(
+        statuses: dict[bool, str] = dict(
             conn.execute(
                 "SELECT streaming, status::text FROM inferq.task WHERE llm_name = %s", (MODEL,)
             ).fetchall()

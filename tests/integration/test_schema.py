@@ -190,7 +190,7 @@ async def test_gc_fails_stale_pending_and_deletes_only_terminal_rows_past_retent
     assert [t.id for t in result.expired_pending] == [rows["stale_pending"]]
     assert result.deleted == 3
     with psycopg.connect(dsn, autocommit=True) as conn:
-        left = dict(conn.execute("SELECT id, status FROM inferq.task").fetchall())
+        left: dict[Any, str] = dict(conn.execute("SELECT id, status FROM inferq.task").fetchall())
         message = conn.execute(
             "SELECT error_message, completed_at FROM inferq.task WHERE id = %s",
             (rows["stale_pending"],),
@@ -210,7 +210,7 @@ def test_agent_id_is_nullable(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         without = insert(conn)
         with_agent = insert(conn, agent_id="agent-7")
-        rows = dict(
+        rows: dict[Any, str | None] = dict(
             conn.execute(
                 "SELECT id, agent_id FROM inferq.task WHERE id = ANY(%s)", ([without, with_agent],)
             ).fetchall()

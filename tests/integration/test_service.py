@@ -10,6 +10,7 @@ from uuid import UUID
 
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.bench.wakeups import Stack
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.domain.task import Task, TaskStatus
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.db
 
 OWNER = "alice"
 POOL = "gpu"
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until true; fail at the deadline."""
-    async with asyncio.timeout(timeout_s):
-        # State with no event to await (e.g. the hub's waiter count): poll it.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -161,7 +154,7 @@ async def test_wait_for_a_terminal_task_returns_at_once(stack: Stack) -> None:
 async def test_wait_for_wakes_on_completion(stack: Stack) -> None:
     task = await submit(stack)
     waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60, owner_id=OWNER))
-    await until(lambda: stack.hub.waiter_count == 1)
+    await eventually(lambda: stack.hub.waiter_count == 1)
     sid, held = await claim_one(stack, task.id)
     await stack.tasks.complete(task.id, sid, held.attempt, {"text": "done"})
     got = await asyncio.wait_for(waiting, 5)
@@ -172,7 +165,7 @@ async def test_wait_for_wakes_on_completion(stack: Stack) -> None:
 async def test_wait_for_raises_on_cancel(stack: Stack) -> None:
     task = await submit(stack)
     waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60))
-    await until(lambda: stack.hub.waiter_count == 1)
+    await eventually(lambda: stack.hub.waiter_count == 1)
     await stack.tasks.cancel(task.id, OWNER, reason="user pressed stop")
     with pytest.raises(TaskCancelled, match="user pressed stop"):
         await asyncio.wait_for(waiting, 5)
@@ -181,7 +174,7 @@ async def test_wait_for_raises_on_cancel(stack: Stack) -> None:
 async def test_wait_for_raises_the_workers_message(stack: Stack) -> None:
     task = await submit(stack)
     waiting = asyncio.create_task(stack.waits.wait_for(task.id, 60))
-    await until(lambda: stack.hub.waiter_count == 1)
+    await eventually(lambda: stack.hub.waiter_count == 1)
     sid, held = await claim_one(stack, task.id)
     await stack.tasks.fail(task.id, sid, held.attempt, "model exploded")
     with pytest.raises(TaskFailed, match="model exploded") as exc:
@@ -213,7 +206,7 @@ async def test_waits_on_another_owners_task_are_not_found(stack: Stack) -> None:
 async def test_events_stream_chunks_in_order_then_the_result(stack: Stack) -> None:
     task = await submit(stack, streaming=True)
     reader = asyncio.create_task(collect(stack.waits.events(task.id, owner_id=OWNER)))
-    await until(lambda: stack.hub.waiter_count == 1)
+    await eventually(lambda: stack.hub.waiter_count == 1)
     sid, held = await claim_one(stack, task.id)
     await stack.tasks.start(task.id, sid, held.attempt)
     for seq in range(1, 31, 3):
@@ -285,7 +278,7 @@ async def test_completion_through_b_wakes_a_waiter_on_a(
     b = await make_stack(safety_poll_s=3600)
     task = await submit(b)
     waiting = asyncio.create_task(a.waits.wait_for(task.id, 60))
-    await until(lambda: a.hub.waiter_count == 1)
+    await eventually(lambda: a.hub.waiter_count == 1)
     sid, held = await claim_one(b, task.id)
     await b.tasks.complete(task.id, sid, held.attempt, {"text": "from b"})
     got = await asyncio.wait_for(waiting, 10)
@@ -299,7 +292,7 @@ async def test_chunks_posted_alternately_through_two_replicas_reach_a_third_in_o
     a, b, c = [await make_stack(safety_poll_s=3600) for _ in range(3)]
     task = await submit(a, streaming=True)
     reader = asyncio.create_task(collect(c.waits.events(task.id)))
-    await until(lambda: c.hub.waiter_count == 1)
+    await eventually(lambda: c.hub.waiter_count == 1)
     sid, held = await claim_one(a, task.id)
     # Posts alternate between A and B without waiting for each other, so flushes race.
     posts = []
@@ -323,7 +316,7 @@ async def test_poll_only_mode_resolves_waiters_without_listen(
     a = await make_stack(poll_only=True, safety_poll_s=0.05)
     task = await submit(a)
     waiting = asyncio.create_task(a.waits.wait_for(task.id, 30))
-    await until(lambda: a.hub.waiter_count == 1)
+    await eventually(lambda: a.hub.waiter_count == 1)
     sid, held = await claim_one(a, task.id)
     await a.tasks.complete(task.id, sid, held.attempt, {"text": "polled"})
     assert (await asyncio.wait_for(waiting, 10)).response_body == {"text": "polled"}

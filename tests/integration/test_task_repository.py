@@ -313,7 +313,7 @@ async def test_heartbeat_reports_cancelled_only_for_the_sessions_own_tasks(pool:
 
 
 async def test_finish_many_answers_each_outcome_like_complete_or_fail_alone(pool: Pool) -> None:
-    from inferq.db.tasks import Finished, Outcome
+    from inferq.domain.records import Finished, Outcome
 
     repo = TaskRepository(pool)
     for _ in range(5):
@@ -350,7 +350,7 @@ async def test_finish_many_answers_each_outcome_like_complete_or_fail_alone(pool
 
 
 async def test_finish_many_of_only_fails_or_only_completes(pool: Pool) -> None:
-    from inferq.db.tasks import Finished, Outcome
+    from inferq.domain.records import Finished, Outcome
 
     repo = TaskRepository(pool)
     for _ in range(4):
@@ -364,7 +364,7 @@ async def test_finish_many_of_only_fails_or_only_completes(pool: Pool) -> None:
 
 
 async def test_finish_many_a_refused_value_fails_only_its_own_item(pool: Pool) -> None:
-    from inferq.db.tasks import Finished, Outcome
+    from inferq.domain.records import Finished, Outcome
 
     repo = TaskRepository(pool)
     for _ in range(2):
@@ -381,7 +381,7 @@ async def test_finish_many_a_refused_value_fails_only_its_own_item(pool: Pool) -
 
 
 async def test_finish_many_stores_responses_exactly(pool: Pool) -> None:
-    from inferq.db.tasks import Finished, Outcome
+    from inferq.domain.records import Finished, Outcome
 
     repo = TaskRepository(pool)
     for _ in range(3):

@@ -16,12 +16,13 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from inferq.bench.polling import eventually
 from inferq.bench.queries import BenchTasks, NewTask
 from inferq.db.cluster import free_port
 from inferq.settings import Settings
 from inferq.wire import JsonValue, WorkerTask
 from inferq.worker import OutcomeBatcher, TaskContext, Worker, WorkerClient
-from tests.api_helpers import POOL, Server, Tokens, eventually, make_tokens, serve_app
+from tests.api_helpers import POOL, Server, Tokens, make_tokens, serve_app
 
 pytestmark = pytest.mark.db
 
@@ -151,7 +152,9 @@ async def test_the_sdk_falls_back_to_the_single_routes_on_a_daemon_without_outco
         await eventually(all_ended)
         worker.stop()
         await run
-    expected = {i: ("completed", {"echo": i}, None) for i in ids}
+    expected: dict[str, tuple[str, Any, str | None]] = {
+        i: ("completed", {"echo": i}, None) for i in ids
+    }
     expected[failing] = ("error", None, "the GPU fell off the bus")
     assert stored(dsn) == expected
     tried = wire.outcome_calls()

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.types import Message
+
 from inferq.api.sse import EventStream
 
 ERROR = b'data: {"error": {"code": "stream_failed"}}\n\n'
@@ -21,7 +23,7 @@ async def run_stream(frames: AsyncIterator[bytes]) -> tuple[bytes, list[str]]:
         await never.wait()  # the client stays connected
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.body":
             body.extend(message.get("body", b""))
 

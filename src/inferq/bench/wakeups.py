@@ -26,7 +26,9 @@ from typing import Any
 import orjson
 import psycopg
 
+from inferq.bench.polling import eventually
 from inferq.bench.queries import BenchTasks
+from inferq.bench.stats import percentile
 from inferq.db.chunks import ChunkRepository
 from inferq.db.listener import Listener
 from inferq.db.pool import Pool, create_pool
@@ -118,16 +120,14 @@ class MemoryFigures:
 
 def latency(samples_s: list[float]) -> Latency:
     """p50/p99 in milliseconds of ``samples_s`` (seconds)."""
-    ordered = sorted(samples_s)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Latency(len(ordered), statistics.median(ordered) * 1000, p99 * 1000)
+    p99 = percentile(samples_s, 0.99)
+    return Latency(len(samples_s), statistics.median(samples_s) * 1000, p99 * 1000)
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None:
-    """Poll state that has no event (waiter counts) until ``predicate`` holds."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.002)
+async def _parked(hub: Hub, count: int) -> None:
+    """Return once ``hub`` holds ``count`` waiters (no event marks it, so it is polled)."""
+    what = f"{count} waiters to park"
+    await eventually(lambda: hub.waiter_count >= count, 120, what, period_s=0.002)
 
 
 def _settings(dsn: str, **overrides: Any) -> Settings:
@@ -188,7 +188,7 @@ def _waiting_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
             resumed[i] = time.perf_counter()
 
         waits = [asyncio.create_task(wait(i, t)) for i, t in enumerate(task_ids)]
-        await _until(lambda: a.hub.waiter_count >= len(task_ids))
+        await _parked(a.hub, len(task_ids))
         await asyncio.sleep(1.0)  # let every waiter finish its first read and park
         pipe.send("ready")
         await asyncio.gather(*waits)
@@ -216,7 +216,7 @@ def _reading_replica(dsn: str, task_ids: list[uuid.UUID], pipe: Any) -> None:
                     return
 
         readers = [asyncio.create_task(read(i, t)) for i, t in enumerate(task_ids)]
-        await _until(lambda: c.hub.waiter_count >= len(task_ids))
+        await _parked(c.hub, len(task_ids))
         await asyncio.sleep(0.5)  # let every reader park
         pipe.send("ready")
         cpu0 = time.process_time()
@@ -354,7 +354,7 @@ async def measure_waiter_memory(dsn: str, *, waiters: int = 10_000) -> MemoryFig
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
         parked = [asyncio.create_task(stack.waits.wait_terminal(i, 3600)) for i in ids]
-        await _until(lambda: stack.hub.waiter_count >= waiters)
+        await _parked(stack.hub, waiters)
         await asyncio.sleep(2.0)  # let every waiter finish its first read and park
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
