@@ -320,6 +320,12 @@ MUTANTS: tuple[Mutant, ...] = (
              "            pass"),
         ("tests/integration/test_claim_ack.py::test_the_sdk_acknowledges_a_long_unstreamed_task_in_time",),
     ),
+    Mutant(
+        "failure_cancels_start",
+        "a streamed task whose upstream refuses at once gets no outcome: its lease runs out 3x",
+        _one("src/inferq/worker/stream.py", "            await asyncio.shield(gate)", "            await gate"),
+        ("tests/unit/test_worker_runner.py::test_a_handler_that_fails_before_its_start_is_answered_still_fails_the_task",),
+    ),
     # -- security (issue #14) -------------------------------------------------------------------
     Mutant(
         "http_heads_unbounded",

@@ -34,6 +34,8 @@ class FakeDaemon:
         self.unavailable = 0  # answer this many next requests with 503
         # Refuse the outcomes route with this status; -1: never answer it.
         self.outcomes_route: int | None = None
+        # When set, start calls are answered only once this event is set.
+        self.hold_starts: asyncio.Event | None = None
         self.new_work = asyncio.Event()
         self.changed = asyncio.Event()
 
@@ -130,6 +132,8 @@ class FakeDaemon:
         task_id, action = parts[1], parts[2]
         if self.held.get(task_id) != (body["session_id"], body["attempt"]):
             return error_response(409, "lease_lost")
+        if action == "start" and self.hold_starts is not None:
+            await self.hold_starts.wait()
         if action == "chunks":
             self.chunks.setdefault(task_id, []).extend(c["seq"] for c in body["chunks"])
             return httpx.Response(200, json={"last_seq": self.chunks[task_id][-1]})

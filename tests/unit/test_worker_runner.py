@@ -112,6 +112,29 @@ async def test_a_handler_exception_fails_the_task_with_its_message(
     assert daemon.outcomes[task_id] == ("fail", "the GPU caught fire")
 
 
+async def test_a_handler_that_fails_before_its_start_is_answered_still_fails_the_task(
+    daemon: FakeDaemon, client: WorkerClient
+) -> None:
+    # A streamed task's start call is still on the wire when the backend refuses at once (an
+    # upstream 4xx): the failure must wait for the start, not cancel it and post nothing.
+    daemon.hold_starts = asyncio.Event()
+    (task_id,) = daemon.add(streaming=True)
+    failed = asyncio.Event()
+
+    async def handler(task: WorkerTask, ctx: TaskContext) -> JsonValue:
+        failed.set()
+        raise ValueError("upstream returned HTTP 400: too many tokens")
+
+    worker, run = await start(client, handler)
+    await asyncio.wait_for(failed.wait(), 10)
+    await asyncio.sleep(0)  # the runner reacts to the failure while the start is pending
+    daemon.hold_starts.set()
+    await daemon.until(lambda: task_id in daemon.outcomes)
+    worker.stop()
+    await run
+    assert daemon.outcomes[task_id] == ("fail", "upstream returned HTTP 400: too many tokens")
+
+
 async def test_a_cancel_reported_by_the_heartbeat_cancels_the_handler(
     daemon: FakeDaemon, client: WorkerClient
 ) -> None:
