@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 
 from inferq import runtime
-from inferq.bench import ceiling, http, latency, memory, pipeline
+from inferq.bench import batch, ceiling, http, latency, memory, pipeline
 from inferq.bench.report import FIGURES, build_report, render_table
 from inferq.bench.stats import percentile
 from inferq.db.cluster import PrivateCluster
@@ -60,12 +60,13 @@ class Sizes:
     http_requests: int
     http_clients: int
     open_waits: int
+    batch_lines: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200)
-        return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000)
+            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, 500)
+        return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000, 50_000)
 
 
 Progress = Callable[[str], None]
@@ -76,7 +77,7 @@ RELAY_STREAM_RATE = 100.0
 
 # The first word of each scenario's name, as --only takes it.
 SCENARIOS = frozenset(
-    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory"}
+    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory", "batch"}
 )
 
 
@@ -180,6 +181,7 @@ def _scenarios(
         "memory (open waits)",
         lambda: memory.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
+    yield "batch", lambda: batch.measure_batch(dsn, lines=sizes.batch_lines, progress=progress)
 
 
 def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:

@@ -53,7 +53,7 @@ def measure_http(
         # The token travels in the environment, never in argv.
         worker_env = {**env, "INFERQ_WORKER_TOKEN": made.worker_token}
         for i, url in enumerate(urls):
-            procs.append(spawn(f"worker{i}", _worker_args(url, made, i), worker_env))
+            procs.append(spawn(f"worker{i}", worker_args(url, made, i), worker_env))
         progress(f"    2 replicas and 2 echo workers up; {clients} clients, {requests} requests")
         pids = [proc.pid for proc in procs]
         # One client first: the latency of a request that does not queue behind others.
@@ -71,7 +71,7 @@ def measure_http(
     return figures
 
 
-def _worker_args(url: str, made: Setup, i: int) -> list[str]:
+def worker_args(url: str, made: Setup, i: int) -> list[str]:
     return [
         "worker",
         "--url",
@@ -111,12 +111,12 @@ async def _load(
             auto_decompress=False,
         ) as http:
             for _ in range(WARMUP_PER_CLIENT):
-                await _post(http, url, body)
+                await post_completion(http, url, body)
             await start.wait()
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
-                await _post(http, url, body)
+                await post_completion(http, url, body)
                 samples.append(time.perf_counter() - t0)
 
     start = asyncio.Event()
@@ -141,8 +141,11 @@ async def _load(
     }
 
 
-async def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> None:
-    async with http.post(url, data=body) as resp:
+async def post_completion(
+    http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str] | None = None
+) -> None:
+    """POST one sync completion; raises RuntimeError with the answer when it is not 200."""
+    async with http.post(url, data=body, headers=headers) as resp:
         content = await resp.read()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {content[:300].decode(errors='replace')}")

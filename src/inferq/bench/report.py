@@ -56,6 +56,18 @@ FIGURES = [
     Figure("memory.rss_waits_mib", "replica RSS with the open waits", "MiB"),
     Figure("memory.bytes_per_open_wait", "RSS per open HTTP wait", "B", ("<=", 10240)),
     Figure("memory.uvicorn_floor_bytes_per_request", "  bare uvicorn app, per parked request", "B"),
+    Figure("batch.input_mib", "batch input file (JSONL)", "MiB"),
+    Figure("batch.upload_mib_per_s", "batch file upload", "MiB/s"),
+    Figure("batch.ingest_lines_per_s", "batch ingest: upload start -> in_progress", "lines/s"),
+    Figure("batch.completion_lines_per_s", "batch completion: in_progress -> completed", "lines/s"),
+    Figure("batch.download_mib_per_s", "batch output download", "MiB/s"),
+    Figure("batch.upload_peak_rss_mib", "replica peak RSS during the upload", "MiB", ("<=", 300)),
+    Figure(
+        "batch.download_peak_rss_mib", "replica peak RSS during the download", "MiB", ("<=", 300)
+    ),
+    Figure("batch.interactive_idle_p50_ms", "interactive sync call, idle queue, p50", "ms"),
+    Figure("batch.interactive_busy_p50_ms", "  while a batch runs, p50", "ms"),
+    Figure("batch.interactive_p50_ratio", "  while a batch runs / idle, p50", "x", ("<=", 2)),
 ]
 
 
