@@ -16,8 +16,12 @@ no task ends twice, every wait and stream ends with its outcome. Beyond that the
   the new primary's ``inferq-listener`` backends, and a NOTIFY sent there reaches every replica.
 
 Without ``target_session_attrs`` the replicas reach the standby while it is still in recovery:
-its writes fail (a 500, not a retryable 503) and the listener's LISTEN is refused, which the
-checker reports (test_failover_needs_target_session_attrs shows it).
+its writes fail (a 500, not a retryable 503: the checker reports the failed operations) and
+the listeners' LISTEN is refused "during recovery" (asserted below). Run with
+``FailoverDeployment.target_session_attrs = None`` and the test fails on both counts.
+
+The chunk table is made LOGGED first (tests/e2e/standby.py): UNLOGGED, it is not replicated,
+and streams in flight across the failover would miss their earlier chunks (README, "Failover").
 """
 
 from __future__ import annotations
