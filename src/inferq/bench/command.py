@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 
 from inferq import runtime
-from inferq.bench import ceiling, http, latency, pipeline
+from inferq.bench import ceiling, http, latency, pipeline, replicas
 from inferq.db.cluster import PrivateCluster
 from inferq.db.migrations import Migrator
 from inferq.settings import Settings
@@ -52,6 +52,29 @@ class Figure:
     label: str
     unit: str
     target: tuple[str, float] | None = None
+
+
+def replicas_figures() -> list[Figure]:
+    """The fan-out figures of inferq.bench.replicas, at each replica count."""
+    figures = [
+        Figure(
+            "replicas.idle_cpu_us_per_notification",
+            "fan-out: CPU per notification, no waiter",
+            "us",
+        )
+    ]
+    for n in replicas.REPLICA_COUNTS:
+        figures += [
+            Figure(f"replicas.r{n}.wake_p50_ms", f"{n} replica(s): wake p50", "ms"),
+            Figure(f"replicas.r{n}.wake_p99_ms", f"{n} replica(s): wake p99", "ms"),
+            Figure(
+                f"replicas.r{n}.cpu_us_per_notification",
+                f"{n} replica(s): CPU per notification each",
+                "us",
+            ),
+            Figure(f"replicas.r{n}.relay_chunks_per_s", f"{n} replica(s): relay", "chunks/s"),
+        ]
+    return figures
 
 
 FIGURES = [
@@ -92,6 +115,7 @@ FIGURES = [
     Figure("memory.rss_waits_mib", "replica RSS with the open waits", "MiB"),
     Figure("memory.bytes_per_open_wait", "RSS per open HTTP wait", "B", ("<=", 10240)),
     Figure("memory.uvicorn_floor_bytes_per_request", "  bare uvicorn app, per parked request", "B"),
+    *replicas_figures(),
 ]
 
 
@@ -109,11 +133,14 @@ class Sizes:
     http_requests: int
     http_clients: int
     open_waits: int
+    # The replicas scenario, at each replica count: tasks woken, streams x chunks relayed;
+    # and notifications sent to a replica with no waiter.
+    fan_out: tuple[int, int, int, int] = (1000, 100, 200, 5000)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200)
+            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, fan_out=(40, 8, 16, 300))
         return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000)
 
 
@@ -125,7 +152,7 @@ RELAY_STREAM_RATE = 100.0
 
 # The first word of each scenario's name, as --only takes it.
 SCENARIOS = frozenset(
-    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory"}
+    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory", "replicas"}
 )
 
 
@@ -228,6 +255,20 @@ def _scenarios(
     yield (
         "memory (open waits)",
         lambda: http.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
+    )
+    tasks, streams, chunks, notifications = sizes.fan_out
+    yield (
+        "replicas (fan-out)",
+        lambda: runtime.run(
+            replicas.measure_fan_out(
+                dsn,
+                tasks=tasks,
+                streams=streams,
+                chunks_per_stream=chunks,
+                notifications=notifications,
+                progress=progress,
+            )
+        ),
     )
 
 
