@@ -61,7 +61,12 @@ def replicas_figures() -> list[Figure]:
             "replicas.idle_cpu_us_per_notification",
             "fan-out: CPU per notification, no waiter",
             "us",
-        )
+        ),
+        Figure(
+            "replicas.idle_burst_cpu_us_per_notification",
+            "  the same, notifications back to back",
+            "us",
+        ),
     ]
     for n in replicas.REPLICA_COUNTS:
         figures += [

@@ -8,7 +8,10 @@ this process with no listener of its own (``poll_only``), so exactly N replicas 
 - ``measure_idle_cost``: the CPU a replica spends on one task notification that wakes
   nothing (read from the socket, parsed, looked up in the hub): the fan-out's price per
   replica. Notifications are sent one commit each, with the trigger's payload shape; the
-  replica's idle CPU (event loop, pool) is measured first and subtracted.
+  replica's idle CPU (event loop, pool) is measured first and subtracted. Twice: paced one
+  every ``WAKE_INTERVAL_S``, as in the wake runs, where each one wakes the event loop on its
+  own; and as fast as one connection commits them, where psycopg reads several per wake-up
+  and each costs less.
 - ``measure_wake``: N replicas hold one waiter per task between them (task i on replica
   i mod N); the writer completes one task every ``interval_s``. Wake latency from the start
   of the complete call to the waiter's return (as ``wake`` in ``inferq bench``), and each
@@ -48,6 +51,7 @@ from inferq.bench.wakeups import (
 from inferq.db import channels
 
 REPLICA_COUNTS = (1, 2, 4, 8)
+WAKE_INTERVAL_S = 0.005  # one completion (one notification) every 5 ms in the wake runs
 IDLE_S = 1.0  # how long a replica's idle CPU is measured before the notifications
 # Wakes and reads only: no safety sweep, whose re-reads would be counted against notifications.
 QUIET = {"safety_poll_s": 3600.0}
@@ -136,16 +140,21 @@ async def _ready(pipes: list[Any]) -> None:
         assert await asyncio.to_thread(pipe.recv) == "ready"
 
 
-async def measure_idle_cost(dsn: str, *, notifications: int = 5000) -> float:
-    """CPU seconds one replica spends per task notification that wakes none of its waiters."""
+async def measure_idle_cost(
+    dsn: str, *, notifications: int = 5000, interval_s: float = 0.0
+) -> float:
+    """CPU seconds one replica spends per task notification that wakes none of its waiters,
+    the notifications sent one every ``interval_s`` (0: as fast as they commit)."""
     process, pipe = spawn_replica(_bystander, dsn, notifications)
     await _ready([pipe])
 
     def send() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            for _ in range(notifications):
+            start = time.perf_counter()
+            for n in range(notifications):
                 payload = orjson.dumps([[str(uuid.uuid4()), "completed", "bench-idle", 1]])
                 conn.execute("SELECT pg_notify(%s, %s)", (channels.TASK, payload.decode()))
+                time.sleep(max(0.0, start + (n + 1) * interval_s - time.perf_counter()))
 
     await asyncio.to_thread(send)
     busy, received = await asyncio.to_thread(pipe.recv)
@@ -154,7 +163,7 @@ async def measure_idle_cost(dsn: str, *, notifications: int = 5000) -> float:
 
 
 async def measure_wake(
-    dsn: str, *, replicas: int, tasks: int = 1000, interval_s: float = 0.005
+    dsn: str, *, replicas: int, tasks: int = 1000, interval_s: float = WAKE_INTERVAL_S
 ) -> WakeFanOut:
     """Wake latency and CPU per notification with the waiters spread over ``replicas``."""
     writer = await Stack.open(_settings(dsn, poll_only=True))
@@ -232,9 +241,18 @@ async def measure_fan_out(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:
     """Every measurement of the module docstring: {figure key: value} for inferq bench."""
-    idle = await measure_idle_cost(dsn, notifications=notifications)
-    figures = {"replicas.idle_cpu_us_per_notification": idle * 1e6}
-    progress(f"    one replica, no waiter: {idle * 1e6:.1f} us CPU per notification")
+    paced = await measure_idle_cost(
+        dsn, notifications=min(notifications, tasks), interval_s=WAKE_INTERVAL_S
+    )
+    burst = await measure_idle_cost(dsn, notifications=notifications)
+    figures = {
+        "replicas.idle_cpu_us_per_notification": paced * 1e6,
+        "replicas.idle_burst_cpu_us_per_notification": burst * 1e6,
+    }
+    progress(
+        f"    one replica, no waiter: {paced * 1e6:.1f} us CPU per notification one every "
+        f"{WAKE_INTERVAL_S * 1000:g} ms, {burst * 1e6:.1f} us as fast as they commit"
+    )
     for n in counts:
         wake = await measure_wake(dsn, replicas=n, tasks=tasks)
         relay = await measure_relay(
