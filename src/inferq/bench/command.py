@@ -145,7 +145,7 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, fan_out=(40, 8, 16, 300))
+            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, fan_out=(40, 8, 16, 500))
         return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000)
 
 
