@@ -7,7 +7,9 @@ The primary is the harness's own PrivateCluster; the standby is a ``pg_basebacku
 after the standby has flushed it: the drill's "nothing acknowledged is lost" rests on that.
 The setting lives in the primary's own ``postgresql.auto.conf``, taken after the base backup,
 so the promoted standby does not inherit it (with no standby of its own, a synchronous new
-primary would block every commit).
+primary would block every commit). The chunk table is made LOGGED before the base backup:
+UNLOGGED (the schema's default) it is not replicated, and streams in flight would lose their
+earlier chunks at the promotion (README, "Failover").
 
 Everything connects through one multi-host DSN, primary first:
 ``postgresql://postgres@127.0.0.1:P1,127.0.0.1:P2/inferq?target_session_attrs=read-write``.
