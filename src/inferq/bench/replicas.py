@@ -122,8 +122,9 @@ def _waiting(dsn: str, task_ids: list[uuid.UUID], expected: int, pipe: Any) -> N
 
         waits = [asyncio.create_task(wait(t)) for t in task_ids]
         await _until(lambda: stack.hub.waiter_count >= len(task_ids))
+        await asyncio.sleep(0.5)  # let every waiter finish its first read and park
         cpu = _Cpu()
-        await cpu.measure_idle()  # also lets every waiter finish its first read and park
+        await cpu.measure_idle()
         before = stats.notifications
         pipe.send("ready")
         cpu.start()
