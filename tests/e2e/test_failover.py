@@ -110,14 +110,14 @@ def noticed(dep: FailoverDeployment, marks: list[int]) -> bool:
 
 
 def relistened(dep: FailoverDeployment, index: int, mark: int) -> dict[str, Any] | None:
-    """Replica ``index``'s ``listener_reconnected`` after ``mark``, once ``waiters_resynced``
-    followed it."""
+    """Replica ``index``'s latest ``listener_reconnected`` after ``mark``, once
+    ``waiters_resynced`` followed it."""
     events = dep.serve[index].events()[mark:]
-    for i, entry in enumerate(events):
-        resynced = any(e.get("event") == "waiters_resynced" for e in events[i + 1 :])
-        if entry.get("event") == "listener_reconnected" and resynced:
-            return entry
-    return None
+    names = [e.get("event") for e in events]
+    if "listener_reconnected" not in names:
+        return None
+    last = len(names) - 1 - names[::-1].index("listener_reconnected")
+    return events[last] if "waiters_resynced" in names[last + 1 :] else None
 
 
 async def fail_over(gen: Load, dep: Any, notes: dict[str, Any]) -> None:
