@@ -142,7 +142,7 @@ class FailoverDeployment(Deployment):
 
     # -- state -----------------------------------------------------------------------------
 
-    def primary_query(self, statement: sql.Composable, params: Any = None) -> list[Any]:
+    def primary_query(self, statement: sql.SQL | sql.Composed, params: Any = None) -> list[Any]:
         """One statement on the original primary's ``postgres`` database."""
         with psycopg.connect(self.cluster.dsn, autocommit=True, connect_timeout=5) as conn:
             cur = conn.execute(statement, params)

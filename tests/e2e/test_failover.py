@@ -188,7 +188,9 @@ async def fail_over(gen: Load, dep: Any, notes: dict[str, Any]) -> None:
 def test_failover_to_synchronous_standby_under_load(
     tmp_path: Path, failed: Callable[[], bool]
 ) -> None:
-    with FailoverDeployment.running(failed) as dep:
+    with FailoverDeployment.running(failed) as deployment:
+        assert isinstance(deployment, FailoverDeployment)
+        dep = deployment
         assert dep.sync_state() == "sync"
         report, notes = run_load(dep, tmp_path, fail_over)
         print(
