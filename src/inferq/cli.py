@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCENARIO",
         action="append",
         help="run only this scenario (repeatable): ceiling, pipeline, claim, wake, relay, "
-        "waiters, http, memory",
+        "waiters, http, memory, replicas",
     )
     p.set_defaults(func=_server(_lazy("inferq.bench.command:bench_command")))
     return parser

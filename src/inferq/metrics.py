@@ -82,8 +82,16 @@ class Metrics:
             ["pool", "status"],
             registry=r,
         )
+        # What autoscaling and alerts read (README, "Autoscaling"): how much waits, and for
+        # how long. Per pool; lanes add a "lane" label when the scheduling work lands.
         self.queue_depth = Gauge(
             "inferq_queue_depth", "Pending tasks by pool", ["pool"], registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "inferq_queue_oldest_pending_age_seconds",
+            "How long the oldest pending task of a pool has waited",
+            ["pool"],
+            registry=r,
         )
         self.sessions = Gauge("inferq_worker_sessions", "Live worker sessions", registry=r)
         self.listener_reconnects = Gauge(
@@ -136,10 +144,12 @@ class Metrics:
         """Replace the database-derived gauges with a fresh read."""
         self.tasks.clear()
         self.queue_depth.clear()
+        self.queue_oldest_age.clear()
         for pool_name, counts in stats.tasks.items():
             for status, n in counts.items():
                 self.tasks.labels(pool_name, status).set(n)
             self.queue_depth.labels(pool_name).set(counts.get("pending", 0))
+            self.queue_oldest_age.labels(pool_name).set(stats.oldest_pending_s.get(pool_name, 0))
         self.sessions.set(stats.sessions)
 
     def set_listener(self, listener: Any) -> None:

@@ -447,4 +447,17 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("docker-compose.yml", 'user: "999:999"', 'user: "0:0"'),
         ("tests/unit/test_deploy_files.py::test_no_compose_service_runs_as_root",),
     ),
+    # -- failover and autoscaling (#18) ------------------------------------------------------
+    Mutant(
+        "pool_reconnects_on_psycopg_backoff",
+        "after a failover of a few seconds a replica answers 503 for as long again, waiting for its pool's next try",
+        _one("src/inferq/db/pool.py", "        reconnect_timeout=RECONNECT_SERIES_S,\n", ""),
+        ("tests/integration/test_pool_reconnect.py",),
+    ),
+    Mutant(
+        "oldest_pending_age_is_the_newest",
+        "a pool whose queue has stalled for an hour shows a wait of seconds; no alert, no scale-out",
+        _one("src/inferq/db/stats.py", "now() - min(created_at)", "now() - max(created_at)"),
+        ("tests/integration/test_queue_metrics.py",),
+    ),
 )  # fmt: skip

@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 
 from inferq import runtime
-from inferq.bench import batch, ceiling, http, latency, memory, pipeline
+from inferq.bench import batch, ceiling, fanout, http, latency, memory, pipeline
 from inferq.bench.report import FIGURES, build_report, render_table
 from inferq.bench.stats import percentile
 from inferq.db.cluster import PrivateCluster
@@ -61,11 +61,14 @@ class Sizes:
     http_clients: int
     open_waits: int
     batch_lines: int
+    # The replicas scenario, at each replica count: tasks woken, streams x chunks relayed;
+    # and notifications sent to a replica with no waiter.
+    fan_out: tuple[int, int, int, int] = (1000, 100, 200, 5000)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, 500)
+            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, 500, fan_out=(40, 8, 16, 500))
         return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000, 50_000)
 
 
@@ -77,7 +80,18 @@ RELAY_STREAM_RATE = 100.0
 
 # The first word of each scenario's name, as --only takes it.
 SCENARIOS = frozenset(
-    {"ceiling", "pipeline", "claim", "wake", "relay", "waiters", "http", "memory", "batch"}
+    {
+        "ceiling",
+        "pipeline",
+        "claim",
+        "wake",
+        "relay",
+        "waiters",
+        "http",
+        "memory",
+        "batch",
+        "replicas",
+    }
 )
 
 
@@ -182,6 +196,20 @@ def _scenarios(
         lambda: memory.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
     yield "batch", lambda: batch.measure_batch(dsn, lines=sizes.batch_lines, progress=progress)
+    tasks, streams, chunks, notifications = sizes.fan_out
+    yield (
+        "replicas (fan-out)",
+        lambda: runtime.run(
+            fanout.measure_fan_out(
+                dsn,
+                tasks=tasks,
+                streams=streams,
+                chunks_per_stream=chunks,
+                notifications=notifications,
+                progress=progress,
+            )
+        ),
+    )
 
 
 def _ceiling(dsn: str, sizes: Sizes) -> dict[str, float]:

@@ -7,6 +7,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from inferq.bench.fanout import REPLICA_COUNTS
+
 
 @dataclass(frozen=True, slots=True)
 class Figure:
@@ -16,6 +18,34 @@ class Figure:
     label: str
     unit: str
     target: tuple[str, float] | None = None
+
+
+def fan_out_figures() -> list[Figure]:
+    """The fan-out figures of inferq.bench.fanout, at each replica count."""
+    figures = [
+        Figure(
+            "replicas.idle_cpu_us_per_notification",
+            "fan-out: CPU per notification, no waiter",
+            "us",
+        ),
+        Figure(
+            "replicas.idle_burst_cpu_us_per_notification",
+            "  the same, notifications back to back",
+            "us",
+        ),
+    ]
+    for n in REPLICA_COUNTS:
+        figures += [
+            Figure(f"replicas.r{n}.wake_p50_ms", f"{n} replica(s): wake p50", "ms"),
+            Figure(f"replicas.r{n}.wake_p99_ms", f"{n} replica(s): wake p99", "ms"),
+            Figure(
+                f"replicas.r{n}.cpu_us_per_notification",
+                f"{n} replica(s): CPU per notification each",
+                "us",
+            ),
+            Figure(f"replicas.r{n}.relay_chunks_per_s", f"{n} replica(s): relay", "chunks/s"),
+        ]
+    return figures
 
 
 FIGURES = [
@@ -68,6 +98,7 @@ FIGURES = [
     Figure("batch.interactive_idle_p50_ms", "interactive sync call, idle queue, p50", "ms"),
     Figure("batch.interactive_busy_p50_ms", "  while a batch runs, p50", "ms"),
     Figure("batch.interactive_p50_ratio", "  while a batch runs / idle, p50", "x", ("<=", 2)),
+    *fan_out_figures(),
 ]
 
 

@@ -1,5 +1,6 @@
 """The connection pool: autocommit connections, so one statement is one round trip; a
-connection that sat idle is checked before it is handed out."""
+connection that sat idle is checked before it is handed out; a lost connection is retried in
+short series, so the pool is back within about a second of the database after any outage."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from psycopg_pool import AsyncConnectionPool
 from inferq.settings import Settings
 
 Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
+
+# psycopg_pool retries a lost connection at 1, 3, 7, 15, 31 ... s and holds its slot meanwhile:
+# after a 10-30 s failover a replica would wait up to as long again for its next try. Each
+# series gives up after this long instead; the freed slot is regrown by the next request
+# with an immediate attempt (tests/integration/test_pool_reconnect.py).
+RECONNECT_SERIES_S = 2.0
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -37,6 +44,11 @@ def create_pool(settings: Settings, dsn: str | None = None) -> Pool:
     the dead connections are replaced instead of failing a request each. A connection that was
     in use a moment ago is not checked: that would cost every hot request a second round
     trip, and the callers that wait (waits, streams) retry a read that failed on a dead one.
+
+    New connections go where ``conninfo`` says: with several hosts and
+    ``target_session_attrs=read-write`` that is whichever server is the primary now (README,
+    "Failover"). A lost connection is retried for RECONNECT_SERIES_S, then its slot is freed
+    for the next request to regrow, so the pool is back within about a second of the database.
     """
     conninfo = dsn or settings.database_url
     if not conninfo:
@@ -61,6 +73,7 @@ def create_pool(settings: Settings, dsn: str | None = None) -> Pool:
         open=False,
         name="inferq",
         timeout=10.0,
+        reconnect_timeout=RECONNECT_SERIES_S,
         check=check,
         reset=reset,
     )

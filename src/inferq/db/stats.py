@@ -1,4 +1,5 @@
-"""StatsRepository: the queue statistics (tasks per pool and status, live sessions)."""
+"""StatsRepository: the queue statistics (tasks per pool and status, the oldest pending task
+per pool, live sessions)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ FROM inferq.task GROUP BY pool_name, status
 UNION ALL
 SELECT 'session', '', '', count(*)::bigint, coalesce(sum(capacity), 0)::bigint
 FROM inferq.worker_session WHERE expires_at > now()
+"""
+
+# How long the oldest pending task of each pool has waited (database time), read from the
+# pending rows only (task_pending_drain_idx leads with the pool). A lane column would join the
+# GROUP BY here, and the gauge's labels (inferq.metrics), as the scheduling work adds lanes.
+PENDING_AGE = """
+SELECT pool_name::text, extract(epoch FROM now() - min(created_at))::float8
+FROM inferq.task WHERE status = 'pending' GROUP BY pool_name
 """
 
 
@@ -41,7 +50,8 @@ class StatsRepository:
             raise DatabaseUnavailable(f"no answer within {timeout_s:g} s") from None
 
     async def queue(self) -> QueueStats:
-        """Task counts per pool and status, and the live worker sessions."""
+        """Task counts per pool and status, the live worker sessions, and the age of the
+        oldest pending task per pool."""
         tasks: dict[str, dict[str, int]] = {}
         sessions = capacity = 0
         async with connect(self.pool) as conn:
@@ -52,7 +62,9 @@ class StatsRepository:
                     tasks.setdefault(pool_name, {})[status] = int(n)
                 else:
                     sessions, capacity = int(n), int(cap)
-        return QueueStats(tasks, sessions, capacity)
+            cur = await conn.execute(PENDING_AGE)
+            ages = {pool_name: float(age) for pool_name, age in await cur.fetchall()}
+        return QueueStats(tasks, sessions, capacity, ages)
 
     async def listeners(self) -> int:
         """How many replicas hold their LISTEN connection now (one per running replica)."""

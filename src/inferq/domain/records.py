@@ -102,11 +102,15 @@ class GcResult:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Task counts per pool and status, and the live worker sessions."""
+    """Task counts per pool and status, the live worker sessions, and how long the oldest
+    pending task of each pool has waited."""
 
     tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
     sessions: int = 0
     capacity: int = 0
+    # pool -> seconds; pools with no pending task are absent. Per pool only: lanes (the
+    # scheduling work) bring the same figure per pool and lane.
+    oldest_pending_s: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
