@@ -110,14 +110,22 @@ def test_network_policies_fence_replicas_and_postgres() -> None:
         for peer in rule["to"]
     }
     assert reached == {"pgbouncer", "postgres", "kube-dns"}
-    # Only inferq's own pods (and PgBouncer) reach PostgreSQL.
+    # Only inferq's own pods (and PgBouncer, and KEDA's operator) reach PostgreSQL.
     [postgres] = [
         p for p in policies.values()
         if _labels(p["podSelector"]) == {"app.kubernetes.io/name": "postgres"}
     ]  # fmt: skip
     assert postgres["policyTypes"] == ["Ingress"]
     peers = [_labels(peer["podSelector"]) for rule in postgres["ingress"] for peer in rule["from"]]
-    assert peers == [{"app.kubernetes.io/name": "inferq"}, {"app.kubernetes.io/name": "pgbouncer"}]
+    assert peers == [
+        {"app.kubernetes.io/name": "inferq"},
+        {"app.kubernetes.io/name": "pgbouncer"},
+        {"app": "keda-operator"},  # the workers' scaling query (worker-autoscaling.yaml)
+    ]
+    [keda] = [
+        peer for rule in postgres["ingress"] for peer in rule["from"] if "namespaceSelector" in peer
+    ]
+    assert _labels(keda["namespaceSelector"]) == {"kubernetes.io/metadata.name": "keda"}
     for rule in postgres["ingress"]:
         assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
 
