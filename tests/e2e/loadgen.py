@@ -13,6 +13,10 @@ behind is cancelled by the daemon when the client vanished, or completes unobser
 Every HTTP exchange is one JSON line in the history (op, logical id, task id, start, end,
 outcome); every logical operation ends with one ``result`` line. The checker reads only this file
 and the database.
+
+Operations are numbered in the order clients take them. A fault injector that shares one run
+among several faults can hold back the operations past a point (``admit_until``) until its
+current fault is done, so a slow fault cannot use up the load meant for the next one.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class LoadGenerator:
         self.streaming_now: set[str] = set()
         self._progress = asyncio.Condition()
         self._ids = itertools.count()
+        self._admitted = profile.tasks  # operations numbered from here on wait (admit_until)
 
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=self.profile.concurrency * 2)
@@ -107,12 +112,30 @@ class LoadGenerator:
         async with self._progress:
             await self._progress.wait_for(lambda: self.done >= target)
 
+    async def admit_until(self, fraction: float) -> None:
+        """Let only the first ``fraction`` of the operations start: the others wait until a
+        later call admits them (1.0 admits all, as before any call)."""
+        async with self._progress:
+            self._admitted = int(self.profile.tasks * fraction)
+            self._progress.notify_all()
+
+    @property
+    def out_of_work(self) -> bool:
+        """Whether every operation allowed to start has ended: none runs now, and none will
+        until more are admitted (or ever, once the run is over)."""
+        return self.done >= min(self._admitted, self.profile.tasks)
+
     async def _client_loop(self) -> None:
         while (n := next(self._ids)) < self.profile.tasks:
+            await self._admission(n)
             await self._one(n)
             async with self._progress:
                 self.done += 1
                 self._progress.notify_all()
+
+    async def _admission(self, n: int) -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: n < self._admitted)
 
     async def _one(self, n: int) -> None:
         kinds = self.profile.kinds

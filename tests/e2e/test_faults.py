@@ -3,6 +3,9 @@
 Each test starts its own deployment (tests/e2e/harness.py), drives a mixed load through nginx
 (tests/e2e/loadgen.py) while injecting a fault at a chosen point of progress, lets the system
 settle, and checks every invariant over the history and the database (tests/e2e/checker.py).
+Tests that inject several faults in one run give each an equal share of the load, in turn
+(``in_turn``): a fault's progress points fall in its share, and the next share does not start
+before it is done.
 
 Profiles: INFERQ_E2E_TASKS logical operations per test (default 300: the whole file runs in a
 few minutes on 2 cores); the all-faults test runs twice that. The long profile is
@@ -45,16 +48,21 @@ class Load(Protocol):
     @property
     def streaming_now(self) -> set[str]: ...
 
+    @property
+    def out_of_work(self) -> bool: ...
+
     async def reached(self, fraction: float) -> None: ...
 
 
 Fault = Callable[[Load, Deployment, dict[str, Any]], Awaitable[None]]
+# What run_load drives beside the load: one Fault, or several (in_turn).
+Injector = Callable[[LoadGenerator, Deployment, dict[str, Any]], Awaitable[None]]
 
 
 def run_load(
     dep: Deployment,
     tmp_path: Path,
-    fault: Fault | None = None,
+    fault: Injector | None = None,
     *,
     tasks: int = TASKS,
     profile: Profile | None = None,
@@ -197,7 +205,11 @@ async def _victim(gen: Load, dep: Deployment) -> tuple[int, str]:
         hit = dep.worker_holding(set(gen.streaming_now))
         if hit:
             found.append(hit)
-        return bool(hit)
+            return True
+        if gen.out_of_work:
+            # No stream runs now and none will start: waiting out the deadline cannot help.
+            raise AssertionError("the load ran out before a worker ran a watched stream")
+        return False
 
     await in_thread(wait_until, holding, 30, "a worker running a watched stream")
     return found[0]
@@ -350,17 +362,14 @@ def test_maintenance_leader_killed(deployment: Deployment, tmp_path: Path) -> No
 
 
 def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
-    async def all_faults(gen: Load, dep: Deployment, notes: dict[str, Any]) -> None:
-        for fault in (
-            kill_replica,
-            kill_worker,
-            restart_postgres,
-            cut_listeners,
-            terminate_replica,
-            kill_leader,
-        ):
-            await fault(_Scaled(gen, fault), dep, notes)
-
+    all_faults = in_turn(
+        kill_replica,
+        kill_worker,
+        restart_postgres,
+        cut_listeners,
+        terminate_replica,
+        kill_leader,
+    )
     report, notes = run_load(deployment, tmp_path, all_faults, tasks=TASKS * 2)
     assert_rerun_with_reset(deployment, tmp_path, notes)
     assert report.figures["tasks_lost"] == 0
@@ -368,38 +377,57 @@ def test_all_faults_in_one_run(deployment: Deployment, tmp_path: Path) -> None:
 
 def test_through_pgbouncer(tmp_path: Path, failed: Callable[[], bool]) -> None:
     with Deployment.running(failed, pgbouncer=True) as dep:
-
-        async def faults(gen: Load, d: Deployment, notes: dict[str, Any]) -> None:
-            await kill_replica(_Scaled(gen, kill_replica, 0), d, notes)
-            await cut_listeners(_Scaled(gen, cut_listeners, 1), d, notes)
-
-        run_load(dep, tmp_path, faults)
+        run_load(dep, tmp_path, in_turn(kill_replica, cut_listeners))
 
 
-class _Scaled:
-    """A view of a LoadGenerator that maps a fault's progress points into its slot of a run
-    shared by several faults (slot i of n covers [i/n, (i+1)/n) of the operations)."""
+# -- several faults in one run -----------------------------------------------------------------
 
-    ORDER = (
-        "kill_replica",
-        "kill_worker",
-        "restart_postgres",
-        "cut_listeners",
-        "terminate_replica",
-        "kill_leader",
-    )
 
-    def __init__(
-        self, gen: Load, fault: Any, slot: int | None = None, n: int | None = None
-    ) -> None:
+def in_turn(*faults: Fault) -> Injector:
+    """Run ``faults`` one after another beside one load, each in an equal share of it: fault i
+    of n waits for progress points inside operations [i/n, (i+1)/n), and the operations past
+    that share do not start until it is done (each share's progress is recorded in the notes).
+
+    The hold is what makes the shares real. Faults take wall-clock time the load does not wait
+    for (a replica restarting, a drain's grace, a rescue waiting out a lease), so without it a
+    fault ran on into the next one's share, and the last fault, which needs a stream running
+    while it acts, found the load already over."""
+
+    async def run(gen: LoadGenerator, dep: Deployment, notes: dict[str, Any]) -> None:
+        tasks, n = gen.profile.tasks, len(faults)
+        shares = notes.setdefault("load_shares", {})
+        try:
+            for i, fault in enumerate(faults):
+                await gen.admit_until((i + 1) / n)
+                at_start = gen.done
+                await fault(_Share(gen, i, n), dep, notes)
+                shares[getattr(fault, "__name__", str(i))] = {
+                    "operations": [tasks * i // n, tasks * (i + 1) // n],
+                    "done_at_start": at_start,
+                    "done_at_end": gen.done,
+                }
+        finally:
+            await gen.admit_until(1.0)  # the load ends, whatever happened to the faults
+
+    return run
+
+
+class _Share:
+    """The load as fault ``slot`` of ``n`` sees it: its progress points mapped into operations
+    [slot/n, (slot+1)/n), the last tenth of that share left as a margin."""
+
+    def __init__(self, gen: Load, slot: int, n: int) -> None:
         self._gen = gen
-        name = fault.__name__
-        self._slot = slot if slot is not None else self.ORDER.index(name)
-        self._n = n if n is not None else (2 if slot is not None else len(self.ORDER))
+        self._slot = slot
+        self._n = n
 
     @property
     def streaming_now(self) -> set[str]:
         return self._gen.streaming_now
+
+    @property
+    def out_of_work(self) -> bool:
+        return self._gen.out_of_work
 
     async def reached(self, fraction: float) -> None:
         await self._gen.reached((self._slot + fraction * 0.9) / self._n)
