@@ -8,6 +8,7 @@ from Debian's packages first when they are missing and the tests run as root); t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -53,6 +54,28 @@ def _with_db(dsn: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(dsn, dbname=dbname)
 
 
+@contextlib.contextmanager
+def fast_cluster(prefix: str) -> Iterator[PrivateCluster]:
+    """A started private cluster without durability (tests need none), destroyed after."""
+    cluster = PrivateCluster(
+        Path(tempfile.mkdtemp(prefix=prefix)),
+        settings={"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"},
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PrivateCluster]:
+    """A private PostgreSQL of this test alone, empty: the test may stop, restart or crash it
+    (whatever server the rest of the suite uses)."""
+    with fast_cluster("inferq-own-pg-") as cluster:
+        yield cluster
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Any]:
     """An object with ``dsn`` (a superuser DSN) and, for private clusters, restart()."""
@@ -69,15 +92,8 @@ def pg_server() -> Iterator[Any]:
     if find_bindir() is None and system_packages.can_install():
         system_packages.install("postgresql", "postgresql-client")
     if find_bindir() is not None:
-        cluster = PrivateCluster(
-            Path(tempfile.mkdtemp(prefix="inferq-test-pg-")),
-            settings={"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"},
-        )
-        cluster.start()
-        try:
+        with fast_cluster("inferq-test-pg-") as cluster:
             yield cluster
-        finally:
-            cluster.destroy()
         return
     try:
         import pgserver

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -34,17 +32,9 @@ CALLS = 50
 
 
 @pytest.fixture
-def cluster() -> Iterator[PrivateCluster]:
-    c = PrivateCluster(
-        Path(tempfile.mkdtemp(prefix="inferq-restart-pg-")),
-        settings={"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"},
-    )
-    c.start()
-    try:
-        Migrator(c.dsn).migrate()
-        yield c
-    finally:
-        c.destroy()
+def cluster(own_cluster: PrivateCluster) -> PrivateCluster:
+    Migrator(own_cluster.dsn).migrate()
+    return own_cluster
 
 
 def prompt(i: int) -> str:

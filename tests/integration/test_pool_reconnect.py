@@ -12,10 +12,7 @@ asking for connections, starts it again, and times the first request that gets o
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import psycopg_pool
@@ -31,19 +28,6 @@ OUTAGE_S = 8.0  # past psycopg_pool's third retry (t=7 s): its next one would be
 BACK_WITHIN_S = 2.5
 
 
-@pytest.fixture
-def cluster() -> Iterator[PrivateCluster]:
-    c = PrivateCluster(
-        Path(tempfile.mkdtemp(prefix="inferq-reconnect-pg-")),
-        settings={"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"},
-    )
-    c.start()
-    try:
-        yield c
-    finally:
-        c.destroy()
-
-
 async def served(pool: Pool, timeout_s: float) -> bool:
     """Whether one request got a working connection within ``timeout_s``."""
     try:
@@ -54,18 +38,18 @@ async def served(pool: Pool, timeout_s: float) -> bool:
         return False
 
 
-async def test_the_pool_is_back_soon_after_a_long_outage(cluster: PrivateCluster) -> None:
-    settings = Settings(database_url=cluster.dsn, pool_min_size=2, pool_max_size=4)
+async def test_the_pool_is_back_soon_after_a_long_outage(own_cluster: PrivateCluster) -> None:
+    settings = Settings(database_url=own_cluster.dsn, pool_min_size=2, pool_max_size=4)
     pool = create_pool(settings)
     await pool.open(wait=True)
     try:
         assert await served(pool, 5)
-        await asyncio.to_thread(cluster.stop, "immediate")
+        await asyncio.to_thread(own_cluster.stop, "immediate")
         down_at = time.monotonic()
         # Requests keep coming while the database is away, as they do on a replica.
         while time.monotonic() - down_at < OUTAGE_S:
             assert not await served(pool, 0.25)
-        await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(own_cluster.start)
         back_at = time.monotonic()
         while not await served(pool, 0.25):
             assert time.monotonic() - back_at < 30, "the pool never reconnected"

@@ -3,8 +3,7 @@ scripted raw servers (the failures it must tell apart)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
 
@@ -21,7 +20,7 @@ from inferq.worker import (
     UpstreamError,
 )
 from tests import fake_upstream
-from tests.unit.test_worker_client import Answer, Server, fixed
+from tests.unit.raw_http import Serve, fixed
 
 
 def make_task(request: dict[str, Any], *, streaming: bool = True) -> WorkerTask:
@@ -170,23 +169,6 @@ async def test_the_api_key_is_sent_upstream(upstream: str) -> None:
 # -- failures the worker must sort: down (release the task) or failed (fail it) ---------------
 
 
-@pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Answer], Awaitable[Server]]]:
-    """Scripted raw HTTP servers (see tests/unit/test_worker_client.py)."""
-    listeners: list[asyncio.Server] = []
-
-    async def start(answer: Answer) -> Server:
-        server = Server(answer)
-        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
-        server.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-        listeners.append(listener)
-        return server
-
-    yield start
-    for listener in listeners:
-        listener.close()
-
-
 async def call(backend: OpenAIBackend, streaming: bool = True) -> Any:
     task = make_task(CHAT, streaming=streaming)
     try:
@@ -208,14 +190,14 @@ async def test_a_refused_connection_is_backend_unavailable_without_the_url() -> 
 
 
 async def test_a_stream_cut_mid_answer_is_backend_unavailable(
-    raw: Callable[[Answer], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
     cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (
         len(event),
         event,
     )
-    server = await raw(lambda head: cut)
+    server = await serve(lambda head: cut)
     server.close_after_answer = True
     with pytest.raises(BackendUnavailableError):
         await call(OpenAIBackend(server.url))
@@ -229,9 +211,9 @@ async def test_a_hang_is_a_failure_while_the_health_check_passes(upstream: str) 
 
 
 async def test_a_hang_is_backend_unavailable_when_the_health_check_fails(
-    raw: Callable[[Answer], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
-    server = await raw(lambda head: b"")  # reads the request, never answers anything
+    server = await serve(lambda head: b"")  # reads the request, never answers anything
     backend = OpenAIBackend(server.url, timeout_s=0.3)
     backend.check_timeout_s = 0.3
     with pytest.raises(BackendUnavailableError):
@@ -240,28 +222,28 @@ async def test_a_hang_is_backend_unavailable_when_the_health_check_fails(
 
 @pytest.mark.parametrize("streaming", [True, False])
 async def test_a_4xx_fails_with_the_upstream_message_and_no_url(
-    raw: Callable[[Answer], Awaitable[Server]], streaming: bool
+    serve: Serve, streaming: bool
 ) -> None:
     body = b'{"error": {"message": "max_tokens is too large", "type": "invalid_request"}}'
-    server = await raw(lambda head: fixed(body, "400 Bad Request"))
+    server = await serve(lambda head: fixed(body, "400 Bad Request"))
     with pytest.raises(UpstreamError) as err:
         await call(OpenAIBackend(server.url, api_key="sekrit"), streaming)
     assert str(err.value) == "upstream returned HTTP 400: max_tokens is too large"
 
 
 async def test_an_answer_over_the_limit_fails_the_task(
-    raw: Callable[[Answer], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
-    server = await raw(lambda head: fixed(b'{"pad": "' + b"x" * 300_000 + b'"}'))
+    server = await serve(lambda head: fixed(b'{"pad": "' + b"x" * 300_000 + b'"}'))
     with pytest.raises(UpstreamError, match="answer larger than the limit of 100000 bytes"):
         await call(OpenAIBackend(server.url, max_response_bytes=100_000), streaming=False)
 
 
 async def test_a_stream_line_over_the_limit_fails_the_task(
-    raw: Callable[[Answer], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     line = b"data: " + b"x" * 300_000 + b"\n\n"
-    server = await raw(
+    server = await serve(
         lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line)
     )
     with pytest.raises(UpstreamError, match="event line of its stream larger than the limit"):
@@ -269,8 +251,8 @@ async def test_a_stream_line_over_the_limit_fails_the_task(
 
 
 async def test_malformed_framing_fails_the_task(
-    raw: Callable[[Answer], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
-    server = await raw(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello")
+    server = await serve(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello")
     with pytest.raises(UpstreamError, match=r"malformed answer \(ClientResponseError\)"):
         await call(OpenAIBackend(server.url), streaming=False)
