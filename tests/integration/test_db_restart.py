@@ -20,8 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.bench.wakeups import Stack
 from inferq.db.cluster import PrivateCluster
 from inferq.db.migrations import Migrator
+from inferq.db.sessions import WorkerSessionRepository
+from inferq.domain.task import TaskStatus
 from inferq.settings import Settings
 from inferq.worker import EchoBackend, Worker, WorkerClient
 from tests.api_helpers import MODEL, POOL, auth, make_tokens, serve_app
@@ -113,3 +116,28 @@ async def test_a_postgres_restart_cuts_no_stream_silently_and_keeps_sync_answers
     # (INFERQ_DB_RETRY_S), and the worker's calls are retried by the SDK.
     assert kinds == ["done"] * CALLS, streamed
     assert [a["kind"] for a in answered] == ["done"] * CALLS, answered
+
+
+async def test_a_wait_that_meets_a_connection_killed_by_a_restart_retries_and_answers(
+    cluster: PrivateCluster,
+) -> None:
+    """The pool's one connection dies in a restart and is handed out unchecked (it was used
+    a moment ago, as on a busy replica): the wait's read fails on it once, is retried on a
+    new connection, and the caller gets the task, not an error."""
+    settings = Settings(
+        database_url=cluster.dsn, pool_min_size=1, pool_max_size=1, pool_check_idle_s=3600
+    )
+    stack = await Stack.open(settings)
+    try:
+        task = (
+            await stack.tasks.enqueue(owner_id="alice", pool_name=POOL, request_body={"p": 1})
+        ).task
+        session = await WorkerSessionRepository(stack.pool).bind("alice", [POOL], 1, ttl_s=30)
+        [held] = await stack.tasks.claim(session.id, [POOL], limit=1, lease_s=30)
+        await stack.tasks.complete(task.id, session.id, held.attempt, {"text": "kept"})
+        await asyncio.to_thread(cluster.restart, "fast")
+        got = await asyncio.wait_for(stack.waits.wait_for(task.id, 30, owner_id="alice"), 30)
+    finally:
+        await stack.close()
+    assert got.status is TaskStatus.COMPLETED
+    assert got.response_body == {"text": "kept"}

@@ -282,7 +282,10 @@ MUTANTS: tuple[Mutant, ...] = (
         "a PostgreSQL restart ends every open wait and stream with an error",
         _one("src/inferq/services/waits.py", "give_up = loop.time() + self.settings.db_retry_s",
              "give_up = loop.time()"),
-        ("tests/integration/test_db_restart.py",),
+        (
+            "tests/integration/test_db_restart.py::"
+            "test_a_wait_that_meets_a_connection_killed_by_a_restart_retries_and_answers",
+        ),
         timeout_s=120.0,
     ),
     Mutant(
