@@ -191,6 +191,10 @@ class Listener:
                     self.hub.chunks_added(UUID(task_id), attempt, last_seq)
             elif notify.channel == channels.TOKEN and self.on_token_revoked is not None:
                 self.on_token_revoked(notify.payload)
+            elif notify.channel == channels.SESSION:
+                self.hub.noticed("sessions")
+            elif notify.channel == channels.BATCH:
+                self.hub.noticed("batches")
         except Exception as exc:
             self.stats.malformed += 1
             log.warning(
