@@ -210,11 +210,17 @@ async def live_task(svc: Svc, session: Login, task_id: UUID) -> Response:
 
 
 async def _task_frames(svc: Any, task_id: UUID) -> AsyncIterator[bytes]:
+    streamed = False
     async for event in svc.dashboard.task_events(task_id):
         if isinstance(event, StatusEvent):
-            html = render("live/task.html", task=event.task)
-            yield _frame("html", {"html": html, "status": event.task.status.value})
+            task = event.task
+            if task.terminal and not streamed and task.response_body:
+                # No chunks (a task that did not stream, or chunks already collected).
+                yield _frame("output", {"text": response_text(task.response_body), "seq": 0})
+            html = render("live/task.html", task=task)
+            yield _frame("html", {"html": html, "status": task.status.value})
         elif isinstance(event, ChunkEvent):
+            streamed = True
             yield _frame("output", {"text": chunk_text(event.data), "seq": event.seq})
         elif isinstance(event, ResetEvent):
             yield _frame("reset", {"attempt": event.attempt, "reason": event.reason})
@@ -238,6 +244,16 @@ def chunk_text(data: str) -> str:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return data
     return text if isinstance(text, str) else ""
+
+
+def response_text(response: Any) -> str:
+    """The answer's text of an OpenAI response (chat or completion), else the JSON."""
+    try:
+        choice = response["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+    except (KeyError, IndexError, TypeError):
+        text = None
+    return text if isinstance(text, str) else orjson.dumps(response).decode()
 
 
 @router.post("/tasks/{task_id}/cancel")
