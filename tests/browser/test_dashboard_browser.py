@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from playwright.async_api import Page, expect
 
@@ -198,11 +199,35 @@ async def test_cancel_a_task_from_its_page(page: Page, pair: Pair) -> None:
         assert r.json()["status"] == "cancelled"
 
 
+async def demo_history(dsn: str) -> None:
+    """An hour of per-minute samples for the screenshots' charts, as the rollup would have
+    written them (a demo: the test runs for seconds, not an hour)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            """
+            INSERT INTO inferq.queue_minute (minute, pool_name, pending, running, completed, errors)
+            SELECT date_trunc('minute', now()) - make_interval(mins => m), pool,
+                   greatest(0, round(depth * (1 + sin(m / 6.0))))::int, 4,
+                   greatest(0, round(rate * (1 + cos(m / 9.0))))::int, (m % 17 = 0)::int
+            FROM generate_series(1, 59) AS m,
+                 (VALUES ('gpu-a', 12, 40), ('gpu-b', 5, 15)) AS p(pool, depth, rate)
+            """
+        )
+
+
 async def test_screenshots_of_every_page(page: Page, pair: Pair, tmp_path: Path) -> None:
     """Every page renders with data, on a laptop and a phone, light and dark; with
     INFERQ_DASHBOARD_SCREENSHOTS=1 the images go to docs/ (committed), else to a temp dir."""
     out = DOCS if os.environ.get("INFERQ_DASHBOARD_SCREENSHOTS") else tmp_path
+    await demo_history(pair.dsn)
     async with httpx.AsyncClient(base_url=pair.b.url) as b:
+        for n in range(3):  # a pool no worker serves: its queue ages
+            r = await b.post(
+                "/v1/tasks",
+                json={"pool": "gpu-b", "request": {"prompt": f"waiting {n}"}},
+                headers=auth(pair.tokens.alice),
+            )
+            assert r.status_code == 201, r.text
         ids = [await submit(b, pair.tokens.bob, text=f"question {n}") for n in range(6)]
         ids += [await submit(b, pair.tokens.alice, text=f"FAIL: bad {n}") for n in range(2)]
         async with running_worker(EchoWorker(pair.b.url, pair.tokens.worker)) as worker:

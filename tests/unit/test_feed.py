@@ -72,3 +72,11 @@ async def test_watched_topics_are_refreshed_without_any_change() -> None:
     async with feed.subscribe("workers") as workers:
         first = await workers.next()
         assert await asyncio.wait_for(workers.next(), 2) != first
+
+
+async def test_the_loop_ends_with_the_last_page() -> None:
+    feed = Feed(Hub(), Reader(), min_gap_s=0.01, refresh_s=60)
+    async with feed.subscribe("workers") as workers:
+        await workers.next()
+    assert feed._task is not None
+    await asyncio.wait_for(feed._task, 1)

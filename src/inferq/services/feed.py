@@ -121,6 +121,8 @@ class Feed:
                 del self._subs[key]
                 self._last_read.pop(key, None)
                 self._dirty.discard(key)
+                if not self._subs:
+                    self._wake.set()  # the loop ends now rather than at its next refresh
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
