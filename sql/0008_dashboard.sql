@@ -27,8 +27,8 @@ CREATE TABLE inferq.queue_minute (
     PRIMARY KEY (minute, pool_name)
 );
 
--- Worker sessions bound, unbound or reaped, and batches created or changing status: one small
--- notification per statement (heartbeats update neither, so they notify nothing).
+-- Worker sessions bound, unbound or reaped, batches created or changing status, and rollup
+-- samples: one small notification per statement (heartbeats update none, so they notify nothing).
 CREATE FUNCTION inferq.notify_dashboard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -44,6 +44,11 @@ CREATE TRIGGER worker_session_notify
 CREATE TRIGGER batch_notify
     AFTER INSERT OR UPDATE OF status ON inferq.batch
     FOR EACH STATEMENT EXECUTE FUNCTION inferq.notify_dashboard('inferq_batch');
+
+-- The rollup sweep wrote a sample (every few seconds, from one replica): every replica redraws.
+CREATE TRIGGER queue_minute_notify
+    AFTER INSERT OR UPDATE ON inferq.queue_minute
+    FOR EACH STATEMENT EXECUTE FUNCTION inferq.notify_dashboard('inferq_rollup');
 
 INSERT INTO inferq.schema_migration (version, name) VALUES (8, '0008_dashboard');
 COMMIT;

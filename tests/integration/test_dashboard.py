@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.dashboard import DashboardRepository
 from inferq.db.pool import create_pool
 from inferq.maintenance import QueueRollup
@@ -199,5 +200,27 @@ async def test_rollup_writes_one_row_per_pool_and_minute(
         assert (sample.pending, sample.running) == (3, 0)
         [figures] = overview.pools
         assert figures.pending == 3 and figures.oldest_pending_s is not None
+    finally:
+        await pool.close()
+
+
+async def test_sessions_and_rollups_notify_every_replica(
+    settings: Settings, dsn: str, tokens: Tokens, server: Server
+) -> None:
+    assert server.replica.waits is not None
+    kinds: list[str] = []
+    server.replica.waits.hub.observe(kinds.append)
+    async with httpx.AsyncClient(base_url=server.url, headers=auth(tokens.worker)) as http:
+        r = await http.post("/v1/worker/sessions", json={"pools": ["gpu-a"], "capacity": 1})
+        await eventually(lambda: "sessions" in kinds, timeout_s=5)
+        kinds.clear()
+        await http.delete(f"/v1/worker/sessions/{r.json()['session_id']}")
+        await eventually(lambda: "sessions" in kinds, timeout_s=5)
+    pool = create_pool(settings, dsn)
+    await pool.open(wait=True)
+    try:
+        kinds.clear()
+        await QueueRollup(DashboardRepository(pool)).run_once()
+        await eventually(lambda: "rollup" in kinds, timeout_s=5)
     finally:
         await pool.close()

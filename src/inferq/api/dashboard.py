@@ -81,7 +81,9 @@ def task_filter(
     """The tasks page's search, from its query string (empty fields are no filter)."""
     if status and status not in {s.value for s in TaskStatus}:
         raise InvalidRequest(f"status must be one of {', '.join(s.value for s in TaskStatus)}")
-    since = datetime.now(UTC) - timedelta(minutes=since_min) if since_min else None
+    # From the start of the minute: pages with the same search share one topic of the Feed.
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    since = now - timedelta(minutes=since_min) if since_min else None
     return TaskFilter(owner or None, pool or None, status or None, since)
 
 

@@ -19,8 +19,10 @@ TOKEN = "inferq_token"
 # pages of the dashboard care.
 SESSION = "inferq_session"
 BATCH = "inferq_batch"
+# Emitted the same way once per statement of the rollup sweep (inferq.queue_minute).
+ROLLUP = "inferq_rollup"
 
-ALL = (TASK, CHUNK, TOKEN, SESSION, BATCH)
+ALL = (TASK, CHUNK, TOKEN, SESSION, BATCH, ROLLUP)
 
 # Payloads stay well below PostgreSQL's 8000-byte limit.
 MAX_PAYLOAD_BYTES = 7000

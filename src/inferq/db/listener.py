@@ -195,6 +195,8 @@ class Listener:
                 self.hub.noticed("sessions")
             elif notify.channel == channels.BATCH:
                 self.hub.noticed("batches")
+            elif notify.channel == channels.ROLLUP:
+                self.hub.noticed("rollup")
         except Exception as exc:
             self.stats.malformed += 1
             log.warning(

@@ -2,11 +2,12 @@
 
 Design decisions:
 
-- The Listener already hears every change (task status, worker sessions, batches: see
-  inferq.db.channels); the Hub tells the Feed the kind of each (``Hub.observe``), and the Feed
-  only marks the topics that kind affects dirty. Nothing here reads per page: one background
-  task re-reads each dirty topic that has subscribers, once, and hands the same snapshot to
-  every page watching it, on every replica alike. So an event committed through replica B
+- The Listener already hears every change (task status, worker sessions, batches, the
+  rollup's samples: see inferq.db.channels); the Hub tells the Feed the kind of each
+  (``Hub.observe``), and the Feed only marks the topics that kind affects dirty. Nothing
+  here reads per page: one background task re-reads each dirty topic that has
+  subscribers, once, and hands the same snapshot to every page watching it, on every
+  replica alike. So an event committed through replica B
   reaches a page served by replica A as fast as A's listener hears it.
 - Coalescing: a topic is read at most once per ``min_gap_s`` (the owners topic, an
   aggregate over a day of tasks, once per ``slow_gap_s``); a storm of notifications costs one
@@ -37,6 +38,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "tasks": frozenset({"overview", "workers", "owners", "batches", "tasks"}),
     "sessions": frozenset({"overview", "workers"}),
     "batches": frozenset({"batches"}),
+    "rollup": frozenset({"overview"}),
 }
 SLOW_TOPICS = frozenset({"owners"})
 
