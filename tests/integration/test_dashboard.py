@@ -3,10 +3,12 @@ admin-only access, the pages and their data, the rollup sweep, and /docs served 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 
 import httpx
+import openai
 import pytest
 
 from inferq.bench.polling import eventually
@@ -14,7 +16,9 @@ from inferq.db.dashboard import DashboardRepository
 from inferq.db.pool import create_pool
 from inferq.maintenance import QueueRollup
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, Server, Tokens, auth, make_tokens, serve_app
+from inferq.worker import EchoBackend, Worker, WorkerClient
+from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, make_tokens, serve_app
+from tests.integration.test_batches import ENDPOINT, jsonl, line, settle
 
 pytestmark = pytest.mark.db
 
@@ -224,3 +228,45 @@ async def test_sessions_and_rollups_notify_every_replica(
         await eventually(lambda: "rollup" in kinds, timeout_s=5)
     finally:
         await pool.close()
+
+
+async def test_batches_show_progress_link_their_files_and_cancel(
+    settings: Settings, dsn: str
+) -> None:
+    quick = settings.model_copy(update={"batch_interval_s": 0.2})
+    tokens = await make_tokens(quick, dsn)
+    lines = [line(i) for i in range(5)]
+    async with serve_app(quick, dsn) as server:
+        client = openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key=tokens.alice, max_retries=0
+        )
+        async with client, httpx.AsyncClient(base_url=server.url) as http:
+            await login(http, tokens.admin)
+            uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            args = {"input_file_id": uploaded.id, "endpoint": ENDPOINT, "completion_window": "24h"}
+            waiting = await client.batches.create(**args)  # type: ignore[arg-type]
+            await settle(client, waiting.id, "in_progress")
+            page = await http.get("/dashboard/batches")
+            assert f'data-action="/dashboard/batches/{waiting.id}/cancel"' in page.text
+            r = await http.post(
+                f"/dashboard/batches/{waiting.id}/cancel",
+                headers={"X-CSRF-Token": csrf_of(page.text)},
+            )
+            assert r.status_code == 200 and r.json()["status"] == "cancelling"
+            await settle(client, waiting.id, "cancelled")
+            done = await client.batches.create(**args)  # type: ignore[arg-type]
+            async with WorkerClient(server.url, tokens.worker) as wc:
+                worker = Worker(wc, [POOL], EchoBackend(), capacity=8)
+                run = asyncio.create_task(worker.run())
+                try:
+                    finished = await settle(client, done.id, "completed")
+                finally:
+                    worker.stop()
+                    await asyncio.wait_for(run, 30)
+            page = await http.get("/dashboard/batches")
+            row = page.text.split(f'data-batch="{done.id}"')[1].split("</tr>")[0]
+            assert 'value="1.0"' in row and "100 %" in row
+            assert f'href="/dashboard/files/{finished.output_file_id}"' in row
+            r = await http.get(f"/dashboard/files/{finished.output_file_id}")
+            assert r.status_code == 200 and len(r.text.splitlines()) == 5
+            assert (await http.get("/dashboard/files/file-nope")).status_code == 404
