@@ -82,6 +82,18 @@ async def page(browser: Browser, pair: Pair) -> AsyncIterator[Page]:
     context = await browser.new_context(viewport={"width": 1280, "height": 860})
     page = await context.new_page()
     page.set_default_timeout(10_000)
+    # A script error or a Content-Security-Policy violation (an inline script or style, an
+    # asset from elsewhere) fails the test.
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" and "EventSource" not in msg.text
+            else None
+        ),
+    )
     await page.goto(f"{pair.a.url}/dashboard/overview")
     await expect(page).to_have_url(f"{pair.a.url}/dashboard/login")
     await page.fill("#token", pair.tokens.admin)
@@ -91,6 +103,7 @@ async def page(browser: Browser, pair: Pair) -> AsyncIterator[Page]:
         yield page
     finally:
         await context.close()
+    assert not problems, problems
 
 
 async def live(page: Page) -> None:

@@ -4,6 +4,11 @@ Every page is rendered whole on the server (Jinja2, inferq.api.pages) and then k
 one SSE connection, ``/dashboard/live/...``, whose frames carry the page's live region
 rendered again from the replica's shared snapshot (inferq.services.feed). Actions are POSTs
 with the page's CSRF token, confirmed in the page first (static/dashboard.js).
+
+The session cookie is HttpOnly, SameSite=Strict, scoped to /dashboard, and Secure when the
+request came over HTTPS (behind a TLS-terminating proxy, uvicorn trusts X-Forwarded-Proto from
+the addresses in FORWARDED_ALLOW_IPS, 127.0.0.1 by default). Pages send a strict
+Content-Security-Policy: no inline script or style, nothing from another origin.
 """
 
 from __future__ import annotations
