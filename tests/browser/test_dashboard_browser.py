@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psycopg
 import pytest
 from playwright.async_api import Page, expect
 
 from inferq.bench.polling import eventually
+from inferq.worker import EchoBackend, Worker, WorkerClient
 from tests.api_helpers import MODEL, POOL, EchoWorker, auth, chat_chunk, running_worker
 from tests.browser.conftest import LIVE_MS, Pair, live
+from tests.integration.test_batches import ENDPOINT, jsonl, line, settle
 
 pytestmark = pytest.mark.db
 
@@ -230,8 +233,27 @@ async def test_screenshots_of_every_page(page: Page, pair: Pair, tmp_path: Path)
             assert r.status_code == 201, r.text
         ids = [await submit(b, pair.tokens.bob, text=f"question {n}") for n in range(6)]
         ids += [await submit(b, pair.tokens.alice, text=f"FAIL: bad {n}") for n in range(2)]
+        client = openai.AsyncOpenAI(
+            base_url=pair.b.url + "/v1", api_key=pair.tokens.bob, max_retries=0
+        )
+        uploaded = await client.files.create(
+            file=("eval.jsonl", jsonl([line(i) for i in range(40)])), purpose="batch"
+        )
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h"
+        )
         async with running_worker(EchoWorker(pair.b.url, pair.tokens.worker)) as worker:
-            await eventually(lambda: worker.handled == len(ids), timeout_s=10)
+            await eventually(lambda: worker.handled >= len(ids), timeout_s=10)
+        # The SDK's worker heartbeats (the pair's sessions live 1 s without one).
+        async with WorkerClient(pair.b.url, pair.tokens.worker) as wc:
+            sdk = Worker(wc, [POOL], EchoBackend(), capacity=16)
+            run = asyncio.create_task(sdk.run())
+            try:
+                done = await settle(client, batch.id, "completed", "failed")
+            finally:
+                sdk.stop()
+                await asyncio.wait_for(run, 30)
+            assert done.status == "completed", done.errors
             async with bound_worker(pair, "gpu-box-7"):
                 shots: list[tuple[str, str]] = [
                     ("overview", "/dashboard/overview"),
