@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -204,6 +205,11 @@ async def test_rollup_writes_one_row_per_pool_and_minute(
         assert (sample.pending, sample.running) == (3, 0)
         [figures] = overview.pools
         assert figures.pending == 3 and figures.oldest_pending_s is not None
+        # Expired browser sessions go with the sweep; live ones stay.
+        await repo.login("old", tokens.ids["admin"], "c" * 32, ttl_s=60)
+        await repo.login("new", tokens.ids["admin"], "d" * 32, ttl_s=3600)
+        await rollup.run_once(datetime.now(UTC) + timedelta(minutes=5))
+        assert await repo.session("old") is None and await repo.session("new") is not None
     finally:
         await pool.close()
 

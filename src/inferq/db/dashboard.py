@@ -184,6 +184,11 @@ SELECT (SELECT count(*) FROM gone)::int
 """
 
 
+PRUNE_SESSIONS = """
+DELETE FROM inferq.dashboard_session WHERE expires_at < coalesce(%(now)s::timestamptz, now())
+"""
+
+
 def cookie_hash(cookie: str) -> bytes:
     return hashlib.sha256(cookie.encode()).digest()
 
@@ -217,6 +222,12 @@ class DashboardRepository:
         counts); prune samples older than two days. How many rows were written."""
         rows = await self._rows(ROLLUP, {"now": now})
         return int(rows[0][0]) if rows else 0
+
+    async def prune_sessions(self, now: datetime | None = None) -> int:
+        """Delete the browser sessions expired before ``now``; how many."""
+        async with connect(self.pool) as conn:
+            cur = await conn.execute(PRUNE_SESSIONS, {"now": now})
+            return cur.rowcount
 
     async def workers(self) -> list[WorkerFigures]:
         return [WorkerFigures(*row) for row in await self._rows(WORKERS)]

@@ -1,4 +1,5 @@
-"""QueueRollup: samples every pool's depth and last minutes' throughput into inferq.queue_minute."""
+"""QueueRollup: samples every pool's depth and last minutes' throughput into inferq.queue_minute,
+and deletes expired dashboard sessions."""
 
 from __future__ import annotations
 
@@ -18,4 +19,6 @@ class QueueRollup:
 
     async def run_once(self, now: datetime | None = None) -> int:
         """Sample at ``now`` (database time when None); how many rows were written."""
-        return await self.repo.rollup(now)
+        written = await self.repo.rollup(now)
+        await self.repo.prune_sessions(now)
+        return written
