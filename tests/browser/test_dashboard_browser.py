@@ -202,6 +202,23 @@ async def test_cancel_a_task_from_its_page(page: Page, pair: Pair) -> None:
         assert r.json()["status"] == "cancelled"
 
 
+async def test_revoke_a_token_from_the_owners_page(page: Page, pair: Pair) -> None:
+    alice = str(pair.tokens.ids["alice"])
+    await page.goto(f"{pair.a.url}/dashboard/owners")
+    await live(page)
+    row = page.locator(f'tr[data-token="{alice}"]')
+    await expect(row).to_have_count(1)
+    await row.locator("button[data-action]").click()
+    await expect(page.locator("dialog#confirm")).to_contain_text("alice")
+    started = time.perf_counter()
+    await page.click("#confirm-ok")
+    await expect(row).to_have_count(0, timeout=LIVE_MS)
+    report("revoked token gone from the Owners page", started)
+    async with httpx.AsyncClient(base_url=pair.b.url) as b:
+        r = await b.get("/v1/tasks", headers=auth(pair.tokens.alice))
+        assert r.status_code == 401
+
+
 async def demo_history(dsn: str) -> None:
     """An hour of per-minute samples for the screenshots' charts, as the rollup would have
     written them (a demo: the test runs for seconds, not an hour)."""

@@ -80,3 +80,16 @@ async def test_the_loop_ends_with_the_last_page() -> None:
         await workers.next()
     assert feed._task is not None
     await asyncio.wait_for(feed._task, 1)
+
+
+async def test_the_slow_owners_topic_shows_a_revoked_token_at_once() -> None:
+    hub, reader = Hub(), Reader()
+    feed = Feed(hub, reader, min_gap_s=0.01, slow_gap_s=60, refresh_s=60)
+    async with feed.subscribe("owners") as owners:
+        await owners.next()
+        hub.noticed("tasks")  # within the slow gap: waits
+        await asyncio.sleep(0.1)
+        assert reader.reads == ["owners"]
+        hub.noticed("tokens")
+        await asyncio.wait_for(owners.next(), 1)
+        assert reader.reads == ["owners", "owners"]

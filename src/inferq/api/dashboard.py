@@ -13,7 +13,7 @@ Content-Security-Policy: no inline script or style, nothing from another origin.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -28,10 +28,12 @@ from inferq.api import errors
 from inferq.api.deps import Svc
 from inferq.api.pages import STATIC, render
 from inferq.api.render import json_response
-from inferq.api.sse import EventStream, _frame
+from inferq.api.sse import EventStream
 from inferq.domain.dashboard import DashboardLogin, TaskFilter
 from inferq.domain.task import TaskStatus
 from inferq.errors import InferqError, InvalidRequest, RouteNotFound
+from inferq.jsontext import dumps
+from inferq.services import Services
 from inferq.services.dashboard import PAGES, NotLoggedIn
 from inferq.services.waits import ChunkEvent, ResetEvent, StatusEvent
 
@@ -42,20 +44,25 @@ HEARTBEAT_S = 15.0
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 
+def _frame(event: str, data: Any) -> bytes:
+    """One SSE frame; no ``id:``, since a page's stream restarts from a fresh snapshot."""
+    return f"event: {event}\n".encode() + b"data: " + dumps(data) + b"\n\n"
+
+
 async def logged_in(request: Request) -> DashboardLogin:
-    services = request.app.state.services
-    return await services.dashboard.session(request.cookies.get(COOKIE))  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return await services.dashboard.session(request.cookies.get(COOKIE))
 
 
 async def changing(request: Request) -> DashboardLogin:
     """The session of a state-changing request, its CSRF token checked (header or form)."""
-    services = request.app.state.services
+    services: Services = request.app.state.services
     sent = request.headers.get(CSRF_HEADER)
     if sent is None and request.headers.get("content-type", "").startswith(
         "application/x-www-form-urlencoded"
     ):
         sent = str((await request.form()).get("csrf") or "") or None
-    return await services.dashboard.changing(request.cookies.get(COOKIE), sent)  # type: ignore[no-any-return]
+    return await services.dashboard.changing(request.cookies.get(COOKIE), sent)
 
 
 Login = Annotated[DashboardLogin, Depends(logged_in)]
@@ -176,11 +183,10 @@ async def page(svc: Svc, session: Login, page: str) -> Response:
     if page not in PAGES:
         raise RouteNotFound(f"no dashboard page {page!r}")
     data = await svc.dashboard.read(page)
-    tokens = await svc.dashboard.read("tokens") if page == "owners" else None
-    return _page(page, session, data, f"/dashboard/live/{page}", tokens=tokens)
+    return _page(page, session, data, f"/dashboard/live/{page}")
 
 
-def _stream(svc: Any, session: DashboardLogin, frames: AsyncIterator[bytes]) -> EventStream:
+def _stream(svc: Services, session: DashboardLogin, frames: AsyncIterator[bytes]) -> EventStream:
     drain = svc.drain
     return EventStream(
         frames,
@@ -193,14 +199,10 @@ def _stream(svc: Any, session: DashboardLogin, frames: AsyncIterator[bytes]) -> 
     )
 
 
-async def _topic_frames(svc: Any, key: Any, template: str, **extra: Any) -> AsyncIterator[bytes]:
+async def _topic_frames(svc: Services, key: Hashable, template: str) -> AsyncIterator[bytes]:
     async with svc.dashboard.feed.subscribe(key) as sub:
         while True:
-            data = await sub.next()
-            more = {}
-            if key == "owners":
-                more["tokens"] = await svc.dashboard.read("tokens")
-            html = render(template, data=data, **extra, **more)
+            html = render(template, data=await sub.next())
             yield _frame("html", {"html": html})
 
 
@@ -216,7 +218,7 @@ async def live_task(svc: Svc, session: Login, task_id: UUID) -> Response:
     return _stream(svc, session, _task_frames(svc, task_id))
 
 
-async def _task_frames(svc: Any, task_id: UUID) -> AsyncIterator[bytes]:
+async def _task_frames(svc: Services, task_id: UUID) -> AsyncIterator[bytes]:
     streamed = False
     async for event in svc.dashboard.task_events(task_id):
         if isinstance(event, StatusEvent):

@@ -101,6 +101,14 @@ class TokenFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnersPage:
+    """The Owners page: each owner's use, and the live tokens (to revoke)."""
+
+    owners: list[OwnerFigures]
+    tokens: list[TokenFigures]
+
+
+@dataclass(frozen=True, slots=True)
 class TaskFilter:
     """The tasks list's search: every field optional; ``since`` bounds created_at."""
 

@@ -28,7 +28,7 @@ from inferq.db.dashboard import DashboardRepository
 from inferq.db.files import FileRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.batch import Batch, StoredFile
-from inferq.domain.dashboard import DashboardLogin, TaskFilter
+from inferq.domain.dashboard import DashboardLogin, OwnersPage, TaskFilter
 from inferq.domain.task import Task
 from inferq.errors import BatchNotFound, FileNotFound, Forbidden, InvalidRequest, Unauthorized
 from inferq.services.admin import AdminService
@@ -106,11 +106,9 @@ class DashboardService:
         if key == "workers":
             return await self.repo.workers()
         if key == "owners":
-            return await self.repo.owners()
+            return OwnersPage(await self.repo.owners(), await self.repo.tokens())
         if key == "batches":
             return await self.repo.batches()
-        if key == "tokens":
-            return await self.repo.tokens()
         if isinstance(key, tuple) and key[0] == "tasks" and isinstance(key[1], TaskFilter):
             return await self.repo.tasks(key[1])
         raise InvalidRequest(f"no such dashboard page: {key!r}")

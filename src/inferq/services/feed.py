@@ -10,8 +10,9 @@ Design decisions:
   replica alike. So an event committed through replica B
   reaches a page served by replica A as fast as A's listener hears it.
 - Coalescing: a topic is read at most once per ``min_gap_s`` (the owners topic, an
-  aggregate over a day of tasks, once per ``slow_gap_s``); a storm of notifications costs one
-  read per topic and gap, whatever the number of pages open.
+  aggregate over a day of tasks, once per ``slow_gap_s`` for task changes; a revoked token
+  shows at once); a storm of notifications costs one read per topic and gap, whatever the
+  number of pages open.
 - A subscriber is a latest-value slot (like the Hub's waiters): a slow page never holds the
   refresh back nor grows memory, it just skips to the newest snapshot.
 - Every ``refresh_s`` each watched topic is re-read anyway: ages advance without an event,
@@ -39,6 +40,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "sessions": frozenset({"overview", "workers"}),
     "batches": frozenset({"batches"}),
     "rollup": frozenset({"overview"}),
+    "tokens": frozenset({"owners"}),
 }
 SLOW_TOPICS = frozenset({"owners"})
 
@@ -85,6 +87,8 @@ class Feed:
         self.reads = 0  # topic reads done, for tests
         self._subs: dict[Hashable, set[Subscription]] = {}
         self._dirty: set[Hashable] = set()
+        # Dirty for a rare change (a token revoked, a session gone): never the slow gap.
+        self._urgent: set[Hashable] = set()
         self._last_read: dict[Hashable, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -96,6 +100,8 @@ class Feed:
         for key in self._subs:
             if topics is None or _topic(key) in topics:
                 self._dirty.add(key)
+                if kind != "tasks":
+                    self._urgent.add(key)
         if self._dirty:
             self._wake.set()
 
@@ -123,6 +129,7 @@ class Feed:
                 del self._subs[key]
                 self._last_read.pop(key, None)
                 self._dirty.discard(key)
+                self._urgent.discard(key)
                 if not self._subs:
                     self._wake.set()  # the loop ends now rather than at its next refresh
 
@@ -144,6 +151,7 @@ class Feed:
                 continue
             for key in due:
                 self._dirty.discard(key)
+                self._urgent.discard(key)
                 self._last_read[key] = time.monotonic()
                 await self._refresh(key)
 
@@ -155,7 +163,8 @@ class Feed:
             if key not in self._subs:
                 self._dirty.discard(key)
                 continue
-            gap = self.slow_gap_s if _topic(key) in SLOW_TOPICS else self.min_gap_s
+            slow = _topic(key) in SLOW_TOPICS and key not in self._urgent
+            gap = self.slow_gap_s if slow else self.min_gap_s
             left = self._last_read.get(key, -gap) + gap - now
             if left <= 0:
                 due.append(key)
