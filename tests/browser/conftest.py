@@ -8,13 +8,14 @@ does); elsewhere the tests fail with the command that installs it — never skip
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from inferq.settings import Settings
 from tests import system_packages
@@ -85,6 +86,13 @@ async def page(browser: Browser, pair: Pair) -> AsyncIterator[Page]:
     # A script error or a Content-Security-Policy violation (an inline script or style, an
     # asset from elsewhere) fails the test.
     problems: list[str] = []
+
+    # Offline: any request for something not served by the replicas fails the test.
+    async def offline(route: Route) -> None:
+        problems.append(f"request outside the replicas: {route.request.url}")
+        await route.abort()
+
+    await context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), offline)
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on(
         "console",

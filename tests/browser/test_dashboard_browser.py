@@ -219,6 +219,12 @@ async def test_revoke_a_token_from_the_owners_page(page: Page, pair: Pair) -> No
         assert r.status_code == 401
 
 
+async def test_swagger_ui_works_offline(page: Page, pair: Pair) -> None:
+    await page.goto(f"{pair.a.url}/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("inferq")
+    await expect(page.locator(".opblock-tag-section").first).to_be_visible()
+
+
 async def demo_history(dsn: str) -> None:
     """An hour of per-minute samples for the screenshots' charts, as the rollup would have
     written them (a demo: the test runs for seconds, not an hour)."""

@@ -18,13 +18,13 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from inferq import __version__
 from inferq.api import admin, batches, dashboard, errors, openai, ops, tasks, worker
 from inferq.api.body import openapi_schemas
 from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
+from inferq.api.pages import STATIC
 from inferq.api.render import OrjsonResponse
 from inferq.errors import InferqError, RouteNotFound
 from inferq.services import Services
@@ -56,7 +56,7 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
         summary="A durable queue for LLM inference requests, kept in PostgreSQL",
         default_response_class=OrjsonResponse,
         openapi_url="/openapi.json",
-        docs_url=None,  # served below from the swagger-ui-bundle package: no CDN
+        docs_url=None,  # served below from the wheel's own assets: no CDN
         redoc_url=None,
     )
     app.state.services = services
@@ -92,9 +92,11 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
 
 
 def install_docs(app: FastAPI) -> None:
-    """``/docs``: Swagger UI from the assets of the swagger-ui-bundle wheel, so it works on a
-    machine with no internet (FastAPI's default loads it from a CDN)."""
-    app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    """``/docs``: Swagger UI from assets in the wheel (inferq/api/static/swagger, vendored from
+    npm's swagger-ui-dist), so it works on a machine with no internet (FastAPI's default loads
+    it from a CDN)."""
+    swagger = StaticFiles(directory=str(STATIC / "swagger"))
+    app.mount("/docs/assets", swagger, name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
