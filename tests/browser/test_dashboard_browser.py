@@ -246,7 +246,8 @@ async def test_screenshots_of_every_page(page: Page, pair: Pair, tmp_path: Path)
     INFERQ_DASHBOARD_SCREENSHOTS=1 the images go to docs/ (committed), else to a temp dir."""
     out = DOCS if os.environ.get("INFERQ_DASHBOARD_SCREENSHOTS") else tmp_path
     await demo_history(pair.dsn)
-    async with httpx.AsyncClient(base_url=pair.b.url) as b:
+    async with contextlib.AsyncExitStack() as stack:
+        b = await stack.enter_async_context(httpx.AsyncClient(base_url=pair.b.url))
         for n in range(3):  # a pool no worker serves: its queue ages
             r = await b.post(
                 "/v1/tasks",
@@ -259,6 +260,7 @@ async def test_screenshots_of_every_page(page: Page, pair: Pair, tmp_path: Path)
         client = openai.AsyncOpenAI(
             base_url=pair.b.url + "/v1", api_key=pair.tokens.bob, max_retries=0
         )
+        await stack.enter_async_context(client)
         uploaded = await client.files.create(
             file=("eval.jsonl", jsonl([line(i) for i in range(40)])), purpose="batch"
         )
