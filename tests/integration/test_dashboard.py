@@ -4,9 +4,11 @@ admin-only access, the pages and their data, the rollup sweep, and /docs served 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -18,7 +20,16 @@ from inferq.db.pool import create_pool
 from inferq.maintenance import QueueRollup
 from inferq.settings import Settings
 from inferq.worker import EchoBackend, Worker, WorkerClient
-from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, make_tokens, serve_app
+from tests.api_helpers import (
+    MODEL,
+    POOL,
+    Server,
+    Tokens,
+    auth,
+    make_tokens,
+    read_events,
+    serve_app,
+)
 from tests.integration.test_batches import ENDPOINT, jsonl, line, settle
 
 pytestmark = pytest.mark.db
@@ -276,3 +287,46 @@ async def test_batches_show_progress_link_their_files_and_cancel(
             r = await http.get(f"/dashboard/files/{finished.output_file_id}")
             assert r.status_code == 200 and len(r.text.splitlines()) == 5
             assert (await http.get("/dashboard/files/file-nope")).status_code == 404
+
+
+async def test_open_pages_share_one_read_per_change_across_replicas(
+    settings: Settings, dsn: str, tokens: Tokens
+) -> None:
+    """Five overview pages open on replica A, twenty tasks submitted through replica B: every
+    page sees the final depth, and A read the overview once per snapshot it sent, not once
+    per page or per task."""
+    async with serve_app(settings, dsn) as a, serve_app(settings, dsn) as b:
+        feed = a.replica.services.dashboard.feed  # type: ignore[union-attr]
+        async with contextlib.AsyncExitStack() as stack:
+            http = await stack.enter_async_context(httpx.AsyncClient(base_url=a.url))
+            await login(http, tokens.admin)
+            streams = [
+                await stack.enter_async_context(http.stream("GET", "/dashboard/live/overview"))
+                for _ in range(5)
+            ]
+            lines = [s.aiter_lines() for s in streams]
+            for it in lines:
+                await read_events(it, until=lambda f: f.get("event") == "html", timeout_s=10)
+            before = feed.reads
+            async with httpx.AsyncClient(base_url=b.url) as on_b:
+                for _ in range(20):
+                    r = await on_b.post(
+                        "/v1/tasks",
+                        json={"model": MODEL, "request": {"prompt": "x"}},
+                        headers=auth(tokens.bob),
+                    )
+                    assert r.status_code == 201
+
+            def at_twenty(frame: dict[str, Any]) -> bool:
+                html = frame.get("data", {}).get("html", "") if frame.get("event") else ""
+                return 'class="num pending">20<' in html
+
+            seen = [
+                sum(f.get("event") == "html" for f in await read_events(it, at_twenty, 10))
+                for it in lines
+            ]
+            reads = feed.reads - before
+        print(f"overview reads for 5 pages and 20 tasks: {reads}; frames per page: {seen}")
+        # One read per snapshot, shared by the pages (a page may skip a snapshot, never get
+        # one nobody read); a read per page would be five times the frames of any page.
+        assert 1 <= reads <= max(seen) + 1 < 20, (reads, seen)
