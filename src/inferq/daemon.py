@@ -42,6 +42,7 @@ from inferq.api import create_app
 from inferq.api.app import metrics_app
 from inferq.db.batches import BatchRepository
 from inferq.db.chunks import ChunkRepository
+from inferq.db.dashboard import DashboardRepository
 from inferq.db.files import FileRepository
 from inferq.db.leases import LeaseRepository
 from inferq.db.listener import Listener
@@ -53,7 +54,7 @@ from inferq.db.stats import StatsRepository
 from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
 from inferq.http_protocol import BoundedHttpToolsProtocol, HttpLimits
-from inferq.maintenance import Maintenance
+from inferq.maintenance import Maintenance, QueueRollup
 from inferq.metrics import Metrics
 from inferq.runtime import freeze_startup_heap, run
 from inferq.services import (
@@ -62,6 +63,7 @@ from inferq.services import (
     BatchService,
     ClaimService,
     CompletionService,
+    DashboardService,
     Drain,
     FileService,
     HealthService,
@@ -134,6 +136,7 @@ class Replica:
         self.waits = waits = WaitService(tasks, chunks, settings, hub=hub)
         self.relay = relay = ChunkRelay(chunks, tasks, settings)
         llms, files, batches = LlmRepository(pool), FileRepository(pool), BatchRepository(pool)
+        dashboard = DashboardRepository(pool)
         if self.run_maintenance:
             keeper = BatchKeeper(batches, files, llms, settings)
             self.maintenance = Maintenance(
@@ -142,7 +145,10 @@ class Replica:
                 sessions=sessions,
                 leases=LeaseRepository(pool),
                 settings=settings,
-                more=[(keeper, settings.batch_interval_s)],
+                more=[
+                    (keeper, settings.batch_interval_s),
+                    (QueueRollup(dashboard), settings.dashboard_rollup_s),
+                ],
             )
             self.maintenance.start()
         self.services = build_services(
@@ -154,6 +160,7 @@ class Replica:
             files=files,
             batches=batches,
             stats=StatsRepository(pool),
+            dashboard=dashboard,
             waits=waits,
             relay=relay,
             listener=self.listener,
@@ -229,6 +236,7 @@ def build_services(
     waits: WaitService,
     relay: ChunkRelay,
     listener: Listener | None = None,
+    dashboard: DashboardRepository | None = None,
 ) -> Services:
     """Every service of one replica, wired to the given repositories."""
     metrics = Metrics()
@@ -254,6 +262,7 @@ def build_services(
         pending=pending,
         metrics=metrics,
     )
+    admin = AdminService(registry, tokens, stats, auth)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -273,7 +282,7 @@ def build_services(
         claims=ClaimService(
             tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
         ),
-        admin=AdminService(registry, tokens, stats, auth),
+        admin=admin,
         health=HealthService(
             stats,
             metrics,
@@ -286,6 +295,16 @@ def build_services(
         ),
         files=FileService(files, settings),
         batches=BatchService(batches, files, settings),
+        dashboard=DashboardService(
+            dashboard or DashboardRepository(stats.pool),
+            auth=auth,
+            admin=admin,
+            tasks=tasks,
+            batches=batches,
+            files=files,
+            waits=waits,
+            session_s=settings.dashboard_session_s,
+        ),
     )
 
 

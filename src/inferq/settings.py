@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(default=3600.0, gt=0)
     batch_interval_s: float = Field(default=1.0, gt=0)
 
+    # The dashboard (/dashboard): how long a browser's login lasts, and how often the
+    # maintenance leader samples the queue into inferq.queue_minute (the pages' charts).
+    dashboard_session_s: float = Field(default=8 * 3600.0, gt=0)
+    dashboard_rollup_s: float = Field(default=10.0, gt=0)
+
     # Limits.
     # What one request may ask a worker for, unless its model's registry entry says otherwise:
     # `max_tokens` / `max_completion_tokens`, and `n` / `best_of` (inferq.services.caps).

@@ -113,6 +113,18 @@ class Hub:
         self._by_task: dict[UUID, set[Waiter]] = {}
         self._by_pool: dict[str, set[Waiter]] = {}
         self.wakes = 0  # waiters woken (a counter for /metrics)
+        # Told the kind of every change ("tasks", "sessions", "batches"): the dashboard's feed.
+        self._observers: list[Callable[[str], None]] = []
+
+    def observe(self, observer: Callable[[str], None]) -> None:
+        """Call ``observer(kind)`` on every change the listener hears of (never awaits: an
+        observer only marks itself dirty)."""
+        self._observers.append(observer)
+
+    def noticed(self, kind: str) -> None:
+        """Something of ``kind`` changed that no waiter keys on (worker sessions, batches)."""
+        for observer in self._observers:
+            observer(kind)
 
     @property
     def waiter_count(self) -> int:
@@ -162,6 +174,8 @@ class Hub:
 
     def task_changed(self, task_id: UUID, status: str, pool: str | None) -> None:
         """A task's status changed: wake its waiters, and its pool's when it became pending."""
+        if self._observers:
+            self.noticed("tasks")
         waiters = self._by_task.get(task_id)
         if waiters and status not in TERMINAL_STATUSES:
             waiters = {w for w in waiters if not w.terminal_only}
@@ -186,6 +200,7 @@ class Hub:
     def resync_all(self) -> None:
         """Wake every waiter to re-read everything (after a reconnect or on demand)."""
         log.info("waiters_resynced", waiters=self.wake_all())
+        self.noticed("resync")
 
     def wake_all(self) -> int:
         """Wake every waiter to re-read everything, quietly (the safety poll); how many."""

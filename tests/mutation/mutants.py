@@ -40,6 +40,10 @@ HARDENING = "tests/e2e/test_serve_hardening.py"
 EMBEDDED = "tests/e2e/test_serve_embedded.py"
 METRICS_TESTS = "tests/integration/test_metrics.py"
 REVOCATION_TESTS = "tests/integration/test_revocation.py"
+DASHBOARD = "src/inferq/services/dashboard.py"
+DASHBOARD_ROUTES = "src/inferq/api/dashboard.py"
+DASHBOARD_TESTS = "tests/integration/test_dashboard.py"
+BROWSER_TESTS = "tests/browser/test_dashboard_browser.py"
 
 
 def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
@@ -462,5 +466,56 @@ MUTANTS: tuple[Mutant, ...] = (
         "a pool whose queue has stalled for an hour shows a wait of seconds; no alert, no scale-out",
         _one("src/inferq/db/stats.py", "now() - min(created_at)", "now() - max(created_at)"),
         ("tests/integration/test_queue_metrics.py",),
+    ),
+    # -- the dashboard (#17) -----------------------------------------------------------------
+    Mutant(
+        "dashboard_csrf_unchecked",
+        "any site the admin visits can cancel tasks and revoke tokens through the admin's browser",
+        _one(DASHBOARD, "        if not csrf or not hmac.compare_digest(csrf.encode(), login.csrf.encode()):\n",
+             "        if False:\n"),
+        (f"{DASHBOARD_TESTS}::test_state_changes_without_the_csrf_token_are_refused",),
+    ),
+    Mutant(
+        "dashboard_cookie_not_httponly",
+        "a script injected into any page can read the admin's session cookie",
+        _one(DASHBOARD_ROUTES, '        httponly=True,\n        samesite="strict",\n        secure=',
+             '        httponly=False,\n        samesite="strict",\n        secure='),
+        (f"{DASHBOARD_TESTS}::test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session",
+         f"{BROWSER_TESTS}::test_login_keeps_the_token_out_of_the_browser"),
+        timeout_s=120.0,
+    ),
+    Mutant(
+        "dashboard_cookie_samesite_lax",
+        "a link from another site arrives with the admin's session",
+        _one(DASHBOARD_ROUTES, '        samesite="strict",\n        secure=', '        samesite="lax",\n        secure='),
+        (f"{DASHBOARD_TESTS}::test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session",),
+    ),
+    Mutant(
+        "dashboard_login_for_any_token",
+        "a client token opens the dashboard and cancels everyone's tasks",
+        _one(DASHBOARD, 'token = await ADMIN.authorize(self.auth, f"Bearer {secret.strip()}")',
+             'token = await self.auth.authenticate(f"Bearer {secret.strip()}")'),
+        (f"{DASHBOARD_TESTS}::test_non_admin_tokens_and_bad_tokens_are_refused",),
+    ),
+    Mutant(
+        "dashboard_session_outlives_its_token",
+        "a revoked admin token's browser sessions keep working for hours",
+        _one("src/inferq/db/dashboard.py", "  AND k.revoked_at IS NULL AND k.role = 'admin'\n", "  AND k.role = 'admin'\n"),
+        (f"{DASHBOARD_TESTS}::test_revoking_a_token_from_the_dashboard_refuses_it_and_ends_its_sessions",),
+    ),
+    Mutant(
+        "dashboard_feed_ignores_sessions",
+        "a dead worker stays on the Workers page until the next periodic refresh",
+        _one("src/inferq/services/feed.py", '    "sessions": frozenset({"overview", "workers"}),\n',
+             '    "sessions": frozenset({"overview"}),\n'),
+        (f"{BROWSER_TESTS}::test_a_worker_disappears_when_it_is_killed",),
+        timeout_s=120.0,
+    ),
+    Mutant(
+        "docs_from_a_cdn",
+        "/docs is blank on a machine without internet",
+        _one("src/inferq/api/app.py", 'swagger_js_url="/docs/assets/swagger-ui-bundle.js",',
+             'swagger_js_url="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js",'),
+        (f"{DASHBOARD_TESTS}::test_docs_are_served_from_the_package",),
     ),
 )  # fmt: skip

@@ -12,16 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferq import __version__
-from inferq.api import admin, batches, errors, openai, ops, tasks, worker
+from inferq.api import admin, batches, dashboard, errors, openai, ops, tasks, worker
 from inferq.api.body import openapi_schemas
 from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
+from inferq.api.pages import STATIC
 from inferq.api.render import OrjsonResponse
 from inferq.errors import InferqError, RouteNotFound
 from inferq.services import Services
@@ -53,7 +56,7 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
         summary="A durable queue for LLM inference requests, kept in PostgreSQL",
         default_response_class=OrjsonResponse,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served below from the wheel's own assets: no CDN
         redoc_url=None,
     )
     app.state.services = services
@@ -61,6 +64,8 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
     routers = [module.router for module in (ops, tasks, openai, batches, worker, admin)]
     for router in routers:
         app.include_router(router)
+    dashboard.install(app)
+    install_docs(app)
     app.front = RequestMiddleware(
         app.fastapi,
         metrics=services.metrics,
@@ -84,6 +89,24 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from assets in the wheel (inferq/api/static/swagger, vendored from
+    npm's swagger-ui-dist), so it works on a machine with no internet (FastAPI's default loads
+    it from a CDN)."""
+    swagger = StaticFiles(directory=str(STATIC / "swagger"))
+    app.mount("/docs/assets", swagger, name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="inferq — API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
 
 
 def metrics_app(services: Services) -> ASGIApp:

@@ -13,7 +13,16 @@ CHUNK = "inferq_chunk"
 # Emitted by TokenRepository.revoke (src/inferq/db/tokens.py). Payload: the token id.
 TOKEN = "inferq_token"
 
-ALL = (TASK, CHUNK, TOKEN)
+# Emitted by inferq.notify_dashboard() (sql/0008_dashboard.sql) once per statement that binds,
+# unbinds or reaps worker sessions, and once per statement that creates a batch or changes a
+# batch's status. Payload: the statement's operation (INSERT, UPDATE, DELETE); only the live
+# pages of the dashboard care.
+SESSION = "inferq_session"
+BATCH = "inferq_batch"
+# Emitted the same way once per statement of the rollup sweep (inferq.queue_minute).
+ROLLUP = "inferq_rollup"
+
+ALL = (TASK, CHUNK, TOKEN, SESSION, BATCH, ROLLUP)
 
 # Payloads stay well below PostgreSQL's 8000-byte limit.
 MAX_PAYLOAD_BYTES = 7000

@@ -189,8 +189,16 @@ class Listener:
             elif notify.channel == channels.CHUNK:
                 for task_id, attempt, last_seq in orjson.loads(notify.payload):
                     self.hub.chunks_added(UUID(task_id), attempt, last_seq)
-            elif notify.channel == channels.TOKEN and self.on_token_revoked is not None:
-                self.on_token_revoked(notify.payload)
+            elif notify.channel == channels.TOKEN:
+                if self.on_token_revoked is not None:
+                    self.on_token_revoked(notify.payload)
+                self.hub.noticed("tokens")
+            elif notify.channel == channels.SESSION:
+                self.hub.noticed("sessions")
+            elif notify.channel == channels.BATCH:
+                self.hub.noticed("batches")
+            elif notify.channel == channels.ROLLUP:
+                self.hub.noticed("rollup")
         except Exception as exc:
             self.stats.malformed += 1
             log.warning(

@@ -4,6 +4,7 @@ from inferq.maintenance.collector import Collected, Collector
 from inferq.maintenance.leadership import Leadership
 from inferq.maintenance.reaper import SessionReaper
 from inferq.maintenance.rescuer import Rescuer
+from inferq.maintenance.rollup import QueueRollup
 from inferq.maintenance.runner import Maintenance, SweepLoop
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Collector",
     "Leadership",
     "Maintenance",
+    "QueueRollup",
     "Rescuer",
     "SessionReaper",
     "SweepLoop",

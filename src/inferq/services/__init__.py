@@ -14,6 +14,7 @@ from inferq.services.auth import Authenticator
 from inferq.services.batches import BatchService, FileService
 from inferq.services.claims import ClaimService
 from inferq.services.completions import CompletionService
+from inferq.services.dashboard import DashboardService
 from inferq.services.drain import Drain
 from inferq.services.health import HealthService
 from inferq.services.tasks import TaskService
@@ -25,6 +26,7 @@ __all__ = [
     "BatchService",
     "ClaimService",
     "CompletionService",
+    "DashboardService",
     "Drain",
     "FileService",
     "HealthService",
@@ -48,3 +50,4 @@ class Services:
     health: HealthService
     files: FileService
     batches: BatchService
+    dashboard: DashboardService
