@@ -38,6 +38,7 @@ from inferq.db.task_queries import (
     REVERT_SESSION,
     START,
 )
+from inferq.domain.lanes import DEFAULT_LANE, LANES
 from inferq.domain.records import Enqueued, Finished, GcResult, Outcome, Page
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import (
@@ -74,8 +75,16 @@ class TaskRepository:
     error that carries the task's current state.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(
+        self, pool: Pool, *, aging_s: float = 300.0, fair_share_half_life_s: float = 60.0
+    ) -> None:
         self.pool = pool
+        # The claim's scheduling (INFERQ_AGING_S, INFERQ_FAIR_SHARE_HALF_LIFE_S).
+        self.scheduling = {
+            "lanes": list(LANES),
+            "aging_s": aging_s,
+            "half_life_s": fair_share_half_life_s,
+        }
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
         async with connect(self.pool) as conn:
@@ -103,6 +112,7 @@ class TaskRepository:
         priority: int = 0,
         max_attempts: int = 3,
         idempotency_key: str | None = None,
+        lane: str = DEFAULT_LANE,
     ) -> Enqueued:
         """Insert a pending task. The same idempotency key returns the first task (created=False).
 
@@ -120,6 +130,7 @@ class TaskRepository:
             "priority": priority,
             "max_attempts": max_attempts,
             "key": idempotency_key,
+            "lane": lane,
         }
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.
@@ -224,7 +235,8 @@ class TaskRepository:
         lease_s: float,
         bound: bool = False,
     ) -> list[Task]:
-        """Claim up to ``limit`` pending tasks of ``pools`` (priority, then FIFO), within the
+        """Claim up to ``limit`` pending tasks of ``pools`` (aged ones first, then lane by lane,
+        owners by fair share, each owner's priority then FIFO: see CLAIM), within the
         session's capacity. An expired session claims nothing; so does a missing one when
         ``bound`` (the worker API: the statement itself then vouches that the session lives),
         while without it an id with no session row is bounded by ``limit`` alone."""
@@ -236,6 +248,7 @@ class TaskRepository:
             "limit": limit,
             "lease_s": lease_s,
             "unbound": 0 if bound else limit,
+            **self.scheduling,
         }
         if not bound:
             return await self._all(CLAIM, params)
@@ -248,7 +261,8 @@ class TaskRepository:
             return await cur.fetchall()
 
     async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
-        """Pending tasks of ``pools`` in drain order (priority, then FIFO), without claiming."""
+        """Pending tasks of ``pools`` by priority then FIFO (across lanes and owners; not the
+        claim's order), without claiming."""
         return await self._all(FIND_PENDING, {"pools": list(pools), "limit": limit})
 
     async def held_by(self, session_id: UUID) -> list[Task]:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from inferq.domain.lanes import LANES, PRIORITY_MAX, PRIORITY_MIN, LanePolicy
 from inferq.domain.task import Task, TaskStatus
 
 Role = Literal["client", "worker", "admin"]
@@ -23,9 +24,20 @@ class ApiToken:
     label: str | None
     created_at: datetime
     revoked_at: datetime | None
+    # Scheduling (sql/0006_scheduling.sql): the lanes and priorities it may ask for, and its
+    # owner's weight in the fair share of a lane.
+    lanes: list[str] = field(default_factory=lambda: list(LANES))
+    priority_min: int = PRIORITY_MIN
+    priority_max: int = PRIORITY_MAX
+    weight: int = 1
 
     def may_serve(self, pool: str) -> bool:
         return self.pools is None or pool in self.pools
+
+    @property
+    def policy(self) -> LanePolicy:
+        lanes = tuple(lane for lane in LANES if lane in self.lanes)
+        return LanePolicy(lanes, self.priority_min, self.priority_max, self.weight)
 
 
 @dataclass(frozen=True, slots=True)
