@@ -56,6 +56,8 @@ class SubmitRequest(_Wire):
     agent_id: str | None = Field(default=None, max_length=200)
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
+    # inferq.domain.lanes; the token must allow it (403 otherwise).
+    lane: Literal["interactive", "default", "batch"] = "default"
 
 
 class TaskOut(_Lenient):
@@ -72,6 +74,7 @@ class TaskOut(_Lenient):
     attempt: int = 0
     max_attempts: int = 1
     priority: int = 0
+    lane: str = "default"
     agent_id: str | None = None
     created_at: datetime
     claimed_at: datetime | None = None

@@ -46,6 +46,7 @@ def task_json(task: Task) -> dict[str, Any]:
         "attempt": task.attempt,
         "max_attempts": task.max_attempts,
         "priority": task.priority,
+        "lane": task.lane,
         "agent_id": task.agent_id,
         "created_at": task.created_at,
         "claimed_at": task.claimed_at,

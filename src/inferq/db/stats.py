@@ -18,12 +18,12 @@ SELECT 'session', '', '', count(*)::bigint, coalesce(sum(capacity), 0)::bigint
 FROM inferq.worker_session WHERE expires_at > now()
 """
 
-# How long the oldest pending task of each pool has waited (database time), read from the
-# pending rows only (task_pending_drain_idx leads with the pool). A lane column would join the
-# GROUP BY here, and the gauge's labels (inferq.metrics), as the scheduling work adds lanes.
+# Per pool and lane, the pending tasks and how long the oldest has waited (database time),
+# read from the pending rows only (task_lane_drain_idx leads with pool and lane).
 PENDING_AGE = """
-SELECT pool_name::text, extract(epoch FROM now() - min(created_at))::float8
-FROM inferq.task WHERE status = 'pending' GROUP BY pool_name
+SELECT pool_name::text, lane, count(*)::bigint,
+       extract(epoch FROM now() - min(created_at))::float8
+FROM inferq.task WHERE status = 'pending' GROUP BY pool_name, lane
 """
 
 
@@ -63,8 +63,11 @@ class StatsRepository:
                 else:
                     sessions, capacity = int(n), int(cap)
             cur = await conn.execute(PENDING_AGE)
-            ages = {pool_name: float(age) for pool_name, age in await cur.fetchall()}
-        return QueueStats(tasks, sessions, capacity, ages)
+            lanes: dict[str, dict[str, tuple[int, float]]] = {}
+            for pool_name, lane, n, age in await cur.fetchall():
+                lanes.setdefault(pool_name, {})[lane] = (int(n), float(age))
+        ages = {p: max(age for _, age in per.values()) for p, per in lanes.items()}
+        return QueueStats(tasks, sessions, capacity, ages, lanes)
 
     async def listeners(self) -> int:
         """How many replicas hold their LISTEN connection now (one per running replica)."""

@@ -120,12 +120,21 @@ class QueueStats:
     tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
     sessions: int = 0
     capacity: int = 0
-    # pool -> seconds; pools with no pending task are absent. Per pool only: lanes (the
-    # scheduling work) bring the same figure per pool and lane.
+    # pool -> seconds; pools with no pending task are absent.
     oldest_pending_s: dict[str, float] = field(default_factory=dict)
+    # pool -> lane -> (pending tasks, seconds the oldest has waited); lanes with nothing
+    # pending are absent.
+    lanes: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "pools": self.tasks,
             "sessions": {"live": self.sessions, "capacity": self.capacity},
+            "lanes": {
+                pool: {
+                    lane: {"pending": n, "oldest_pending_s": round(age, 3)}
+                    for lane, (n, age) in lanes.items()
+                }
+                for pool, lanes in self.lanes.items()
+            },
         }
