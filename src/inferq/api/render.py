@@ -103,6 +103,10 @@ def token_json(token: ApiToken, secret: str | None = None) -> dict[str, Any]:
         "label": token.label,
         "created_at": token.created_at,
         "revoked_at": token.revoked_at,
+        "lanes": token.lanes,
+        "priority_min": token.priority_min,
+        "priority_max": token.priority_max,
+        "weight": token.weight,
         "secret": secret,
     }
 

@@ -1,13 +1,19 @@
-"""StatsRepository: the queue statistics (tasks per pool and status, the oldest pending task
-per pool, live sessions)."""
+"""StatsRepository: the queue statistics (tasks per pool and status, depth and oldest pending
+task per pool and lane, live sessions) and the operators' listing of tasks across owners."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+
+from psycopg import sql
 
 from inferq.db.errors import connect
 from inferq.db.pool import Pool
-from inferq.domain.records import QueueStats
+from inferq.db.rows import TASK_SELECT, render, task_row
+from inferq.db.tasks import decode_cursor, encode_cursor
+from inferq.domain.records import Page, QueueStats
+from inferq.domain.task import TaskStatus
 from inferq.errors import DatabaseUnavailable
 
 STATS = """
@@ -26,6 +32,24 @@ SELECT pool_name::text, lane, count(*)::bigint,
 FROM inferq.task WHERE status = 'pending' GROUP BY pool_name, lane
 """
 
+
+# Tasks across owners, newest first, for admins; each filter is optional. An owner's listing
+# reads task_owner_listing_idx; the rest walk the tasks newest first, which is fine for an
+# operator's page (the cursor keeps each page bounded).
+LIST_ALL = render(
+    sql.SQL(
+        """
+SELECT {task_select} FROM inferq.task t
+WHERE (%(owner)s::text IS NULL OR t.owner_id = %(owner)s)
+  AND (%(pool)s::text IS NULL OR t.pool_name = %(pool)s)
+  AND (%(lane)s::text IS NULL OR t.lane = %(lane)s)
+  AND (%(status)s::inferq.task_status[] IS NULL OR t.status = ANY(%(status)s))
+  AND (%(after_ts)s::timestamptz IS NULL OR (t.created_at, t.id) < (%(after_ts)s, %(after_id)s))
+ORDER BY t.created_at DESC, t.id DESC
+LIMIT %(limit)s
+"""
+    ).format(task_select=TASK_SELECT)
+)
 
 # Replicas name their LISTEN connection (inferq.db.listener); the same role sees them all.
 LISTENERS = """
@@ -68,6 +92,36 @@ class StatsRepository:
                 lanes.setdefault(pool_name, {})[lane] = (int(n), float(age))
         ages = {p: max(age for _, age in per.values()) for p, per in lanes.items()}
         return QueueStats(tasks, sessions, capacity, ages, lanes)
+
+    async def list_tasks(
+        self,
+        *,
+        owner_id: str | None = None,
+        pool_name: str | None = None,
+        lane: str | None = None,
+        statuses: Sequence[TaskStatus] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """Tasks of every owner matching the filters, newest first; raises ValueError for a
+        cursor that is not one of ours."""
+        after_ts, after_id = decode_cursor(cursor) if cursor else (None, None)
+        params = {
+            "owner": owner_id,
+            "pool": pool_name,
+            "lane": lane,
+            "status": [s.value for s in statuses] if statuses else None,
+            "after_ts": after_ts,
+            "after_id": after_id,
+            "limit": limit + 1,
+        }
+        async with connect(self.pool) as conn:
+            cur = conn.cursor(row_factory=task_row)
+            await cur.execute(LIST_ALL, params)
+            tasks = await cur.fetchall()
+        more = len(tasks) > limit
+        tasks = tasks[:limit]
+        return Page(tasks, encode_cursor(tasks[-1]) if more else None)
 
     async def listeners(self) -> int:
         """How many replicas hold their LISTEN connection now (one per running replica)."""
