@@ -148,7 +148,9 @@ async def test_an_interactive_task_behind_1000_batch_tasks_is_claimed_next(
         assert r.status_code == 201
         interactive = r.json()["id"]
         bound = await http.post(
-            "/v1/worker/sessions", json={"pools": [POOL], "capacity": 1}, headers=auth(tokens.worker)
+            "/v1/worker/sessions",
+            json={"pools": [POOL], "capacity": 1},
+            headers=auth(tokens.worker),
         )
     [first] = bound.json()["tasks"]
     assert first["id"] == interactive
