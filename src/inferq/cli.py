@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCENARIO",
         action="append",
         help="run only this scenario (repeatable): ceiling, pipeline, claim, wake, relay, "
-        "waiters, http, memory, replicas",
+        "waiters, http, memory, batch, replicas, fairness",
     )
     p.set_defaults(func=_server(_lazy("inferq.bench.command:bench_command")))
     return parser
