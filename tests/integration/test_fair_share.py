@@ -16,6 +16,8 @@ import pytest
 
 from inferq.db.pool import Pool
 from inferq.db.tasks import TaskRepository
+from inferq.db.tokens import TokenRepository
+from inferq.domain.lanes import LanePolicy
 from inferq.settings import Settings
 from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, make_tokens, serve_app
 
@@ -148,6 +150,31 @@ async def test_weights_3_to_1_share_completions_3_to_1(app: tuple[Server, Tokens
             await asyncio.wait_for(worker.reached.wait(), 240)
     share = sum(o == "heavy" for _, o in worker.done[:400]) / 400
     assert 0.70 <= share <= 0.80, share
+
+
+async def test_claims_follow_the_weights_and_serve_an_idle_owner_at_once(pool: Pool) -> None:
+    tokens, repo = TokenRepository(pool), TaskRepository(pool)
+    await tokens.create("heavy", "client", policy=LanePolicy(weight=3))
+    await tokens.create("light", "client", policy=LanePolicy(weight=1))
+    async with pool.connection() as conn:  # both saturate the lane
+        await conn.execute(
+            "INSERT INTO inferq.task (pool_name, request_body, owner_id) "
+            "SELECT 'p1', '{}', o FROM unnest('{heavy,light}'::text[]) o, generate_series(1, 150)"
+        )
+    session = uuid.uuid4()
+
+    async def claim_owners(n: int) -> list[str]:
+        return [
+            (await repo.claim(session, ["p1"], limit=1, lease_s=30))[0].owner_id for _ in range(n)
+        ]
+
+    served = await claim_owners(200)
+    # 3:1, but for a tie the decay (in database time) may tip either way.
+    assert abs(served.count("heavy") - 150) <= 2, served.count("heavy")
+    # A newcomer that has used nothing lately goes first, until it has had its share.
+    await repo.enqueue(owner_id="idle", pool_name="p1", request_body={})
+    await repo.enqueue(owner_id="idle", pool_name="p1", request_body={})
+    assert await claim_owners(2) == ["idle", "idle"]
 
 
 async def test_an_aged_batch_task_goes_before_a_saturated_interactive_lane(pool: Pool) -> None:
