@@ -10,8 +10,7 @@ from psycopg import sql
 
 from inferq.db.errors import connect
 from inferq.db.pool import Pool
-from inferq.db.rows import TASK_SELECT, render, task_row
-from inferq.db.tasks import decode_cursor, encode_cursor
+from inferq.db.rows import TASK_SELECT, decode_cursor, encode_cursor, render, task_row
 from inferq.domain.records import Page, QueueStats
 from inferq.domain.task import TaskStatus
 from inferq.errors import DatabaseUnavailable

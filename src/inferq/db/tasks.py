@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 from psycopg.types.json import Jsonb
 
 from inferq.db.errors import connect
 from inferq.db.pool import Pool
-from inferq.db.rows import task_row
+from inferq.db.rows import decode_cursor, encode_cursor, task_row
 from inferq.db.task_queries import (
     CANCEL,
     CLAIM,
@@ -50,21 +48,6 @@ from inferq.errors import (
     TaskNotFound,
 )
 from inferq.jsontext import dumps
-
-
-def encode_cursor(task: Task) -> str:
-    raw = orjson.dumps([task.created_at.isoformat(), str(task.id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """Parse a listing cursor; raises ValueError when it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        ts, task_id = orjson.loads(raw)
-        return datetime.fromisoformat(ts), UUID(task_id)
-    except Exception as exc:
-        raise ValueError(f"invalid cursor {cursor!r}") from exc
 
 
 class TaskRepository:
