@@ -117,7 +117,8 @@ _DECAYED = sql.SQL(
 # rows. A bound session never holds more than its capacity, and an expired one claims nothing;
 # an id with no session row claims up to the limit (tests, tools) or, when %(unbound)s is 0,
 # nothing. The use of each owner served is then added to its fair_share row, locked in key
-# order (two claims serving the same owner queue there for a commit, never deadlock).
+# order (two claims serving the same owner queue there for a commit, never deadlock). The rows
+# come back in lane order, then priority, then FIFO: the order a worker should start them in.
 CLAIM = render(
     sql.SQL(
         """
@@ -177,7 +178,8 @@ WITH room AS (
     UPDATE inferq.fair_share f SET usage = ({decayed}) + s.n, usage_at = now()
     FROM served s WHERE (f.pool_name, f.lane, f.owner_id) = (s.pool_name, s.lane, s.owner_id)
 )
-SELECT * FROM claimed
+SELECT * FROM claimed c
+ORDER BY array_position(%(lanes)s::text[], c.lane), c.priority DESC, c.created_at, c.id
 """
     ).format(task_select=TASK_SELECT, decayed=_DECAYED)
 )
