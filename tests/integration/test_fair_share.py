@@ -159,7 +159,7 @@ async def test_claims_follow_the_weights_and_serve_an_idle_owner_at_once(pool: P
     async with pool.connection() as conn:  # both saturate the lane
         await conn.execute(
             "INSERT INTO inferq.task (pool_name, request_body, owner_id) "
-            "SELECT 'p1', '{}', o FROM unnest('{heavy,light}'::text[]) o, generate_series(1, 150)"
+            "SELECT 'p1', '{}', o FROM unnest('{heavy,light}'::text[]) o, generate_series(1, 300)"
         )
     session = uuid.uuid4()
 
