@@ -50,6 +50,11 @@ from inferq.errors import (
 from inferq.jsontext import dumps
 
 
+def scheduling_params(aging_s: float = 300.0, half_life_s: float = 60.0) -> dict[str, Any]:
+    """The claim's scheduling parameters (INFERQ_AGING_S, INFERQ_FAIR_SHARE_HALF_LIFE_S)."""
+    return {"lanes": list(LANES), "aging_s": aging_s, "half_life_s": half_life_s}
+
+
 class TaskRepository:
     """Reads and guarded writes of inferq.task over a pool of autocommit connections.
 
@@ -62,12 +67,7 @@ class TaskRepository:
         self, pool: Pool, *, aging_s: float = 300.0, fair_share_half_life_s: float = 60.0
     ) -> None:
         self.pool = pool
-        # The claim's scheduling (INFERQ_AGING_S, INFERQ_FAIR_SHARE_HALF_LIFE_S).
-        self.scheduling = {
-            "lanes": list(LANES),
-            "aging_s": aging_s,
-            "half_life_s": fair_share_half_life_s,
-        }
+        self.scheduling = scheduling_params(aging_s, fair_share_half_life_s)
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
         async with connect(self.pool) as conn:
