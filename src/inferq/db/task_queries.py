@@ -117,7 +117,9 @@ _DECAYED = sql.SQL(
 # rows. A bound session never holds more than its capacity, and an expired one claims nothing;
 # an id with no session row claims up to the limit (tests, tools) or, when %(unbound)s is 0,
 # nothing. The use of each owner served is then added to its fair_share row, locked in key
-# order (two claims serving the same owner queue there for a commit, never deadlock). The rows
+# order (two claims serving the same owner queue there for a commit, never deadlock). The
+# update finds its rows by id (= ANY(ARRAY(...)): a join there may be planned as a scan of the
+# whole table when its statistics are stale, and a row picked twice is updated once). The rows
 # come back in lane order, then priority, then FIFO: the order a worker should start them in.
 CLAIM = render(
     sql.SQL(
@@ -164,7 +166,7 @@ WITH room AS (
     UPDATE inferq.task t
     SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(),
         attempt = t.attempt + 1, lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-    FROM (SELECT DISTINCT id FROM picked) picked WHERE t.id = picked.id
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING {task_select}
 ), served AS (
     SELECT f.pool_name, f.lane, f.owner_id, u.n
