@@ -28,7 +28,9 @@ from inferq.db.pool import create_pool
 from inferq.settings import Settings
 from tests import system_packages
 
-TEMPLATE = "inferq_template"
+# One template per test session: sessions of other checkouts (other migrations) may share the
+# server, and must not drop or reuse each other's template.
+TEMPLATE = f"inferq_template_{os.getpid()}"
 _counter = itertools.count()
 
 
@@ -118,7 +120,7 @@ class _External:
 
 
 @pytest.fixture(scope="session")
-def template_dsn(pg_server: Any) -> str:
+def template_dsn(pg_server: Any) -> Iterator[str]:
     """A database migrated once per session; tests clone it."""
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
         conn.execute(
@@ -127,7 +129,11 @@ def template_dsn(pg_server: Any) -> str:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
     dsn = pg_server.dsn_for(TEMPLATE)
     Migrator(dsn).migrate()
-    return str(dsn)
+    yield str(dsn)
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
 
 
 @pytest.fixture

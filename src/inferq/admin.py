@@ -1,4 +1,4 @@
-"""`inferq token | llm | status`: administration straight against the database.
+"""`inferq token | llm | status | tasks`: administration straight against the database.
 
 They use INFERQ_DATABASE_URL, or the embedded database of INFERQ_DATA_DIR (started for the
 command when `inferq serve` is not running, and stopped again afterwards).
@@ -18,8 +18,10 @@ from inferq.db.llms import LlmRepository
 from inferq.db.pool import Pool, create_pool
 from inferq.db.stats import StatsRepository
 from inferq.db.tokens import TokenRepository
-from inferq.domain.records import Llm, Role
-from inferq.errors import ConfigurationError
+from inferq.domain.lanes import LANES, LanePolicy
+from inferq.domain.records import ApiToken, Llm, Role
+from inferq.domain.task import TaskStatus
+from inferq.errors import ConfigurationError, InvalidValue
 from inferq.settings import Settings
 
 T = TypeVar("T")
@@ -61,16 +63,29 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: Pool) -> int:
         tokens = TokenRepository(pool)
         if args.token_command == "create":
+            defaults = LanePolicy()
+            policy = LanePolicy(
+                args.lanes or defaults.lanes,
+                defaults.priority_min if args.priority_min is None else args.priority_min,
+                defaults.priority_max if args.priority_max is None else args.priority_max,
+                defaults.weight if args.weight is None else args.weight,
+            )
             try:
                 token, secret = await tokens.create(
-                    args.owner, cast(Role, args.role), pools=args.pools, label=args.label
+                    args.owner,
+                    cast(Role, args.role),
+                    pools=args.pools,
+                    label=args.label,
+                    policy=policy,
                 )
             except ValueError as exc:
                 raise ConfigurationError(f"--pools: {exc}") from None
+            except InvalidValue as exc:
+                raise ConfigurationError(str(exc)) from None
             print(secret)
             print(
                 f"token {token.id} owner={token.owner_id} role={token.role} "
-                f"pools={','.join(token.pools) if token.pools else '*'} "
+                f"pools={','.join(token.pools) if token.pools else '*'} {_policy(token)} "
                 "(the secret above is shown once)",
                 file=sys.stderr,
             )
@@ -80,17 +95,82 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
                 state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
                 pools = ",".join(t.pools) if t.pools else "*"
                 print(
-                    f"{t.id}  {t.owner_id:20} {t.role:7} pools={pools:20} {state}  {t.label or ''}"
+                    f"{t.id}  {t.owner_id:20} {t.role:7} pools={pools:20} {_policy(t)} "
+                    f"{state}  {t.label or ''}"
                 )
             return 0
         try:
             token_id = UUID(args.token_id)
         except ValueError:
             raise ConfigurationError(f"{args.token_id!r} is not a token id") from None
+        if args.token_command == "update":
+            try:
+                updated = await tokens.update_policy(
+                    token_id,
+                    lanes=args.lanes,
+                    priority_min=args.priority_min,
+                    priority_max=args.priority_max,
+                    weight=args.weight,
+                )
+            except InvalidValue as exc:
+                raise ConfigurationError(str(exc)) from None
+            if updated is None:
+                print(f"inferq: token {token_id} does not exist or is revoked", file=sys.stderr)
+                return 1
+            print(f"updated {token_id}: {_policy(updated)}")
+            return 0
         if not await tokens.revoke(token_id):
             print(f"inferq: token {token_id} does not exist or is already revoked", file=sys.stderr)
             return 1
         print(f"revoked {token_id}")
+        return 0
+
+    return with_pool(settings, work)
+
+
+def _policy(token: ApiToken) -> str:
+    return (
+        f"lanes={','.join(token.lanes)} priority={token.priority_min}..{token.priority_max} "
+        f"weight={token.weight}"
+    )
+
+
+def tasks_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`inferq tasks`: tasks of every owner, newest first, filtered by owner, pool, lane and
+    status (what GET /v1/admin/tasks answers)."""
+    try:
+        statuses = [TaskStatus(s) for s in args.status or ()]
+    except ValueError as exc:
+        raise ConfigurationError(f"--status: {exc}") from None
+
+    async def work(pool: Pool) -> int:
+        page = await StatsRepository(pool).list_tasks(
+            owner_id=args.owner,
+            pool_name=args.pool,
+            lane=args.lane,
+            statuses=statuses or None,
+            limit=args.limit,
+        )
+        for t in page.tasks:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "id": str(t.id),
+                            "owner": t.owner_id,
+                            "pool": t.pool_name,
+                            "lane": t.lane,
+                            "status": t.status.value,
+                            "priority": t.priority,
+                            "created_at": t.created_at.isoformat(),
+                        }
+                    )
+                )
+            else:
+                print(
+                    f"{t.id}  {t.owner_id:20} pool={t.pool_name:16} lane={t.lane:11} "
+                    f"{t.status.value:9} priority={t.priority} {t.created_at:%Y-%m-%d %H:%M:%S}"
+                )
         return 0
 
     return with_pool(settings, work)
@@ -163,6 +243,11 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
         for pool_name, counts in sorted(stats.tasks.items()):
             line = "  ".join(f"{status}={n}" for status, n in sorted(counts.items()))
             print(f"pool {pool_name:20} {line}")
+            lanes = stats.lanes.get(pool_name, {})
+            for lane in LANES:
+                if lane in lanes:
+                    n, age = lanes[lane]
+                    print(f"  lane {lane:12} pending={n}  oldest={age:.1f}s")
         return 0
 
     return with_pool(settings, work)

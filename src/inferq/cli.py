@@ -1,5 +1,5 @@
-"""The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | batch |
-bench."""
+"""The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | tasks |
+batch | bench."""
 
 from __future__ import annotations
 
@@ -109,10 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--role", choices=["client", "worker", "admin"], default="client")
     t.add_argument("--pools", nargs="*", help="worker tokens: pools it may serve (default all)")
     t.add_argument("--label")
+    _lane_policy_args(t)
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token by id")
     t.add_argument("token_id")
+    t = tsub.add_parser("update", help="change a token's lanes, priority range or weight")
+    t.add_argument("token_id")
+    _lane_policy_args(t)
     p.set_defaults(func=_server(_lazy("inferq.admin:token_command")))
+
+    p = sub.add_parser("tasks", help="list tasks of every owner, newest first (admins)")
+    p.add_argument("--owner")
+    p.add_argument("--pool")
+    p.add_argument("--lane", choices=["interactive", "default", "batch"])
+    p.add_argument("--status", nargs="*", help="pending, claimed, running, completed, ...")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_server(_lazy("inferq.admin:tasks_command")))
 
     p = sub.add_parser("llm", help="manage the LLM registry (model name -> pool)")
     lsub = p.add_subparsers(dest="llm_command", required=True)
@@ -131,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_server(_lazy("inferq.admin:llm_command")))
 
     p = sub.add_parser(
-        "status", help="running replicas, live worker sessions, tasks per pool and status"
+        "status",
+        help="running replicas, live worker sessions, tasks per pool and status, depth and "
+        "oldest wait per pool and lane",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_server(_lazy("inferq.admin:status_command")))
@@ -148,10 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCENARIO",
         action="append",
         help="run only this scenario (repeatable): ceiling, pipeline, claim, wake, relay, "
-        "waiters, http, memory, replicas",
+        "waiters, http, memory, batch, replicas, fairness",
     )
     p.set_defaults(func=_server(_lazy("inferq.bench.command:bench_command")))
     return parser
+
+
+def _lane_policy_args(p: argparse.ArgumentParser) -> None:
+    """Scheduling options of `token create` and `token update` (README, "Lanes and fair
+    share"); omitted on create: every lane and priority, weight 1."""
+    p.add_argument(
+        "--lanes", nargs="+", choices=["interactive", "default", "batch"], help="lanes it may use"
+    )
+    p.add_argument("--priority-min", type=int, help="lowest priority it may ask for")
+    p.add_argument("--priority-max", type=int, help="highest priority it may ask for")
+    p.add_argument("--weight", type=int, help="its owner's share of a lane (default 1)")
 
 
 def _lazy(target: str) -> Command:

@@ -123,7 +123,12 @@ class Replica:
         settings = self.settings
         self.pool = pool = create_pool(settings, self.dsn)
         await pool.open(wait=True, timeout=30.0)
-        tasks, chunks = TaskRepository(pool), ChunkRepository(pool)
+        tasks = TaskRepository(
+            pool,
+            aging_s=settings.aging_s,
+            fair_share_half_life_s=settings.fair_share_half_life_s,
+        )
+        chunks = ChunkRepository(pool)
         sessions, tokens = WorkerSessionRepository(pool), TokenRepository(pool)
         hub = Hub()
         self.listener = Listener(

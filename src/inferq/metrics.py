@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from inferq.domain.lanes import LANES
 from inferq.domain.records import QueueStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -83,14 +84,15 @@ class Metrics:
             registry=r,
         )
         # What autoscaling and alerts read (README, "Autoscaling"): how much waits, and for
-        # how long. Per pool; lanes add a "lane" label when the scheduling work lands.
+        # how long. Per pool and lane (inferq.domain.lanes): every lane of every pool that has
+        # tasks, 0 when nothing waits there; `sum by (pool)` gives the pool's figure.
         self.queue_depth = Gauge(
-            "inferq_queue_depth", "Pending tasks by pool", ["pool"], registry=r
+            "inferq_queue_depth", "Pending tasks by pool and lane", ["pool", "lane"], registry=r
         )
         self.queue_oldest_age = Gauge(
             "inferq_queue_oldest_pending_age_seconds",
-            "How long the oldest pending task of a pool has waited",
-            ["pool"],
+            "How long the oldest pending task of a pool and lane has waited",
+            ["pool", "lane"],
             registry=r,
         )
         self.sessions = Gauge("inferq_worker_sessions", "Live worker sessions", registry=r)
@@ -148,8 +150,11 @@ class Metrics:
         for pool_name, counts in stats.tasks.items():
             for status, n in counts.items():
                 self.tasks.labels(pool_name, status).set(n)
-            self.queue_depth.labels(pool_name).set(counts.get("pending", 0))
-            self.queue_oldest_age.labels(pool_name).set(stats.oldest_pending_s.get(pool_name, 0))
+            lanes = stats.lanes.get(pool_name, {})
+            for lane in LANES:
+                n, age = lanes.get(lane, (0, 0.0))
+                self.queue_depth.labels(pool_name, lane).set(n)
+                self.queue_oldest_age.labels(pool_name, lane).set(age)
         self.sessions.set(stats.sessions)
 
     def set_listener(self, listener: Any) -> None:

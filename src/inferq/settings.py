@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
 
+    # Scheduling (README, "Lanes and fair share"). A pending task that has waited aging_s is
+    # claimed before every lane and priority, oldest first. An owner's recent use, which sets
+    # its share of a lane, halves every fair_share_half_life_s.
+    aging_s: float = Field(default=300.0, gt=0)
+    fair_share_half_life_s: float = Field(default=60.0, gt=0)
+
     # Maintenance.
     maintenance_interval_s: float = Field(default=5.0, gt=0)
     pending_timeout_s: float = Field(default=3600.0, gt=0)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PoolName = str
 JsonValue = Any
+LaneName = Literal["interactive", "default", "batch"]  # inferq.domain.lanes
 
 # The inferq.pool_name domain of sql/0001_schema.sql: what a task's pool can be.
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}", re.ASCII)
@@ -56,6 +57,8 @@ class SubmitRequest(_Wire):
     agent_id: str | None = Field(default=None, max_length=200)
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
+    # inferq.domain.lanes; the token must allow it (403 otherwise).
+    lane: LaneName = "default"
 
 
 class TaskOut(_Lenient):
@@ -72,6 +75,7 @@ class TaskOut(_Lenient):
     attempt: int = 0
     max_attempts: int = 1
     priority: int = 0
+    lane: str = "default"
     agent_id: str | None = None
     created_at: datetime
     claimed_at: datetime | None = None
@@ -238,6 +242,20 @@ class TokenIn(_Wire):
     # None: every pool. An empty list would be stored as NULL too, silently widening it.
     pools: list[PoolName] | None = Field(default=None, min_length=1)
     label: str | None = Field(default=None, max_length=200)
+    # Scheduling (README, "Lanes and fair share"); omitted: every lane and priority, weight 1.
+    lanes: list[LaneName] | None = Field(default=None, min_length=1, max_length=3)
+    priority_min: int | None = Field(default=None, ge=-1000, le=1000)
+    priority_max: int | None = Field(default=None, ge=-1000, le=1000)
+    weight: int | None = Field(default=None, ge=1, le=1000)
+
+
+class TokenPolicyIn(_Wire):
+    """A change of a token's lanes, priority range or weight; omitted fields stay as they are."""
+
+    lanes: list[LaneName] | None = Field(default=None, min_length=1, max_length=3)
+    priority_min: int | None = Field(default=None, ge=-1000, le=1000)
+    priority_max: int | None = Field(default=None, ge=-1000, le=1000)
+    weight: int | None = Field(default=None, ge=1, le=1000)
 
 
 class TokenOut(_Lenient):
@@ -248,6 +266,10 @@ class TokenOut(_Lenient):
     label: str | None = None
     created_at: datetime
     revoked_at: datetime | None = None
+    lanes: list[str] | None = None
+    priority_min: int | None = None
+    priority_max: int | None = None
+    weight: int | None = None
     secret: str | None = None  # only in the answer to a create
 
 
@@ -270,6 +292,17 @@ class TokenRevoked(_Lenient):
 class QueueStatsOut(_Lenient):
     pools: dict[str, dict[str, int]]  # pool -> status -> count
     sessions: dict[str, int]  # live, capacity
+    # pool -> lane -> {"pending": n, "oldest_pending_s": seconds}; only lanes with pending work
+    lanes: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class AdminTaskOut(TaskOut):
+    owner: str
+
+
+class AdminTaskPage(_Lenient):
+    data: list[AdminTaskOut]
+    next_cursor: str | None = None
 
 
 # -- worker outcomes --------------------------------------------------------------------------

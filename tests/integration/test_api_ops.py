@@ -53,7 +53,8 @@ async def test_health_ready_metrics_openapi(app: tuple[Server, Tokens]) -> None:
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"draining": "no", "listener": "ok", "database": "ok"}
     assert 'inferq_tasks{pool="gpu-a",status="pending"} 1.0' in metrics
-    assert 'inferq_queue_depth{pool="gpu-a"} 1.0' in metrics
+    assert 'inferq_queue_depth{lane="default",pool="gpu-a"} 1.0' in metrics
+    assert 'inferq_queue_depth{lane="batch",pool="gpu-a"} 0.0' in metrics
     for name in (
         "inferq_wait_seconds",
         "inferq_claim_seconds",
@@ -129,7 +130,8 @@ async def test_client_chosen_pools_cannot_grow_the_metrics_without_bound(
     assert labels[OTHER_POOLS] == f"{extra:.1f}"
     assert labels["p0"] == "1.0"
     # The database gauges still show every pool.
-    assert f'inferq_queue_depth{{pool="p{MAX_POOL_LABELS + extra - 1}"}} 1.0' in metrics
+    last = f"p{MAX_POOL_LABELS + extra - 1}"
+    assert f'inferq_queue_depth{{lane="default",pool="{last}"}} 1.0' in metrics
 
 
 async def test_hot_routes_answer_count_and_refuse_like_every_route(
@@ -283,6 +285,17 @@ SEEDED_STATS = {
 }
 
 
+def seeded_lanes(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` without its per-lane figures, once they are checked: gpu-a's 2 pending tasks,
+    in the default lane, queued a moment ago."""
+    stats = dict(stats)
+    lanes = stats.pop("lanes")
+    assert list(lanes) == ["gpu-a"] and list(lanes["gpu-a"]) == ["default"]
+    assert lanes["gpu-a"]["default"]["pending"] == 2
+    assert 0 <= lanes["gpu-a"]["default"]["oldest_pending_s"] < 300
+    return stats
+
+
 def seed_queue(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         ids = [
@@ -314,7 +327,7 @@ async def test_admin_stats_count_tasks_per_pool_and_status_and_live_sessions(
         stats = await http.get("/v1/admin/stats", headers=auth(tokens.admin))
         refused = await http.get("/v1/admin/stats", headers=auth(tokens.alice))
     assert stats.status_code == 200
-    assert stats.json() == SEEDED_STATS
+    assert seeded_lanes(stats.json()) == SEEDED_STATS
     assert refused.status_code == 403
 
 
@@ -337,7 +350,7 @@ def test_admin_cli(
     # No replica runs: no session can be live, whatever time its row has left.
     assert main(["status", "--json"]) == 0
     stopped = {**SEEDED_STATS, "sessions": {"live": 0, "capacity": 0}, "replicas_listening": 0}
-    assert json.loads(capsys.readouterr().out) == stopped
+    assert seeded_lanes(json.loads(capsys.readouterr().out)) == stopped
     assert main(["status"]) == 0
     assert "no replica is running" in capsys.readouterr().out
     # A replica's LISTEN connection (what inferq.db.listener opens) makes them count.
@@ -345,7 +358,7 @@ def test_admin_cli(
         listening.execute("LISTEN inferq_task")
         assert main(["status", "--json"]) == 0
         running = json.loads(capsys.readouterr().out)
-    assert running == {**SEEDED_STATS, "replicas_listening": 1}
+    assert seeded_lanes(running) == {**SEEDED_STATS, "replicas_listening": 1}
     token_id = listed.split()[0]
     assert main(["token", "revoke", token_id]) == 0
     assert main(["token", "revoke", token_id]) == 1

@@ -119,6 +119,9 @@ async def test_a_batch_runs_on_the_queue_and_answers_every_line_once(two: Two) -
         message = o["response"]["body"]["choices"][0]["message"]["content"]
         assert message == f"answer number {i}"  # its own answer
     assert two.task_count() == 300
+    with psycopg.connect(two.dsn) as conn:  # every line ran in the batch lane
+        lanes = conn.execute("SELECT lane, count(*) FROM inferq.task GROUP BY lane").fetchall()
+    assert lanes == [("batch", 300)]
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ async def test_claim_race_claims_every_task_exactly_once(dsn: str, pool: Pool) -
             while True:
                 cur = conn.cursor(row_factory=task_row)
                 params = {"session": session, "pools": ["p1"], "limit": 3, "lease_s": 30}
-                await cur.execute(CLAIM, {**params, "unbound": 3})
+                await cur.execute(CLAIM, {**params, "unbound": 3, **repo.scheduling})
                 rows = await cur.fetchall()
                 if not rows:
                     return got

@@ -54,8 +54,8 @@ async def test_a_burst_of_scrapes_reads_the_queue_once_per_interval(
     assert reads_after_burst == 1
     assert reads_within == 1
     assert stats.queue_reads == 2
-    assert f'inferq_queue_depth{{pool="{POOL}"}}' not in stale
-    assert f'inferq_queue_depth{{pool="{POOL}"}} 1.0' in fresh
+    assert f'inferq_queue_depth{{lane="default",pool="{POOL}"}}' not in stale
+    assert f'inferq_queue_depth{{lane="default",pool="{POOL}"}} 1.0' in fresh
 
 
 async def test_a_metrics_token_is_required_when_set(settings: Settings, dsn: str) -> None:

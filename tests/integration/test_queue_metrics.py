@@ -1,7 +1,7 @@
 """/metrics tells how much waits in each pool and for how long: what alerts and autoscalers read.
 
-``inferq_queue_depth{pool}`` is the pending count and
-``inferq_queue_oldest_pending_age_seconds{pool}`` how long the oldest pending task has waited,
+``inferq_queue_depth{pool,lane}`` is the pending count and
+``inferq_queue_oldest_pending_age_seconds{pool,lane}`` how long the oldest pending task has waited,
 in database time. Tasks held by workers or ended do not count; a pool with nothing pending
 reads 0.
 """
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.db
 AGED_S = 90
 
 
-def series(metrics: str, name: str) -> dict[str, float]:
-    """pool label -> value of ``name`` in a Prometheus text page."""
-    found = re.findall(rf'^{name}\{{pool="([^"]+)"\}} (\S+)$', metrics, re.M)
+def series(metrics: str, name: str, lane: str = "default") -> dict[str, float]:
+    """pool label -> value of ``name`` for ``lane`` in a Prometheus text page."""
+    found = re.findall(rf'^{name}\{{lane="{lane}",pool="([^"]+)"\}} (\S+)$', metrics, re.M)
     return {pool: float(value) for pool, value in found}
 
 

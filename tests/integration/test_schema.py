@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from inferq.db.pool import Pool
 from inferq.db.task_queries import CLAIM, FIND_PENDING, HELD_BY_SESSION
-from inferq.db.tasks import TaskRepository
+from inferq.db.tasks import TaskRepository, scheduling_params
 
 pytestmark = pytest.mark.db
 
@@ -68,7 +68,7 @@ def pending_in_drain_order(conn: psycopg.Connection[Any], pools: list[str]) -> l
 def claim_one(conn: psycopg.Connection[Any], pools: list[str]) -> Any:
     """The repository's own claim (CLAIM) of a single task for a session with no row."""
     params = {"session": uuid.uuid4(), "pools": pools, "limit": 1, "lease_s": 30, "unbound": 1}
-    rows = conn.execute(CLAIM, params).fetchall()
+    rows = conn.execute(CLAIM, {**params, **scheduling_params()}).fetchall()
     return rows[0][0] if rows else None
 
 
@@ -132,16 +132,24 @@ def explain(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -
     return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params).fetchall())
 
 
+PENDING_ONLY = ("lane_drain", "pending_pool_age", "pending_age")
+
+
 @pytest.mark.parametrize("pools", [["pool-3"], ["pool-0"], ["pool-1", "pool-6"]])
-def test_drain_and_claim_plans_use_the_pending_drain_index(dsn: str, pools: list[str]) -> None:
+def test_drain_and_claim_plans_use_the_pending_indexes(dsn: str, pools: list[str]) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         load_a_settled_queue(conn)
         params = {"pools": pools, "limit": 8}
         drain = explain(conn, FIND_PENDING, params)
         params = {**params, "session": uuid.uuid4(), "lease_s": 30, "unbound": 8}
-        claim = explain(conn, CLAIM, params)
-    assert "task_pending_drain_idx" in drain, drain
-    assert "task_pending_drain_idx" in claim, claim
+        claim = explain(conn, CLAIM, {**params, **scheduling_params()})
+    # sql/0006_scheduling.sql: the claim reads each owner's head through task_lane_drain_idx
+    # and aged tasks through task_pending_pool_age_idx; nothing reads the ended rows.
+    assert "task_lane_drain_idx" in claim and "task_pending_pool_age_idx" in claim, claim
+    assert "Seq Scan on task" not in claim, claim
+    # The drain view (not the claim) reads the pending rows through any pending-only index.
+    assert any(f"task_{name}_idx" in drain for name in PENDING_ONLY), drain
+    assert "Seq Scan on task" not in drain, drain
 
 
 def test_held_by_session_returns_only_claimed_and_running_rows_of_that_session(dsn: str) -> None:

@@ -44,6 +44,8 @@ DASHBOARD = "src/inferq/services/dashboard.py"
 DASHBOARD_ROUTES = "src/inferq/api/dashboard.py"
 DASHBOARD_TESTS = "tests/integration/test_dashboard.py"
 BROWSER_TESTS = "tests/browser/test_dashboard_browser.py"
+FAIR_TESTS = "tests/integration/test_fair_share.py"
+LANE_TESTS = "tests/integration/test_lanes.py"
 
 
 def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
@@ -55,14 +57,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "claim_ignores_priority",
         "a priority 10 task waits behind older priority 0 work",
-        _one(TASKS, "    ORDER BY q.priority DESC, q.created_at, q.id\n",
-             "    ORDER BY q.created_at, q.id\n"),
+        _one(TASKS, "            ORDER BY q.priority DESC, q.created_at, q.id\n",
+             "            ORDER BY q.created_at, q.id\n"),
         (f"{CLAIM_TESTS}::test_claim_takes_priority_then_fifo_and_only_requested_pools",),
     ),
     Mutant(
         "claim_without_skip_locked",
         "claimers queue behind each other's row locks instead of taking other rows",
-        _one(TASKS, 'lock=sql.SQL("FOR UPDATE SKIP LOCKED")', 'lock=sql.SQL("FOR UPDATE")'),
+        _one(TASKS, "            LIMIT (SELECT n FROM wanted)\n            FOR UPDATE SKIP LOCKED\n         ) h",
+             "            LIMIT (SELECT n FROM wanted)\n            FOR UPDATE\n         ) h"),
         (f"{CLAIM_TESTS}::test_a_claim_skips_a_locked_row_instead_of_waiting_for_it",),
         timeout_s=30.0,
     ),
@@ -517,5 +520,52 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("src/inferq/api/app.py", 'swagger_js_url="/docs/assets/swagger-ui-bundle.js",',
              'swagger_js_url="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js",'),
         (f"{DASHBOARD_TESTS}::test_docs_are_served_from_the_package",),
+    ),
+    # -- scheduling: lanes, fair share, aging (#15) ---------------------------------------------
+    Mutant(
+        "fair_share_serves_owners_in_name_order",
+        "one owner's backlog holds back every owner whose name sorts after it",
+        _one(TASKS, "ORDER BY ({decayed}) / f.weight, f.owner_id", "ORDER BY f.owner_id"),
+        (f"{FAIR_TESTS}::test_claims_follow_the_weights_and_serve_an_idle_owner_at_once",),
+    ),
+    Mutant(
+        "fair_share_ignores_weights",
+        "a team given weight 3 gets no more of the GPUs than a team with weight 1",
+        _one(TASKS, "ORDER BY ({decayed}) / f.weight, f.owner_id", "ORDER BY ({decayed}), f.owner_id"),
+        (f"{FAIR_TESTS}::test_claims_follow_the_weights_and_serve_an_idle_owner_at_once",),
+    ),
+    Mutant(
+        "fair_share_never_counts_use",
+        "the claim never records what an owner used: the first owner by name takes everything",
+        _one(TASKS, "SET usage = ({decayed}) + s.n, usage_at = now()", "SET usage = 0"),
+        (f"{FAIR_TESTS}::test_claims_follow_the_weights_and_serve_an_idle_owner_at_once",),
+    ),
+    Mutant(
+        "lanes_served_batch_first",
+        "an interactive request waits behind a whole batch backlog",
+        _one("src/inferq/domain/lanes.py", 'LANES: tuple[Lane, ...] = ("interactive", "default", "batch")',
+             'LANES: tuple[Lane, ...] = ("batch", "default", "interactive")'),
+        (f"{LANE_TESTS}::test_an_interactive_task_behind_1000_batch_tasks_is_claimed_next",),
+    ),
+    Mutant(
+        "aging_never_applies",
+        "a batch task starves for as long as the lanes above it stay busy",
+        _one(TASKS, "AND q.created_at < now() - make_interval(secs => %(aging_s)s)",
+             "AND q.created_at < now() - make_interval(secs => %(aging_s)s) * 1000"),
+        (f"{FAIR_TESTS}::test_an_aged_batch_task_goes_before_a_saturated_interactive_lane",),
+    ),
+    Mutant(
+        "lane_permission_not_checked",
+        "any client token can jump the queue with lane interactive and priority 1000",
+        _one("src/inferq/services/tasks.py", "        if refusal is not None:\n            raise Forbidden(refusal)",
+             "        if refusal is not None and False:\n            raise Forbidden(refusal)"),
+        (f"{LANE_TESTS}::test_a_lane_or_priority_the_token_may_not_use_is_403_naming_what_it_may",),
+    ),
+    Mutant(
+        "priority_range_has_no_top",
+        "a token limited to priorities 0 to 5 submits at priority 1000",
+        _one("src/inferq/domain/lanes.py", "self.priority_min <= priority <= self.priority_max",
+             "self.priority_min <= priority"),
+        (f"{LANE_TESTS}::test_a_lane_or_priority_the_token_may_not_use_is_403_naming_what_it_may",),
     ),
 )  # fmt: skip

@@ -1,9 +1,10 @@
 """The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 
 The request body is queued as is; ``model`` picks the pool through the registry and
-``stream`` decides streaming. A sync call answers the worker's response verbatim (502
-``task_failed`` with the worker's message when it fails); a streaming call relays the worker's
-chunks (see inferq.api.sse). What happens to a task whose caller left is the completion
+``stream`` decides streaming, and ``service_tier`` the lane (``priority`` -> interactive,
+``default``/``auto`` -> default, ``flex`` -> batch). A sync call answers the worker's response
+verbatim (502 ``task_failed`` with the worker's message when it fails); a streaming call relays
+the worker's chunks (see inferq.api.sse). What happens to a task whose caller left is the completion
 service's business (inferq.services.completions).
 """
 
@@ -26,6 +27,7 @@ from inferq.api.sse import (
     openai_frames,
     prepend,
 )
+from inferq.domain.lanes import DEFAULT_LANE, SERVICE_TIERS
 from inferq.domain.records import ApiToken
 from inferq.errors import InvalidRequest
 from inferq.jsontext import dumps
@@ -126,7 +128,10 @@ async def _complete(
             "or ask without `stream`",
             param="n",
         )
-    call = await svc.completions.start(token, doc, model=parsed.model, stream=stream, key=key)
+    lane = _lane(parsed.model_extra or {})
+    call = await svc.completions.start(
+        token, doc, model=parsed.model, stream=stream, key=key, lane=lane
+    )
     # The request is stored; a sync call may wait for minutes, so its parsed body is not
     # kept alive meanwhile.
     del doc, parsed
@@ -135,6 +140,18 @@ async def _complete(
         return await _stream(svc, call, headers, disconnected(request.receive))
     task = await svc.completions.answer(call, gone=disconnected(request.receive))
     return Response(dumps(task.response_body), media_type="application/json", headers=headers)
+
+
+def _lane(extra: dict[str, Any]) -> str:
+    """The lane OpenAI's ``service_tier`` asks for (inferq.domain.lanes.SERVICE_TIERS)."""
+    tier = extra.get("service_tier")
+    if tier is None:
+        return DEFAULT_LANE
+    if not isinstance(tier, str) or tier not in SERVICE_TIERS:
+        raise InvalidRequest(
+            f"service_tier must be one of {', '.join(SERVICE_TIERS)}", param="service_tier"
+        )
+    return SERVICE_TIERS[tier]
 
 
 async def _stream(

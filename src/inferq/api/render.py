@@ -46,6 +46,7 @@ def task_json(task: Task) -> dict[str, Any]:
         "attempt": task.attempt,
         "max_attempts": task.max_attempts,
         "priority": task.priority,
+        "lane": task.lane,
         "agent_id": task.agent_id,
         "created_at": task.created_at,
         "claimed_at": task.claimed_at,
@@ -102,6 +103,10 @@ def token_json(token: ApiToken, secret: str | None = None) -> dict[str, Any]:
         "label": token.label,
         "created_at": token.created_at,
         "revoked_at": token.revoked_at,
+        "lanes": token.lanes,
+        "priority_min": token.priority_min,
+        "priority_max": token.priority_max,
+        "weight": token.weight,
         "secret": secret,
     }
 

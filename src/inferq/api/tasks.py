@@ -52,6 +52,7 @@ async def submit(
         priority=body.priority,
         max_attempts=body.max_attempts,
         idempotency_key=idempotency_key,
+        lane=body.lane,
     )
     enqueued = await svc.tasks.submit(token, submission)
     return json_response(task_json(enqueued.task), 201 if enqueued.created else 200)

@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 
 from inferq import runtime
-from inferq.bench import batch, ceiling, fanout, http, latency, memory, pipeline
+from inferq.bench import batch, ceiling, fairness, fanout, http, latency, memory, pipeline
 from inferq.bench.report import FIGURES, build_report, render_table
 from inferq.bench.stats import percentile
 from inferq.db.cluster import PrivateCluster
@@ -64,11 +64,27 @@ class Sizes:
     # The replicas scenario, at each replica count: tasks woken, streams x chunks relayed;
     # and notifications sent to a replica with no waiter.
     fan_out: tuple[int, int, int, int] = (1000, 100, 200, 5000)
+    # The fairness scenario: owners x tasks each pending, then this many claims.
+    fairness: tuple[int, int, int] = (100, 100, 2000)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(1, 300, 50, 50, 20, 20, 500, 100, 8, 200, 500, fan_out=(40, 8, 16, 500))
+            return cls(
+                1,
+                300,
+                50,
+                50,
+                20,
+                20,
+                500,
+                100,
+                8,
+                200,
+                500,
+                fan_out=(40, 8, 16, 500),
+                fairness=(8, 40, 100),
+            )
         return cls(3, 20_000, 2000, 2000, 200, 500, 10_000, 2000, 16, 10_000, 50_000)
 
 
@@ -91,6 +107,7 @@ SCENARIOS = frozenset(
         "memory",
         "batch",
         "replicas",
+        "fairness",
     }
 )
 
@@ -196,6 +213,13 @@ def _scenarios(
         lambda: memory.measure_wait_memory(dsn, open_waits=sizes.open_waits, progress=progress),
     )
     yield "batch", lambda: batch.measure_batch(dsn, lines=sizes.batch_lines, progress=progress)
+    owners, per_owner, claims = sizes.fairness
+    yield (
+        "fairness",
+        lambda: runtime.run(
+            fairness.measure_fairness(dsn, owners=owners, tasks_per_owner=per_owner, claims=claims)
+        ),
+    )
     tasks, streams, chunks, notifications = sizes.fan_out
     yield (
         "replicas (fan-out)",

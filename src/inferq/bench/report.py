@@ -99,6 +99,10 @@ FIGURES = [
     Figure("batch.interactive_busy_p50_ms", "  while a batch runs, p50", "ms"),
     Figure("batch.interactive_p50_ratio", "  while a batch runs / idle, p50", "x", ("<=", 2)),
     *fan_out_figures(),
+    Figure("fairness.pending_at_start", "fairness: tasks pending (mixed weights)", "tasks"),
+    Figure("fairness.share_error_pct", "  share error against the weights", "%", ("<=", 5)),
+    Figure("fairness.claim_p50_ms", "  claim of one task, p50", "ms", ("<=", 3)),
+    Figure("fairness.claim_p99_ms", "  claim of one task, p99", "ms"),
 ]
 
 

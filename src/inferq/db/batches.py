@@ -103,8 +103,9 @@ RETURNING {cols}
 # Lines are inserted in input order; created_at (clock_timestamp) keeps that order.
 INSERT_LINES = """
 INSERT INTO inferq.task (pool_name, llm_name, model, tier, request_body, owner_id,
-                         max_attempts, batch_id, custom_id)
-SELECT l.pool, l.llm, l.model, l.tier, l.body, %(owner)s, %(max_attempts)s, %(batch)s, l.custom
+                         max_attempts, batch_id, custom_id, lane)
+SELECT l.pool, l.llm, l.model, l.tier, l.body, %(owner)s, %(max_attempts)s, %(batch)s, l.custom,
+       'batch'
 FROM jsonb_to_recordset(%(lines)s::jsonb)
     AS l(pool text, llm text, model text, tier text, body jsonb, custom text)
 """

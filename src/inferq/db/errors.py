@@ -42,6 +42,7 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "worker_session_pools_check": ("pools", "name at least one pool"),
     "llm_max_tokens_check": ("max_tokens", "max_tokens must be between 1 and 100000000"),
     "llm_max_n_check": ("max_n", "max_n must be between 1 and 1000"),
+    "api_token_priority_range": ("priority_min", "priority_min must not exceed priority_max"),
 }
 
 

@@ -1,10 +1,14 @@
-"""Row factories that turn inferq.task rows into domain Tasks."""
+"""Row factories that turn inferq.task rows into domain Tasks, and the listing cursors."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
+import orjson
 from psycopg import sql
 from psycopg.rows import BaseRowFactory, RowMaker
 
@@ -33,3 +37,19 @@ def task_row(cursor: Any) -> RowMaker[Task]:
 
 
 task_row_factory: BaseRowFactory[Task] = task_row
+
+
+# Listing cursors: (created_at, id) of the last task of a page, opaque to clients.
+def encode_cursor(task: Task) -> str:
+    raw = orjson.dumps([task.created_at.isoformat(), str(task.id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """Parse a listing cursor; raises ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        ts, task_id = orjson.loads(raw)
+        return datetime.fromisoformat(ts), UUID(task_id)
+    except Exception as exc:
+        raise ValueError(f"invalid cursor {cursor!r}") from exc

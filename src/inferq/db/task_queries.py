@@ -10,9 +10,10 @@ ENQUEUE = render(
     sql.SQL(
         """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
-                              owner_id, agent_id, priority, max_attempts, idempotency_key)
+                              owner_id, agent_id, priority, max_attempts, idempotency_key,
+                              lane)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
-        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s)
+        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s, %(lane)s)
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {task_select}
 """
@@ -53,10 +54,8 @@ LIMIT %(limit)s
     ).format(task_select=TASK_SELECT)
 )
 
-# The head of each requested pool's queue, in drain order, read per pool through
-# task_pending_drain_idx (pool_name, priority DESC, created_at, id). ``pool_name = ANY(...)``
-# cannot use the index's order: PostgreSQL then reads every pending row of every pool and
-# sorts them, on every claim (9.5 ms with 20,000 pending here, against 0.03 ms per pool).
+# Pending tasks of the requested pools by priority then FIFO, across lanes and owners (a view
+# for tools and tests, not the claim's order: see CLAIM), read per pool.
 _POOL_HEADS = sql.SQL(
     """
 SELECT c.id, c.priority, c.created_at
@@ -65,11 +64,10 @@ CROSS JOIN LATERAL (
     SELECT q.id, q.priority, q.created_at FROM inferq.task q
     WHERE q.status = 'pending' AND q.pool_name = p.name
     ORDER BY q.priority DESC, q.created_at, q.id
-    LIMIT {limit}
-    {lock}
+    LIMIT %(limit)s
 ) c
 ORDER BY c.priority DESC, c.created_at, c.id
-LIMIT {limit}
+LIMIT %(limit)s
 """
 )
 
@@ -82,7 +80,7 @@ ORDER BY t.priority DESC, t.created_at, t.id
 """
     ).format(
         task_select=TASK_SELECT,
-        heads=_POOL_HEADS.format(limit=sql.SQL("%(limit)s"), lock=sql.SQL("")),
+        heads=_POOL_HEADS,
     )
 )
 
@@ -96,12 +94,33 @@ ORDER BY t.claimed_at
     ).format(task_select=TASK_SELECT)
 )
 
-# SKIP LOCKED: racing claimers each take different rows and never wait on each other (each
-# pool's head is locked as it is read, so a locked row is stepped over, not waited for; with
-# several pools up to ``limit`` rows per pool are locked for the statement's instant, and the
-# best of them are claimed). A bound session never holds more than its capacity, and an
-# expired one claims nothing; an id with no session row claims up to the limit (tests, tools)
-# or, when %(unbound)s is 0, nothing.
+# An owner's recent use in a lane: its claims, halved every %(half_life_s)s since usage_at
+# (zero after 60 half-lives, before power() could underflow).
+_DECAYED = sql.SQL(
+    "CASE WHEN f.usage_at < now() - make_interval(secs => 60 * %(half_life_s)s) THEN 0::float8 "
+    "ELSE f.usage * power(0.5::float8, greatest(0::float8, "
+    "extract(epoch FROM now() - f.usage_at)::float8 / %(half_life_s)s)) END"
+)
+
+# The claim (README, "Lanes and fair share"; sql/0006_scheduling.sql). The rows to take, best
+# first, and only as many as are needed (the LIMITs stop each scan early):
+#   1. aging: pending tasks of the pools that waited %(aging_s)s, oldest first, whatever their
+#      lane and priority (task_pending_pool_age_idx);
+#   2. then lane by lane in %(lanes)s order, a lane read only when the ones before it left the
+#      claim short: the lane's owners by decayed use per weight (inferq.fair_share, a few rows
+#      per owner), and each owner's pending work, priority then FIFO (task_lane_drain_idx),
+#      until enough rows are found. A claim of n takes them from the first owners in that
+#      order; the use it adds decides the next claim.
+# The branches of UNION ALL and the lanes of unnest() are read in order (an Append and a nested
+# loop keep it; the claim plans no parallel workers), which is the order that LIMIT keeps.
+# SKIP LOCKED: racing claimers each take different rows and never wait on each other's task
+# rows. A bound session never holds more than its capacity, and an expired one claims nothing;
+# an id with no session row claims up to the limit (tests, tools) or, when %(unbound)s is 0,
+# nothing. The use of each owner served is then added to its fair_share row, locked in key
+# order (two claims serving the same owner queue there for a commit, never deadlock). The
+# update finds its rows by id (= ANY(ARRAY(...)): a join there may be planned as a scan of the
+# whole table when its statistics are stale, and a row picked twice is updated once). The rows
+# come back in lane order, then priority, then FIFO: the order a worker should start them in.
 CLAIM = render(
     sql.SQL(
         """
@@ -112,19 +131,59 @@ WITH room AS (
     FROM inferq.worker_session s WHERE s.id = %(session)s
 ), wanted AS (
     SELECT least(%(limit)s, coalesce((SELECT n FROM room), %(unbound)s)) AS n
-), picked AS ({heads})
-UPDATE inferq.task t
-SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(), attempt = t.attempt + 1,
-    lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-FROM picked WHERE t.id = picked.id
-RETURNING {task_select}
+), picked AS (
+    SELECT c.id FROM (
+        (SELECT a.id FROM unnest(%(pools)s::text[]) AS p(name)
+         CROSS JOIN LATERAL (
+            SELECT q.id, q.created_at FROM inferq.task q
+            WHERE q.status = 'pending' AND q.pool_name = p.name
+              AND q.created_at < now() - make_interval(secs => %(aging_s)s)
+            ORDER BY q.created_at, q.id
+            LIMIT (SELECT n FROM wanted)
+            FOR UPDATE SKIP LOCKED
+         ) a
+         ORDER BY a.created_at, a.id
+         LIMIT (SELECT n FROM wanted))
+        UNION ALL
+        (SELECT h.id FROM unnest(%(lanes)s::text[]) AS l(name)
+         CROSS JOIN LATERAL (
+            SELECT f.pool_name, f.owner_id FROM inferq.fair_share f
+            WHERE f.lane = l.name AND f.pool_name = ANY(%(pools)s::text[])
+            ORDER BY ({decayed}) / f.weight, f.owner_id
+         ) o
+         CROSS JOIN LATERAL (
+            SELECT q.id FROM inferq.task q
+            WHERE q.status = 'pending' AND q.pool_name = o.pool_name AND q.lane = l.name
+              AND q.owner_id = o.owner_id
+            ORDER BY q.priority DESC, q.created_at, q.id
+            LIMIT (SELECT n FROM wanted)
+            FOR UPDATE SKIP LOCKED
+         ) h
+         LIMIT (SELECT n FROM wanted))
+    ) c
+    LIMIT (SELECT n FROM wanted)
+), claimed AS (
+    UPDATE inferq.task t
+    SET status = 'claimed', claimed_by = %(session)s, claimed_at = now(),
+        attempt = t.attempt + 1, lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING {task_select}
+), served AS (
+    SELECT f.pool_name, f.lane, f.owner_id, u.n
+    FROM inferq.fair_share f
+    JOIN (SELECT pool_name, lane, owner_id, count(*) AS n FROM claimed
+          GROUP BY pool_name, lane, owner_id) u
+      ON (f.pool_name, f.lane, f.owner_id) = (u.pool_name, u.lane, u.owner_id)
+    ORDER BY f.pool_name, f.lane, f.owner_id
+    FOR UPDATE OF f
+), used AS (
+    UPDATE inferq.fair_share f SET usage = ({decayed}) + s.n, usage_at = now()
+    FROM served s WHERE (f.pool_name, f.lane, f.owner_id) = (s.pool_name, s.lane, s.owner_id)
+)
+SELECT * FROM claimed c
+ORDER BY array_position(%(lanes)s::text[], c.lane), c.priority DESC, c.created_at, c.id
 """
-    ).format(
-        task_select=TASK_SELECT,
-        heads=_POOL_HEADS.format(
-            limit=sql.SQL("(SELECT n FROM wanted)"), lock=sql.SQL("FOR UPDATE SKIP LOCKED")
-        ),
-    )
+    ).format(task_select=TASK_SELECT, decayed=_DECAYED)
 )
 
 # Taken before a bound claim, in the same transaction: two claims of one session (a long-poll

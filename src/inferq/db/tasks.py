@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 from psycopg.types.json import Jsonb
 
 from inferq.db.errors import connect
 from inferq.db.pool import Pool
-from inferq.db.rows import task_row
+from inferq.db.rows import decode_cursor, encode_cursor, task_row
 from inferq.db.task_queries import (
     CANCEL,
     CLAIM,
@@ -38,6 +36,7 @@ from inferq.db.task_queries import (
     REVERT_SESSION,
     START,
 )
+from inferq.domain.lanes import DEFAULT_LANE, LANES
 from inferq.domain.records import Enqueued, Finished, GcResult, Outcome, Page
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import (
@@ -51,19 +50,9 @@ from inferq.errors import (
 from inferq.jsontext import dumps
 
 
-def encode_cursor(task: Task) -> str:
-    raw = orjson.dumps([task.created_at.isoformat(), str(task.id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """Parse a listing cursor; raises ValueError when it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        ts, task_id = orjson.loads(raw)
-        return datetime.fromisoformat(ts), UUID(task_id)
-    except Exception as exc:
-        raise ValueError(f"invalid cursor {cursor!r}") from exc
+def scheduling_params(aging_s: float = 300.0, half_life_s: float = 60.0) -> dict[str, Any]:
+    """The claim's scheduling parameters (INFERQ_AGING_S, INFERQ_FAIR_SHARE_HALF_LIFE_S)."""
+    return {"lanes": list(LANES), "aging_s": aging_s, "half_life_s": half_life_s}
 
 
 class TaskRepository:
@@ -74,8 +63,11 @@ class TaskRepository:
     error that carries the task's current state.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(
+        self, pool: Pool, *, aging_s: float = 300.0, fair_share_half_life_s: float = 60.0
+    ) -> None:
         self.pool = pool
+        self.scheduling = scheduling_params(aging_s, fair_share_half_life_s)
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
         async with connect(self.pool) as conn:
@@ -103,6 +95,7 @@ class TaskRepository:
         priority: int = 0,
         max_attempts: int = 3,
         idempotency_key: str | None = None,
+        lane: str = DEFAULT_LANE,
     ) -> Enqueued:
         """Insert a pending task. The same idempotency key returns the first task (created=False).
 
@@ -120,6 +113,7 @@ class TaskRepository:
             "priority": priority,
             "max_attempts": max_attempts,
             "key": idempotency_key,
+            "lane": lane,
         }
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.
@@ -224,7 +218,8 @@ class TaskRepository:
         lease_s: float,
         bound: bool = False,
     ) -> list[Task]:
-        """Claim up to ``limit`` pending tasks of ``pools`` (priority, then FIFO), within the
+        """Claim up to ``limit`` pending tasks of ``pools`` (aged ones first, then lane by lane,
+        owners by fair share, each owner's priority then FIFO: see CLAIM), within the
         session's capacity. An expired session claims nothing; so does a missing one when
         ``bound`` (the worker API: the statement itself then vouches that the session lives),
         while without it an id with no session row is bounded by ``limit`` alone."""
@@ -236,6 +231,7 @@ class TaskRepository:
             "limit": limit,
             "lease_s": lease_s,
             "unbound": 0 if bound else limit,
+            **self.scheduling,
         }
         if not bound:
             return await self._all(CLAIM, params)
@@ -248,7 +244,8 @@ class TaskRepository:
             return await cur.fetchall()
 
     async def find_pending(self, pools: Sequence[str], limit: int = 100) -> list[Task]:
-        """Pending tasks of ``pools`` in drain order (priority, then FIFO), without claiming."""
+        """Pending tasks of ``pools`` by priority then FIFO (across lanes and owners; not the
+        claim's order), without claiming."""
         return await self._all(FIND_PENDING, {"pools": list(pools), "limit": limit})
 
     async def held_by(self, session_id: UUID) -> list[Task]:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from inferq.domain.lanes import LANES, PRIORITY_MAX, PRIORITY_MIN, LanePolicy
 from inferq.domain.task import Task, TaskStatus
 
 Role = Literal["client", "worker", "admin"]
@@ -23,9 +24,20 @@ class ApiToken:
     label: str | None
     created_at: datetime
     revoked_at: datetime | None
+    # Scheduling (sql/0006_scheduling.sql): the lanes and priorities it may ask for, and its
+    # owner's weight in the fair share of a lane.
+    lanes: list[str] = field(default_factory=lambda: list(LANES))
+    priority_min: int = PRIORITY_MIN
+    priority_max: int = PRIORITY_MAX
+    weight: int = 1
 
     def may_serve(self, pool: str) -> bool:
         return self.pools is None or pool in self.pools
+
+    @property
+    def policy(self) -> LanePolicy:
+        lanes = tuple(lane for lane in LANES if lane in self.lanes)
+        return LanePolicy(lanes, self.priority_min, self.priority_max, self.weight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +120,21 @@ class QueueStats:
     tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> status -> n
     sessions: int = 0
     capacity: int = 0
-    # pool -> seconds; pools with no pending task are absent. Per pool only: lanes (the
-    # scheduling work) bring the same figure per pool and lane.
+    # pool -> seconds; pools with no pending task are absent.
     oldest_pending_s: dict[str, float] = field(default_factory=dict)
+    # pool -> lane -> (pending tasks, seconds the oldest has waited); lanes with nothing
+    # pending are absent.
+    lanes: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "pools": self.tasks,
             "sessions": {"live": self.sessions, "capacity": self.capacity},
+            "lanes": {
+                pool: {
+                    lane: {"pending": n, "oldest_pending_s": round(age, 3)}
+                    for lane, (n, age) in lanes.items()
+                }
+                for pool, lanes in self.lanes.items()
+            },
         }

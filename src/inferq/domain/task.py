@@ -78,6 +78,7 @@ class Task:
     priority: int
     idempotency_key: str | None
     releases: int = 0
+    lane: str = "default"  # inferq.domain.lanes
 
     @property
     def terminal(self) -> bool:

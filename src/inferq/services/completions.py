@@ -33,6 +33,7 @@ import structlog
 
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
+from inferq.domain.lanes import DEFAULT_LANE
 from inferq.domain.records import ApiToken
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import (
@@ -110,13 +111,22 @@ class CompletionService:
         self._served_until: dict[str, float] = {}
 
     async def start(
-        self, token: ApiToken, body: dict[str, Any], *, model: str, stream: bool, key: str | None
+        self,
+        token: ApiToken,
+        body: dict[str, Any],
+        *,
+        model: str,
+        stream: bool,
+        key: str | None,
+        lane: str = DEFAULT_LANE,
     ) -> Call:
         """Take a wait slot and submit ``body`` (or find the task of ``key``); the caller then
         calls ``answer`` or ``follow``, which free the slot."""
         self.slots.acquire(token)
         try:
-            submission = Submission(body, model=model, streaming=stream, idempotency_key=key)
+            submission = Submission(
+                body, model=model, streaming=stream, idempotency_key=key, lane=lane
+            )
             enqueued = await self.tasks.submit(token, submission)
         except BaseException:
             self.slots.release(token)

@@ -17,9 +17,10 @@ from uuid import UUID
 
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
+from inferq.domain.lanes import DEFAULT_LANE
 from inferq.domain.records import ApiToken, Enqueued, Llm, Page
 from inferq.domain.task import Task, TaskStatus
-from inferq.errors import InvalidRequest
+from inferq.errors import Forbidden, InvalidRequest
 from inferq.metrics import Metrics
 from inferq.services.caps import check_request
 from inferq.services.drain import Drain
@@ -43,6 +44,7 @@ class Submission:
     priority: int = 0
     max_attempts: int | None = None
     idempotency_key: str | None = None
+    lane: str = DEFAULT_LANE  # inferq.domain.lanes
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +85,13 @@ class TaskService:
         self.metrics = metrics
 
     async def submit(self, token: ApiToken, submission: Submission) -> Enqueued:
-        """Route and enqueue. Raises ShuttingDown, TooManyPending, UnknownModel,
-        InvalidRequest, AboveCap (inferq.services.caps), IdempotencyConflict."""
+        """Route and enqueue. Raises ShuttingDown, Forbidden (a lane or priority the token may
+        not use), TooManyPending, UnknownModel, InvalidRequest, AboveCap
+        (inferq.services.caps), IdempotencyConflict."""
         self.drain.check()
+        refusal = token.policy.refusal(submission.lane, submission.priority)
+        if refusal is not None:
+            raise Forbidden(refusal)
         key = submission.idempotency_key
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidRequest(
@@ -109,6 +115,7 @@ class TaskService:
             priority=submission.priority,
             max_attempts=submission.max_attempts or self.settings.max_attempts,
             idempotency_key=key,
+            lane=submission.lane,
         )
         if enqueued.created:
             self.metrics.submitted.labels(self.metrics.pool_label(pool_name)).inc()
