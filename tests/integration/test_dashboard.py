@@ -181,6 +181,39 @@ async def test_every_page_renders(server: Server, tokens: Tokens) -> None:
             assert (await http.get(asset)).status_code == 200
 
 
+async def test_the_overview_and_the_task_search_are_per_pool_and_lane(
+    server: Server, tokens: Tokens
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        ids: dict[str, list[str]] = {"interactive": [], "batch": []}
+        for lane, count in (("interactive", 1), ("batch", 3)):
+            for _ in range(count):
+                r = await http.post(
+                    "/v1/tasks",
+                    json={"model": MODEL, "lane": lane, "request": {"prompt": "x"}},
+                    headers=auth(tokens.bob),
+                )
+                assert r.status_code in (200, 201, 202), r.text
+                ids[lane].append(r.json()["id"])
+        await login(http, tokens.admin)
+        page = (await http.get("/dashboard/overview")).text
+        rows = {
+            lane: re.search(
+                rf'<tr data-pool="{POOL}" data-lane="{lane}">.*?class="num pending">(\d+)<',
+                page,
+                re.S,
+            )
+            for lane in ("interactive", "default", "batch")
+        }
+        assert rows["interactive"] and rows["interactive"].group(1) == "1"
+        assert rows["batch"] and rows["batch"].group(1) == "3"
+        assert rows["default"] is None, "a lane with nothing queued has no row"
+        found = (await http.get(f"/dashboard/tasks?pool={POOL}&lane=batch")).text
+        assert all(i[:8] in found for i in ids["batch"])
+        assert ids["interactive"][0][:8] not in found
+        assert (await http.get("/dashboard/tasks?lane=express")).status_code == 400
+
+
 async def test_docs_are_served_from_the_package(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         page = await http.get("/docs")

@@ -30,6 +30,7 @@ from inferq.api.pages import STATIC, render
 from inferq.api.render import json_response
 from inferq.api.sse import EventStream
 from inferq.domain.dashboard import DashboardLogin, TaskFilter
+from inferq.domain.lanes import LANES
 from inferq.domain.task import TaskStatus
 from inferq.errors import InferqError, InvalidRequest, RouteNotFound
 from inferq.jsontext import dumps
@@ -89,14 +90,17 @@ def task_filter(
     pool: str | None = None,
     status: str | None = None,
     since_min: int | None = Query(default=None, ge=1, le=7 * 24 * 60),
+    lane: str | None = None,
 ) -> TaskFilter:
     """The tasks page's search, from its query string (empty fields are no filter)."""
     if status and status not in {s.value for s in TaskStatus}:
         raise InvalidRequest(f"status must be one of {', '.join(s.value for s in TaskStatus)}")
+    if lane and lane not in LANES:
+        raise InvalidRequest(f"lane must be one of {', '.join(LANES)}")
     # From the start of the minute: pages with the same search share one topic of the Feed.
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     since = now - timedelta(minutes=since_min) if since_min else None
-    return TaskFilter(owner or None, pool or None, status or None, since)
+    return TaskFilter(owner or None, pool or None, status or None, since, lane or None)
 
 
 Search = Annotated[TaskFilter, Depends(task_filter)]
@@ -158,6 +162,7 @@ async def tasks_page(svc: Svc, session: Login, search: Search, request: Request)
         f"/dashboard/live/tasks?{query}",
         search=search,
         statuses=[s.value for s in TaskStatus],
+        lanes=LANES,
         query=dict(request.query_params),
     )
 

@@ -2,9 +2,9 @@
 rollup of the queue.
 
 WIRING POINTS for the scheduling and quota work (issue #15), all in this module:
-- LANES: ``POOLS_NOW`` and ``ROLLUP`` group by pool only; once ``inferq.task`` has a lane
-  column, add it to both GROUP BYs (and to ``inferq.queue_minute``'s key) and fill
-  ``PoolFigures.lane``.
+- LANES: ``POOLS_NOW`` (the live table) is per pool and lane; ``ROLLUP`` and the charts
+  stay per pool (the lanes of a pool share its workers, so its depth and throughput are one
+  curve).
 - USAGE: ``OWNERS`` counts completed tasks per owner per hour from ``inferq.task``; once the
   usage table (per owner, token, model, hour) exists, read tokens per hour from it into
   ``OwnerFigures.tokens``.
@@ -39,24 +39,24 @@ from inferq.domain.task import Task
 
 POOLS_NOW = """
 WITH depth AS (
-    SELECT pool_name::text AS pool_name,
+    SELECT pool_name::text AS pool_name, lane,
            count(*) FILTER (WHERE status = 'pending') AS pending,
            count(*) FILTER (WHERE status IN ('claimed', 'running')) AS running,
            extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))
                AS oldest
-    FROM inferq.task WHERE status IN ('pending', 'claimed', 'running') GROUP BY pool_name
+    FROM inferq.task WHERE status IN ('pending', 'claimed', 'running') GROUP BY pool_name, lane
 ), ended AS (
-    SELECT pool_name::text AS pool_name,
+    SELECT pool_name::text AS pool_name, lane,
            count(*) FILTER (WHERE status = 'completed') AS completed,
            count(*) FILTER (WHERE status = 'error') AS errors
     FROM inferq.task
     WHERE completed_at > now() - interval '1 minute' AND status IN ('completed', 'error')
-    GROUP BY pool_name
+    GROUP BY pool_name, lane
 )
 SELECT pool_name, coalesce(pending, 0)::int, coalesce(running, 0)::int, oldest::float8,
-       coalesce(completed, 0)::int, coalesce(errors, 0)::int
-FROM depth FULL JOIN ended USING (pool_name)
-ORDER BY pool_name
+       coalesce(completed, 0)::int, coalesce(errors, 0)::int, lane
+FROM depth FULL JOIN ended USING (pool_name, lane)
+ORDER BY pool_name, array_position(ARRAY['interactive', 'default', 'batch'], lane)
 """
 
 SERIES = """
@@ -157,6 +157,7 @@ TASKS = render(
 SELECT {cols} FROM inferq.task t
 WHERE (%(owner)s::text IS NULL OR t.owner_id = %(owner)s)
   AND (%(pool)s::text IS NULL OR t.pool_name = %(pool)s)
+  AND (%(lane)s::text IS NULL OR t.lane = %(lane)s)
   AND (%(status)s::text IS NULL OR t.status = %(status)s::inferq.task_status)
   AND (%(since)s::timestamptz IS NULL OR t.created_at >= %(since)s)
 ORDER BY t.created_at DESC, t.id DESC LIMIT %(limit)s
@@ -260,6 +261,7 @@ class DashboardRepository:
         params = {
             "owner": search.owner,
             "pool": search.pool,
+            "lane": search.lane,
             "status": search.status,
             "since": search.since,
             "limit": search.limit,

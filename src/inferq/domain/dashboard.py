@@ -9,7 +9,7 @@ from uuid import UUID
 
 @dataclass(frozen=True, slots=True)
 class PoolFigures:
-    """One pool now (one pool and lane, once lanes exist): depth, oldest wait, last minute."""
+    """One pool and lane now: depth, oldest wait, the last minute's completions and errors."""
 
     pool_name: str
     pending: int
@@ -116,6 +116,7 @@ class TaskFilter:
     pool: str | None = None
     status: str | None = None
     since: datetime | None = None
+    lane: str | None = None
     limit: int = 100
 
 
