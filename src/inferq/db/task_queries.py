@@ -10,9 +10,11 @@ ENQUEUE = render(
     sql.SQL(
         """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
-                              owner_id, agent_id, priority, max_attempts, idempotency_key)
+                              owner_id, agent_id, priority, max_attempts, idempotency_key,
+                              token_id)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
-        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s)
+        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s,
+        %(token)s)
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {task_select}
 """
@@ -53,6 +55,12 @@ LIMIT %(limit)s
     ).format(task_select=TASK_SELECT)
 )
 
+# Quotas (sql/0007_quotas.sql): the claim steps over the tasks of tokens already at their
+# max running, read once per claim; the trigger task_hold_running_quota is the exact check.
+RUNNING_CAP = sql.SQL(
+    "AND (q.token_id IS NULL OR q.token_id <> ALL ((SELECT inferq.capped_tokens())))"
+)
+
 # The head of each requested pool's queue, in drain order, read per pool through
 # task_pending_drain_idx (pool_name, priority DESC, created_at, id). ``pool_name = ANY(...)``
 # cannot use the index's order: PostgreSQL then reads every pending row of every pool and
@@ -63,7 +71,7 @@ SELECT c.id, c.priority, c.created_at
 FROM unnest(%(pools)s::text[]) AS p(name)
 CROSS JOIN LATERAL (
     SELECT q.id, q.priority, q.created_at FROM inferq.task q
-    WHERE q.status = 'pending' AND q.pool_name = p.name
+    WHERE q.status = 'pending' AND q.pool_name = p.name {quota}
     ORDER BY q.priority DESC, q.created_at, q.id
     LIMIT {limit}
     {lock}
@@ -82,7 +90,7 @@ ORDER BY t.priority DESC, t.created_at, t.id
 """
     ).format(
         task_select=TASK_SELECT,
-        heads=_POOL_HEADS.format(limit=sql.SQL("%(limit)s"), lock=sql.SQL("")),
+        heads=_POOL_HEADS.format(limit=sql.SQL("%(limit)s"), lock=sql.SQL(""), quota=sql.SQL("")),
     )
 )
 
@@ -122,7 +130,9 @@ RETURNING {task_select}
     ).format(
         task_select=TASK_SELECT,
         heads=_POOL_HEADS.format(
-            limit=sql.SQL("(SELECT n FROM wanted)"), lock=sql.SQL("FOR UPDATE SKIP LOCKED")
+            limit=sql.SQL("(SELECT n FROM wanted)"),
+            lock=sql.SQL("FOR UPDATE SKIP LOCKED"),
+            quota=RUNNING_CAP,
         ),
     )
 )

@@ -103,6 +103,7 @@ class TaskRepository:
         priority: int = 0,
         max_attempts: int = 3,
         idempotency_key: str | None = None,
+        token_id: UUID | None = None,
     ) -> Enqueued:
         """Insert a pending task. The same idempotency key returns the first task (created=False).
 
@@ -120,6 +121,7 @@ class TaskRepository:
             "priority": priority,
             "max_attempts": max_attempts,
             "key": idempotency_key,
+            "token": token_id,
         }
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.

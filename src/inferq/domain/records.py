@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from inferq.domain.quotas import RateLimits
 from inferq.domain.task import Task, TaskStatus
 
 Role = Literal["client", "worker", "admin"]
@@ -67,6 +68,7 @@ class Heartbeat:
 class Enqueued:
     task: Task
     created: bool
+    limits: RateLimits | None = None  # the token's rate windows after it (quotas)
 
 
 @dataclass(frozen=True, slots=True)

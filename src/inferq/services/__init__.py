@@ -16,7 +16,9 @@ from inferq.services.claims import ClaimService
 from inferq.services.completions import CompletionService
 from inferq.services.drain import Drain
 from inferq.services.health import HealthService
+from inferq.services.quotas import QuotaService
 from inferq.services.tasks import TaskService
+from inferq.services.usage import UsageService
 from inferq.settings import Settings
 
 __all__ = [
@@ -28,8 +30,10 @@ __all__ = [
     "Drain",
     "FileService",
     "HealthService",
+    "QuotaService",
     "Services",
     "TaskService",
+    "UsageService",
 ]
 
 
@@ -48,3 +52,5 @@ class Services:
     health: HealthService
     files: FileService
     batches: BatchService
+    quotas: QuotaService
+    usage: UsageService
