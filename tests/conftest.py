@@ -28,7 +28,8 @@ from inferq.db.pool import create_pool
 from inferq.settings import Settings
 from tests import system_packages
 
-TEMPLATE = "inferq_template"
+# INFERQ_TEST_TEMPLATE: sessions of different checkouts sharing one server each need their own.
+TEMPLATE = os.environ.get("INFERQ_TEST_TEMPLATE", "inferq_template")
 _counter = itertools.count()
 
 

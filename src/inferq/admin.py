@@ -1,4 +1,5 @@
-"""`inferq token | llm | status`: administration straight against the database.
+"""`inferq token | llm | status`: administration straight against the database (token quotas
+and `inferq usage`: inferq.quotacli).
 
 They use INFERQ_DATABASE_URL, or the embedded database of INFERQ_DATA_DIR (started for the
 command when `inferq serve` is not running, and stopped again afterwards).
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 from uuid import UUID
 
+from inferq import quotacli
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import Pool, create_pool
 from inferq.db.stats import StatsRepository
@@ -56,10 +58,12 @@ def with_pool(
 
 
 def token_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`inferq token create|list|revoke`."""
+    """`inferq token create|list|revoke|update`."""
 
     async def work(pool: Pool) -> int:
         tokens = TokenRepository(pool)
+        if args.token_command == "update":  # quotas (inferq.quotacli)
+            return await quotacli.update_command(pool, args)
         if args.token_command == "create":
             try:
                 token, secret = await tokens.create(
@@ -74,6 +78,9 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
                 "(the secret above is shown once)",
                 file=sys.stderr,
             )
+            if quotacli.given(args):
+                quota = await quotacli.set_quota(pool, token.id, quotacli.given(args))
+                print(f"token {token.id}: {quotacli.describe(quota)}", file=sys.stderr)
             return 0
         if args.token_command == "list":
             for t in await tokens.all():

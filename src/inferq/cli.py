@@ -1,5 +1,5 @@
 """The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | batch |
-bench."""
+bench | usage."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from inferq import batchcli
+from inferq import batchcli, quotacli
 from inferq.errors import InferqError
 from inferq.logs import configure_logging
 from inferq.settings import Settings
@@ -109,10 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--role", choices=["client", "worker", "admin"], default="client")
     t.add_argument("--pools", nargs="*", help="worker tokens: pools it may serve (default all)")
     t.add_argument("--label")
+    quotacli.add_quota_arguments(t)
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token by id")
     t.add_argument("token_id")
+    t = tsub.add_parser("update", help="change a token's quotas (the options given only)")
+    t.add_argument("token_id")
+    quotacli.add_quota_arguments(t)
     p.set_defaults(func=_server(_lazy("inferq.admin:token_command")))
+    quotacli.add_usage_parser(sub)
+    sub.choices["usage"].set_defaults(func=_server(_lazy("inferq.quotacli:usage_command")))
 
     p = sub.add_parser("llm", help="manage the LLM registry (model name -> pool)")
     lsub = p.add_subparsers(dest="llm_command", required=True)

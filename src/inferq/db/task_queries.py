@@ -58,7 +58,7 @@ LIMIT %(limit)s
 # Quotas (sql/0007_quotas.sql): the claim steps over the tasks of tokens already at their
 # max running, read once per claim; the trigger task_hold_running_quota is the exact check.
 RUNNING_CAP = sql.SQL(
-    "AND (q.token_id IS NULL OR q.token_id <> ALL ((SELECT inferq.capped_tokens())))"
+    "AND (q.token_id IS NULL OR q.token_id <> ALL ((SELECT inferq.capped_tokens())::uuid[]))"
 )
 
 # The head of each requested pool's queue, in drain order, read per pool through
