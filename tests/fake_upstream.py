@@ -78,8 +78,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(self.server.delay_s)
         if (body.get("stream_options") or {}).get("include_usage"):
             # OpenAI's last chunk when asked for usage: no choices, the usage.
-            last = _chunk(body, chat, "", None)
-            self._event(json.dumps({**last, "choices": [], "usage": USAGE}))
+            tail = _chunk(body, chat, "", None)
+            self._event(json.dumps({**tail, "choices": [], "usage": USAGE}))
         self._event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
