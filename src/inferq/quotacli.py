@@ -40,7 +40,6 @@ _HELP = {
     "tokens_per_minute": "tokens (prompt + completion, of completed tasks) per minute",
     "tokens_per_day": "tokens per UTC day",
 }
-_UNSET = "unset"
 
 
 def _limit(text: str) -> int | None:
@@ -59,17 +58,18 @@ def add_quota_arguments(parser: argparse.ArgumentParser) -> None:
     """The quota options of `token create` and `token update`."""
     for option, field in OPTIONS.items():
         parser.add_argument(
-            option, dest=field, type=_limit, default=_UNSET, metavar="N|none", help=_HELP[field]
+            option,
+            dest=field,
+            type=_limit,
+            default=argparse.SUPPRESS,  # absent unless given: `update` changes only those
+            metavar="N|none",
+            help=_HELP[field],
         )
 
 
 def given(args: argparse.Namespace) -> dict[str, int | None]:
     """The quota options given on the command line."""
-    return {
-        field: getattr(args, field)
-        for field in OPTIONS.values()
-        if getattr(args, field, _UNSET) != _UNSET
-    }
+    return {field: getattr(args, field) for field in OPTIONS.values() if hasattr(args, field)}
 
 
 def describe(quota: Quota) -> str:

@@ -276,6 +276,12 @@ class TaskRepository:
     ) -> Task:
         """claimed|running -> completed with the response. Repeating it with the same body is
         idempotent; raises LeaseLost for a stale holder and InvalidTransition otherwise."""
+        return (await self.complete_once(task_id, session_id, attempt, response_body))[0]
+
+    async def complete_once(
+        self, task_id: UUID, session_id: UUID, attempt: int, response_body: Any
+    ) -> tuple[Task, bool]:
+        """``complete``, and whether this call completed the task (False: a repeat)."""
         params = {
             "id": task_id,
             "session": session_id,
@@ -284,10 +290,10 @@ class TaskRepository:
         }
         task = await self._one(COMPLETE, params)
         if task is not None:
-            return task
+            return task, True
         current = await self._current_for_worker(task_id, session_id, attempt)
         if current.status is TaskStatus.COMPLETED and current.response_body == response_body:
-            return current
+            return current, False
         raise InvalidTransition(
             f"task {task_id} is {current.status}; it cannot be completed", task=current
         )
@@ -329,14 +335,16 @@ class TaskRepository:
         return [r for r in results if r is not None]
 
     async def _finish_one(self, session_id: UUID, o: Outcome) -> Finished | Exception:
+        fresh = True
         try:
             if o.error is not None:
                 task = await self.fail(o.task_id, session_id, o.attempt, o.error)
             else:
-                task = await self.complete(o.task_id, session_id, o.attempt, o.response)
+                write = self.complete_once(o.task_id, session_id, o.attempt, o.response)
+                task, fresh = await write
         except (TaskError, InvalidValue) as exc:
             return exc
-        return Finished(task.id, task.status, task.attempt)
+        return Finished(task.id, task.status, task.attempt, fresh)
 
     async def fail(self, task_id: UUID, session_id: UUID, attempt: int, message: str) -> Task:
         """claimed|running -> error with the worker's message; idempotent like complete."""

@@ -94,6 +94,7 @@ class Finished:
     task_id: UUID
     status: TaskStatus
     attempt: int
+    fresh: bool = True  # False: a completion repeated (it ended the same way before)
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,8 +180,9 @@ class ClaimService:
         self, token: ApiToken, task_id: UUID, session_id: UUID, attempt: int, response: Any
     ) -> Task:
         await self.check_session(session_id, token)
-        task = await _scoped(token, self.tasks.complete(task_id, session_id, attempt, response))
-        if self.meter is not None:
+        write = self.tasks.complete_once(task_id, session_id, attempt, response)
+        task, fresh = await _scoped(token, write)
+        if fresh and self.meter is not None:
             self.meter.completed(task)
         return task
 

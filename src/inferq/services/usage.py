@@ -6,7 +6,8 @@
   one owner's with ``owner``.
 - The counters ``inferq_prompt_tokens_total`` and ``inferq_completion_tokens_total`` are this
   replica's own, labelled by model and lane, never by owner (unbounded cardinality). They
-  count the outcomes this replica accepted from workers, read from the answer's ``usage``.
+  count the completions this replica made from workers' outcomes (a repeated outcome, or a
+  stale attempt's refused one, counts nothing), read from the answer's ``usage``.
   The model label is the task's registry name (the answer's ``model`` for batched outcomes,
   whose rows are not read back), at most MAX_MODEL_LABELS per replica, then ``_other``. Lanes
   are not on this branch: every series has ``lane="default"`` until the scheduling work
@@ -80,6 +81,12 @@ def _count(value: Any) -> int:
     return min(int(value), 2**31 - 1)
 
 
+def counted(result: Finished | Exception) -> bool:
+    """Whether an outcome's result is a completion made by this call (not a repeat, not a
+    refusal such as a stale attempt's LeaseLost)."""
+    return isinstance(result, Finished) and result.status is TaskStatus.COMPLETED and result.fresh
+
+
 class UsageMeter:
     """This replica's token counters; see the module docstring."""
 
@@ -116,7 +123,7 @@ class UsageMeter:
     def outcomes(self, items: Sequence[Outcome], results: Sequence[Finished | Exception]) -> None:
         """The outcomes of one batched call, with what the database made of each."""
         for item, result in zip(items, results, strict=False):
-            if isinstance(result, Finished) and result.status is TaskStatus.COMPLETED:
+            if counted(result):
                 response = item.response if isinstance(item.response, dict) else {}
                 self.record(str(response.get("model") or ""), response.get("usage"))
 
