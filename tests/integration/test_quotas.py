@@ -14,8 +14,10 @@ import pytest
 
 from inferq.bench.polling import eventually
 from inferq.db.pool import Pool
+from inferq.db.quotas import QuotaRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
+from inferq.domain.quotas import Quota
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -283,3 +285,23 @@ def held(dsn: str, owner: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+async def test_a_capped_owner_does_not_stall_the_others(
+    settings: Settings, dsn: str, pool: Pool
+) -> None:
+    # Alice's 20 tasks are ahead of bob's 3 in the queue; once she holds her max running, a
+    # claim steps over the rest of hers to bob's instead of finding nothing to take.
+    tokens = await make_tokens(settings, dsn)
+    await QuotaRepository(pool).put(tokens.ids["alice"], Quota(max_running=2))
+    repo = TaskRepository(pool)
+    for who, n in (("alice", 20), ("bob", 3)):
+        for _ in range(n):
+            await repo.enqueue(
+                owner_id=who, pool_name=POOL, request_body=CHAT, token_id=tokens.ids[who]
+            )
+    session = await WorkerSessionRepository(pool).bind("gpus", [POOL], 10, ttl_s=60)
+    first = await repo.claim(session.id, [POOL], limit=5, lease_s=60, bound=True)
+    second = await repo.claim(session.id, [POOL], limit=5, lease_s=60, bound=True)
+    assert [t.owner_id for t in first] == ["alice", "alice"]
+    assert [t.owner_id for t in second] == ["bob", "bob", "bob"]
