@@ -18,6 +18,7 @@ from inferq.db.quotas import QuotaRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.quotas import Quota
+from inferq.services.quotas import RatePruner
 from inferq.settings import Settings
 from tests.api_helpers import (
     MODEL,
@@ -305,3 +306,20 @@ async def test_a_capped_owner_does_not_stall_the_others(
     second = await repo.claim(session.id, [POOL], limit=5, lease_s=60, bound=True)
     assert [t.owner_id for t in first] == ["alice", "alice"]
     assert [t.owner_id for t in second] == ["bob", "bob", "bob"]
+
+
+async def test_the_sweep_drops_minute_rows_no_window_needs(pool: Pool) -> None:
+    token = uuid.uuid4()
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO inferq.token_rate (token_id, minute, requests) VALUES "
+            "(%s, date_trunc('minute', now()) - interval '2 hours', 5), "
+            "(%s, date_trunc('minute', now()), 7)",
+            (token, token),
+        )
+    assert await RatePruner(QuotaRepository(pool)).run_once() == 1
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT requests FROM inferq.token_rate WHERE token_id = %s", (token,)
+        )
+        assert await cur.fetchall() == [(7,)]
