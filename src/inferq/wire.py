@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -270,41 +270,6 @@ class TokenRevoked(_Lenient):
 class QueueStatsOut(_Lenient):
     pools: dict[str, dict[str, int]]  # pool -> status -> count
     sessions: dict[str, int]  # live, capacity
-
-
-# -- quotas and usage (inferq.api.usage) ------------------------------------------------------
-
-_Limit = Annotated[int | None, Field(ge=0, le=1_000_000_000_000)]
-
-
-class QuotaIn(_Wire):
-    """A token's limits; an absent or null field is no limit."""
-
-    max_pending: _Limit = None
-    max_running: _Limit = None
-    requests_per_minute: _Limit = None
-    tokens_per_minute: _Limit = None
-    tokens_per_day: _Limit = None
-
-
-class QuotaOut(QuotaIn, _Lenient):
-    model_config = ConfigDict(extra="ignore")
-
-
-class UsageRowOut(_Lenient):
-    hour: datetime
-    owner: str
-    token_id: UUID | None = None
-    model: str | None = None
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class UsageOut(_Lenient):
-    object: Literal["list"] = "list"
-    data: list[UsageRowOut]
 
 
 # -- worker outcomes --------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Quotas and usage over HTTP: ``GET /v1/usage`` (the caller's own; every owner's for an admin
-token) and an admin's ``GET|PUT /v1/admin/tokens/{id}/quota``."""
+token) and an admin's ``GET|PUT /v1/admin/tokens/{id}/quota``.
+
+Their schemas live here, not in inferq.wire: no worker or SDK speaks them.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from inferq.api.body import documented, json_body
@@ -16,7 +20,41 @@ from inferq.api.errors import ERRORS
 from inferq.api.render import json_response
 from inferq.domain.quotas import Quota
 from inferq.errors import InvalidRequest
-from inferq.wire import QuotaIn, QuotaOut, UsageOut
+
+_Limit = Annotated[int | None, Field(ge=0, le=1_000_000_000_000)]
+
+
+class QuotaIn(BaseModel):
+    """A token's limits; an absent or null field is no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pending: _Limit = None
+    max_running: _Limit = None
+    requests_per_minute: _Limit = None
+    tokens_per_minute: _Limit = None
+    tokens_per_day: _Limit = None
+
+
+class QuotaOut(QuotaIn):
+    model_config = ConfigDict(extra="ignore")
+
+
+class UsageRowOut(BaseModel):
+    hour: datetime
+    owner: str
+    token_id: UUID | None = None
+    model: str | None = None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageOut(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UsageRowOut]
+
 
 router = APIRouter(tags=["usage"], responses=ERRORS)
 
