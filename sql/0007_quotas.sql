@@ -85,9 +85,16 @@ CREATE TRIGGER task_record_usage
 -- the token's minute row for tokens-per-minute quotas. Only rows that moved into completed
 -- in this statement count, so a re-run attempt (the first one was lost) is counted once, by
 -- the attempt that completed; a stale attempt's write never reaches this point.
+-- The upsert locks the totals row until commit, so completions of one owner, token and model
+-- commit one after the other; they already do, since a notifying commit takes PostgreSQL's
+-- notify lock (see the performance notes of DESIGN.md).
 CREATE FUNCTION inferq.add_task_usage() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Most statements complete nothing (claims, starts, heartbeats): leave at once.
+    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE status = 'completed') THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO inferq.usage_hour AS u
         (hour, owner_id, token_id, model, requests, prompt_tokens, completion_tokens)
     SELECT date_trunc('hour', n.completed_at), n.owner_id, n.token_id,
