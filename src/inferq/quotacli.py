@@ -80,11 +80,11 @@ def describe(quota: Quota) -> str:
 async def set_quota(pool: Pool, token_id: UUID, changes: dict[str, Any]) -> Quota:
     """The token's quota with ``changes`` applied; raises TokenNotFound."""
     from inferq.db.quotas import QuotaRepository
-    from inferq.domain.quotas import Quota
+    from inferq.services.quotas import QuotaService
 
-    quotas = QuotaRepository(pool)
-    current = await quotas.get(token_id) or Quota()
-    return await quotas.put(token_id, replace(current, **changes))
+    service = QuotaService(QuotaRepository(pool))
+    current = await service.get(token_id)
+    return await service.put(token_id, replace(current, **changes))
 
 
 async def update_command(pool: Pool, args: argparse.Namespace) -> int:

@@ -323,3 +323,29 @@ async def test_the_sweep_drops_minute_rows_no_window_needs(pool: Pool) -> None:
             "SELECT requests FROM inferq.token_rate WHERE token_id = %s", (token,)
         )
         assert await cur.fetchall() == [(7,)]
+
+
+async def test_the_admin_quota_routes_refuse_what_they_cannot_store(
+    settings: Settings, dsn: str
+) -> None:
+    tokens = await make_tokens(settings, dsn)
+    async with serve_app(settings, dsn) as server, httpx.AsyncClient(base_url=server.url) as http:
+        route = f"/v1/admin/tokens/{tokens.ids['alice']}/quota"
+        too_many = await http.put(route, json={"max_running": 10**9}, headers=auth(tokens.admin))
+        negative = await http.put(route, json={"tokens_per_day": -1}, headers=auth(tokens.admin))
+        unknown = await http.put(
+            f"/v1/admin/tokens/{uuid.uuid4()}/quota", json={}, headers=auth(tokens.admin)
+        )
+        client = await http.put(route, json={}, headers=auth(tokens.alice))
+        read = await http.get(route, headers=auth(tokens.admin))
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_running"
+    assert negative.status_code == 422
+    assert unknown.status_code == 404
+    assert client.status_code == 403
+    assert read.json() == {
+        "max_pending": None,
+        "max_running": None,
+        "requests_per_minute": None,
+        "tokens_per_minute": None,
+        "tokens_per_day": None,
+    }

@@ -37,7 +37,14 @@ _REFUSALS = {
     "tokens_per_day": "tokens per day",
     "max_pending": "pending tasks",
 }
-MAX_QUOTA = 1_000_000_000_000
+# The largest value of each limit (sql/0007_quotas.sql checks the same).
+MAX_QUOTA = {
+    "max_pending": 100_000_000,
+    "max_running": 100_000_000,
+    "requests_per_minute": 100_000_000,
+    "tokens_per_minute": 1_000_000_000_000,
+    "tokens_per_day": 1_000_000_000_000,
+}
 
 
 class QuotaService:
@@ -69,9 +76,9 @@ class QuotaService:
     async def put(self, token_id: UUID, quota: Quota) -> Quota:
         """Replace the token's quota; raises InvalidRequest, TokenNotFound."""
         for name in QUOTA_FIELDS:
-            value = getattr(quota, name)
-            if value is not None and not 0 <= value <= MAX_QUOTA:
-                raise InvalidRequest(f"{name} must be between 0 and {MAX_QUOTA}", param=name)
+            value, most = getattr(quota, name), MAX_QUOTA[name]
+            if value is not None and not 0 <= value <= most:
+                raise InvalidRequest(f"{name} must be between 0 and {most:,}", param=name)
         stored = await self.quotas.put(token_id, quota)
         self._known.pop(token_id, None)
         return stored
