@@ -349,3 +349,27 @@ async def test_the_admin_quota_routes_refuse_what_they_cannot_store(
         "tokens_per_minute": None,
         "tokens_per_day": None,
     }
+
+
+async def test_a_streamed_answer_carries_the_rate_limit_headers(
+    settings: Settings, dsn: str
+) -> None:
+    tokens = await make_tokens(settings, dsn)
+    async with (
+        serve_app(settings, dsn) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        running_worker(EchoWorker(server.url, tokens.worker)),
+    ):
+        await put_quota(server.url, tokens, "alice", requests_per_minute=1000)
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers=auth(tokens.alice),
+        ) as r:
+            body = (await r.aread()).decode()
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-ratelimit-limit-requests"] == "1000"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) < 1000
+    assert body.rstrip().endswith("data: [DONE]")
