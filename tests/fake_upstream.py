@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 REPLY = "The quick brown fox jumps over the lazy dog"
+USAGE = {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
 FAIL_MESSAGE = "the fake upstream exploded on purpose"
 REJECT_MESSAGE = "max_tokens must be at most 4096"
 
@@ -75,6 +76,10 @@ class Handler(BaseHTTPRequestHandler):
             self._event(json.dumps(_chunk(body, chat, piece, "stop" if last else None)))
             if self.server.delay_s:
                 time.sleep(self.server.delay_s)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            # OpenAI's last chunk when asked for usage: no choices, the usage.
+            tail = _chunk(body, chat, "", None)
+            self._event(json.dumps({**tail, "choices": [], "usage": USAGE}))
         self._event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -104,7 +109,7 @@ def _chunk(body: dict[str, Any], chat: bool, text: str, finish: str | None) -> d
 
 def _response(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     head = {"id": "fake-1", "created": 1, "model": body.get("model", "fake")}
-    usage = {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+    usage = USAGE
     if chat:
         message = {"role": "assistant", "content": REPLY}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}

@@ -1,4 +1,5 @@
-"""`inferq token | llm | status | tasks`: administration straight against the database.
+"""`inferq token | llm | status | tasks`: administration straight against the database (token
+quotas and `inferq usage`: inferq.quotacli).
 
 They use INFERQ_DATABASE_URL, or the embedded database of INFERQ_DATA_DIR (started for the
 command when `inferq serve` is not running, and stopped again afterwards).
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 from uuid import UUID
 
+from inferq import quotacli
 from inferq.db.llms import LlmRepository
 from inferq.db.pool import Pool, create_pool
 from inferq.db.stats import StatsRepository
@@ -58,7 +60,7 @@ def with_pool(
 
 
 def token_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`inferq token create|list|revoke`."""
+    """`inferq token create|list|revoke|update`."""
 
     async def work(pool: Pool) -> int:
         tokens = TokenRepository(pool)
@@ -89,6 +91,9 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
                 "(the secret above is shown once)",
                 file=sys.stderr,
             )
+            if quotacli.given(args):
+                quota = await quotacli.set_quota(pool, token.id, quotacli.given(args))
+                print(f"token {token.id}: {quotacli.describe(quota)}", file=sys.stderr)
             return 0
         if args.token_command == "list":
             for t in await tokens.all():
@@ -104,6 +109,14 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError:
             raise ConfigurationError(f"{args.token_id!r} is not a token id") from None
         if args.token_command == "update":
+            lane_options = (args.lanes, args.priority_min, args.priority_max, args.weight)
+            if all(option is None for option in lane_options):
+                if not quotacli.given(args):
+                    raise ConfigurationError(
+                        "token update: give a lane option (--lanes, --priority-min, "
+                        "--priority-max, --weight) or a quota option (see --help)"
+                    )
+                return await quotacli.update_command(pool, args)
             try:
                 updated = await tokens.update_policy(
                     token_id,
@@ -118,6 +131,8 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"inferq: token {token_id} does not exist or is revoked", file=sys.stderr)
                 return 1
             print(f"updated {token_id}: {_policy(updated)}")
+            if quotacli.given(args):
+                return await quotacli.update_command(pool, args)
             return 0
         if not await tokens.revoke(token_id):
             print(f"inferq: token {token_id} does not exist or is already revoked", file=sys.stderr)

@@ -1,5 +1,5 @@
 """The `inferq` command: serve | migrate | sql-dir | worker | token | llm | status | tasks |
-batch | bench."""
+batch | bench | usage."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from inferq import batchcli
+from inferq import batchcli, quotacli
 from inferq.errors import InferqError
 from inferq.logs import configure_logging
 from inferq.settings import Settings
@@ -110,13 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pools", nargs="*", help="worker tokens: pools it may serve (default all)")
     t.add_argument("--label")
     _lane_policy_args(t)
+    quotacli.add_quota_arguments(t)
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token by id")
     t.add_argument("token_id")
-    t = tsub.add_parser("update", help="change a token's lanes, priority range or weight")
+    t = tsub.add_parser(
+        "update", help="change a token's lanes, priority range, weight or quotas (those given)"
+    )
     t.add_argument("token_id")
     _lane_policy_args(t)
+    quotacli.add_quota_arguments(t)
     p.set_defaults(func=_server(_lazy("inferq.admin:token_command")))
+    quotacli.add_usage_parser(sub)
+    sub.choices["usage"].set_defaults(func=_server(_lazy("inferq.quotacli:usage_command")))
 
     p = sub.add_parser("tasks", help="list tasks of every owner, newest first (admins)")
     p.add_argument("--owner")

@@ -49,10 +49,12 @@ from inferq.db.listener import Listener
 from inferq.db.llms import LlmRepository
 from inferq.db.migrations import Migrator
 from inferq.db.pool import Pool, create_pool
+from inferq.db.quotas import QuotaRepository
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.stats import StatsRepository
 from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
+from inferq.db.usage import UsageRepository
 from inferq.http_protocol import BoundedHttpToolsProtocol, HttpLimits
 from inferq.maintenance import Maintenance, QueueRollup
 from inferq.metrics import Metrics
@@ -72,9 +74,11 @@ from inferq.services import (
 )
 from inferq.services.batches import BatchKeeper
 from inferq.services.limits import PendingLimiter, WaitSlots
+from inferq.services.quotas import QuotaService, RatePruner
 from inferq.services.registry import Registry
 from inferq.services.relay import ChunkRelay
 from inferq.services.revocations import RevocationWatch
+from inferq.services.usage import UsageMeter, UsageService
 from inferq.services.waits import WaitService
 from inferq.settings import Settings
 from inferq.wakeups import Hub
@@ -153,6 +157,7 @@ class Replica:
                 more=[
                     (keeper, settings.batch_interval_s),
                     (QueueRollup(dashboard), settings.dashboard_rollup_s),
+                    (RatePruner(QuotaRepository(pool)), 60.0),  # quotas' stale minute rows
                 ],
             )
             self.maintenance.start()
@@ -256,6 +261,10 @@ def build_services(
     registry = Registry(llms)
     slots = WaitSlots(settings.max_waits_per_token, metrics)
     pending = PendingLimiter(tasks, settings.max_pending_per_token)
+    # Quotas and usage (issue #15): their repositories share the tasks' pool.
+    quotas = QuotaService(QuotaRepository(tasks.pool), settings.quota_refresh_s)
+    usage = UsageService(UsageRepository(tasks.pool))
+    meter = UsageMeter(metrics)
     task_service = TaskService(
         tasks,
         sessions,
@@ -266,6 +275,7 @@ def build_services(
         slots=slots,
         pending=pending,
         metrics=metrics,
+        quotas=quotas,
     )
     admin = AdminService(registry, tokens, stats, auth)
     return Services(
@@ -285,7 +295,14 @@ def build_services(
             metrics=metrics,
         ),
         claims=ClaimService(
-            tasks, sessions, waits, relay, settings=settings, drain=drain, metrics=metrics
+            tasks,
+            sessions,
+            waits,
+            relay,
+            settings=settings,
+            drain=drain,
+            metrics=metrics,
+            meter=meter,
         ),
         admin=admin,
         health=HealthService(
@@ -310,6 +327,8 @@ def build_services(
             waits=waits,
             session_s=settings.dashboard_session_s,
         ),
+        quotas=quotas,
+        usage=usage,
     )
 
 

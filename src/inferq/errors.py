@@ -120,6 +120,16 @@ class TooManyPending(LimitExceeded):
     """This token's owner has too many pending tasks (INFERQ_MAX_PENDING_PER_TOKEN)."""
 
 
+class QuotaExceeded(LimitExceeded):
+    """This token is over one of its quotas (inferq token update, sql/0007_quotas.sql)."""
+
+    def __init__(
+        self, message: str | None = None, *, retry_after_s: float = 1.0, limits: Any = None
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.limits = limits  # inferq.domain.quotas.RateLimits: the x-ratelimit-* headers
+
+
 # -- who may do what --------------------------------------------------------------------------
 
 

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(default=64, ge=2)
     max_waits_per_token: int = Field(default=1000, ge=1)
     max_pending_per_token: int = Field(default=10_000, ge=1)
+    # How long a replica trusts what it read of a token's quota (inferq.services.quotas).
+    quota_refresh_s: float = Field(default=5.0, ge=0)
     max_wait_s: float = Field(default=600.0, gt=0)
     # A sync or streaming OpenAI call whose pool no live worker serves fails after this long
     # (503 no_worker_available) instead of waiting INFERQ_MAX_WAIT_S; native tasks wait.

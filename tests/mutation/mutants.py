@@ -46,6 +46,10 @@ DASHBOARD_TESTS = "tests/integration/test_dashboard.py"
 BROWSER_TESTS = "tests/browser/test_dashboard_browser.py"
 FAIR_TESTS = "tests/integration/test_fair_share.py"
 LANE_TESTS = "tests/integration/test_lanes.py"
+QUOTAS = "src/inferq/db/quotas.py"
+QUOTA_SQL = "sql/0007_quotas.sql"
+QUOTA_TESTS = "tests/integration/test_quotas.py"
+USAGE_TESTS = "tests/integration/test_usage.py"
 
 
 def _one(path: str, find: str, replace: str) -> tuple[Edit, ...]:
@@ -567,5 +571,42 @@ MUTANTS: tuple[Mutant, ...] = (
         _one("src/inferq/domain/lanes.py", "self.priority_min <= priority <= self.priority_max",
              "self.priority_min <= priority"),
         (f"{LANE_TESTS}::test_a_lane_or_priority_the_token_may_not_use_is_403_naming_what_it_may",),
+    ),
+    # -- quotas and usage (#15) ----------------------------------------------------------------
+    Mutant(
+        "rpm_counter_not_counted",
+        "a token with 60 requests per minute gets all 200 of its burst: the shared counter never moves",
+        _one(QUOTAS, "DO UPDATE SET requests = r.requests + 1", "DO UPDATE SET requests = r.requests"),
+        (f"{QUOTA_TESTS}::test_requests_per_minute_hold_across_three_replicas",),
+        timeout_s=120.0,
+    ),
+    Mutant(
+        "max_running_ignored_at_claim",
+        "an owner at its max running gets every task a worker has room for",
+        _one(QUOTA_SQL, "    IF held >= cap THEN\n        RETURN NULL;",
+             "    IF held >= cap THEN\n        RETURN NEW;"),
+        (f"{QUOTA_TESTS}::test_max_running_holds_at_claim_time",),
+    ),
+    Mutant(
+        "capped_owner_stalls_the_claim",
+        "an owner at its max running blocks the queue head: the others' tasks wait behind hers",
+        _one(TASKS, "decayed=_DECAYED, quota=RUNNING_CAP)", "decayed=_DECAYED, quota=sql.SQL(\"\"))"),
+        (f"{QUOTA_TESTS}::test_a_capped_owner_does_not_stall_the_others",),
+    ),
+    Mutant(
+        "usage_counted_per_attempt",
+        "the usage counters count every attempt's answer: a lost attempt's late one, a repeat",
+        _one("src/inferq/services/usage.py",
+             "    return isinstance(result, Finished) and result.status is TaskStatus.COMPLETED and result.fresh\n",
+             "    return True\n"),
+        (f"{USAGE_TESTS}::test_usage_counts_the_completing_attempt_once",),
+    ),
+    Mutant(
+        "quota_429_without_retry_after",
+        "a client over its quota is told 429 but not when to come back, and retries at once",
+        _one("src/inferq/api/errors.py",
+             "        headers[\"Retry-After\"] = str(max(1, math.ceil(exc.retry_after_s)))\n",
+             "        pass\n"),
+        (f"{QUOTA_TESTS}::test_max_pending_refuses_until_a_task_is_claimed",),
     ),
 )  # fmt: skip

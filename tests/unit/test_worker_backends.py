@@ -112,6 +112,26 @@ async def test_openai_backend_relays_the_upstream_stream_in_order(upstream: str)
     assert response["model"] == "m"
 
 
+@pytest.mark.parametrize("client_asked", [False, True])
+async def test_openai_backend_asks_a_streaming_upstream_for_usage(
+    upstream: str, client_asked: bool
+) -> None:
+    # The stored answer carries the upstream's usage (inferq's accounting counts it); the
+    # client sees the usage chunk only when its own request asked for it.
+    backend = OpenAIBackend(upstream)
+    request = {**CHAT, "stream_options": {"include_usage": True}} if client_asked else CHAT
+    task = make_task(request)
+    ctx, rec = run_ctx(task)
+    try:
+        response = await backend(task, ctx)
+    finally:
+        await backend.aclose()
+    assert response["usage"] == fake_upstream.USAGE
+    assert chat_text([c for c in rec.chunks if c["choices"]]) == fake_upstream.REPLY
+    usage_chunks = [c for c in rec.chunks if not c["choices"]]
+    assert [c["usage"] for c in usage_chunks] == ([fake_upstream.USAGE] if client_asked else [])
+
+
 async def test_openai_backend_returns_the_upstream_response_verbatim(upstream: str) -> None:
     backend = OpenAIBackend(upstream + "/v1/")
     task = make_task({"model": "m", "prompt": "hi"}, streaming=False)

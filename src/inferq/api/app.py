@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferq import __version__
-from inferq.api import admin, batches, dashboard, errors, openai, ops, tasks, worker
+from inferq.api import admin, batches, dashboard, errors, openai, ops, tasks, usage, worker
 from inferq.api.body import openapi_schemas
 from inferq.api.fastpath import FastPath
 from inferq.api.middleware import RequestMiddleware
@@ -61,7 +61,7 @@ def create_app(services: Services, *, fast_path: bool = True) -> FastAPI:
     )
     app.state.services = services
     errors.install(app)
-    routers = [module.router for module in (ops, tasks, openai, batches, worker, admin)]
+    routers = [module.router for module in (ops, tasks, openai, batches, worker, admin, usage)]
     for router in routers:
         app.include_router(router)
     dashboard.install(app)

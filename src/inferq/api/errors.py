@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from inferq import errors
+from inferq.api.ratelimits import rate_limit_headers
 from inferq.domain.task import Task
 from inferq.services.batches import FileTooLarge
 from inferq.wire import ErrorResponse
@@ -84,6 +85,7 @@ ERROR_TABLE: dict[type[BaseException], Mapping] = {
     errors.NoWorkerAvailable: Mapping(503, "service_unavailable", "no_worker_available"),
     errors.TooManyWaits: Mapping(429, "rate_limit_error", "too_many_waits"),
     errors.TooManyPending: Mapping(429, "rate_limit_error", "too_many_pending"),
+    errors.QuotaExceeded: Mapping(429, "rate_limit_error", "rate_limit_exceeded"),
     errors.LimitExceeded: Mapping(429, "rate_limit_error", "rate_limited"),
     errors.RouteNotFound: Mapping(404, "not_found_error", "route_not_found"),
     errors.TokenNotFound: Mapping(404, "not_found_error", "token_not_found"),
@@ -161,6 +163,8 @@ def error_response(exc: BaseException) -> Response:
         headers["WWW-Authenticate"] = 'Bearer realm="inferq"'
     if isinstance(exc, errors.LimitExceeded):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if isinstance(exc, errors.QuotaExceeded):
+        headers.update(rate_limit_headers(exc.limits))
     elif mapping.status == 503:
         headers["Retry-After"] = "1"
     task_id = getattr(exc, "task_id", None)

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from inferq.api.body import documented, read_document, validate
 from inferq.api.deps import Client, Svc, disconnected, hot
 from inferq.api.errors import ERRORS, InvalidBody
+from inferq.api.ratelimits import rate_limit_headers
 from inferq.api.render import json_response, model_json
 from inferq.api.sse import (
     REVOKED_OPENAI,
@@ -135,7 +136,7 @@ async def _complete(
     # The request is stored; a sync call may wait for minutes, so its parsed body is not
     # kept alive meanwhile.
     del doc, parsed
-    headers = {"X-Inferq-Task-Id": str(call.task_id)}
+    headers = {"X-Inferq-Task-Id": str(call.task_id), **rate_limit_headers(call.limits)}
     if stream:
         return await _stream(svc, call, headers, disconnected(request.receive))
     task = await svc.completions.answer(call, gone=disconnected(request.receive))

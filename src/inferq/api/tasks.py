@@ -13,6 +13,7 @@ from starlette.responses import Response
 from inferq.api.body import documented, read_document, validate
 from inferq.api.deps import Client, Svc, disconnected, hot
 from inferq.api.errors import ERRORS, error_body
+from inferq.api.ratelimits import rate_limit_headers
 from inferq.api.render import INT4_MAX, json_response, parse_task_id, task_json
 from inferq.api.sse import EventStream, native_frames, prepend
 from inferq.domain.task import TaskStatus
@@ -55,7 +56,8 @@ async def submit(
         lane=body.lane,
     )
     enqueued = await svc.tasks.submit(token, submission)
-    return json_response(task_json(enqueued.task), 201 if enqueued.created else 200)
+    status = 201 if enqueued.created else 200
+    return json_response(task_json(enqueued.task), status, rate_limit_headers(enqueued.limits))
 
 
 @router.get("", response_model=TaskPage, summary="List the owner's tasks, newest first")

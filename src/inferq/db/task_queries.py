@@ -11,9 +11,10 @@ ENQUEUE = render(
         """
 INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, request_body,
                               owner_id, agent_id, priority, max_attempts, idempotency_key,
-                              lane)
+                              lane, token_id)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
-        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s, %(lane)s)
+        %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s, %(lane)s,
+        %(token)s)
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {task_select}
 """
@@ -52,6 +53,12 @@ ORDER BY t.created_at DESC, t.id DESC
 LIMIT %(limit)s
 """
     ).format(task_select=TASK_SELECT)
+)
+
+# Quotas (sql/0007_quotas.sql): the claim steps over the tasks of tokens already at their
+# max running, read once per claim; the trigger task_hold_running_quota is the exact check.
+RUNNING_CAP = sql.SQL(
+    "AND (q.token_id IS NULL OR q.token_id <> ALL ((SELECT inferq.capped_tokens())::uuid[]))"
 )
 
 # Pending tasks of the requested pools by priority then FIFO, across lanes and owners (a view
@@ -137,7 +144,7 @@ WITH room AS (
          CROSS JOIN LATERAL (
             SELECT q.id, q.created_at FROM inferq.task q
             WHERE q.status = 'pending' AND q.pool_name = p.name
-              AND q.created_at < now() - make_interval(secs => %(aging_s)s)
+              AND q.created_at < now() - make_interval(secs => %(aging_s)s) {quota}
             ORDER BY q.created_at, q.id
             LIMIT (SELECT n FROM wanted)
             FOR UPDATE SKIP LOCKED
@@ -154,7 +161,7 @@ WITH room AS (
          CROSS JOIN LATERAL (
             SELECT q.id FROM inferq.task q
             WHERE q.status = 'pending' AND q.pool_name = o.pool_name AND q.lane = l.name
-              AND q.owner_id = o.owner_id
+              AND q.owner_id = o.owner_id {quota}
             ORDER BY q.priority DESC, q.created_at, q.id
             LIMIT (SELECT n FROM wanted)
             FOR UPDATE SKIP LOCKED
@@ -183,7 +190,7 @@ WITH room AS (
 SELECT * FROM claimed c
 ORDER BY array_position(%(lanes)s::text[], c.lane), c.priority DESC, c.created_at, c.id
 """
-    ).format(task_select=TASK_SELECT, decayed=_DECAYED)
+    ).format(task_select=TASK_SELECT, decayed=_DECAYED, quota=RUNNING_CAP)
 )
 
 # Taken before a bound claim, in the same transaction: two claims of one session (a long-poll
@@ -289,7 +296,7 @@ RETURNING {task_select}
 # Completes and fails of one worker session in one statement: an item with an error fails its
 # task, one without completes it. The items travel as one JSON array (jsonb_to_recordset): far
 # cheaper to send than one array parameter per column with a Jsonb per response. Only
-# (id, status, attempt) come back, not the whole row.
+# (id, status, attempt, lane) come back, not the whole row.
 FINISH_MANY = """
 UPDATE inferq.task t
 SET status = (CASE WHEN c.error IS NULL THEN 'completed' ELSE 'error' END)::inferq.task_status,
@@ -300,7 +307,7 @@ FROM jsonb_to_recordset(%(items)s::jsonb)
     AS c(task_id uuid, attempt int, response jsonb, error text)
 WHERE t.id = c.task_id AND t.claimed_by = %(session)s AND t.attempt = c.attempt
   AND t.status IN ('claimed', 'running')
-RETURNING t.id, t.status::text, t.attempt
+RETURNING t.id, t.status::text, t.attempt, t.lane
 """
 
 # Of these tasks, the ones a waiter for the outcome must re-read: ended, or gone.

@@ -96,6 +96,7 @@ class TaskRepository:
         max_attempts: int = 3,
         idempotency_key: str | None = None,
         lane: str = DEFAULT_LANE,
+        token_id: UUID | None = None,
     ) -> Enqueued:
         """Insert a pending task. The same idempotency key returns the first task (created=False).
 
@@ -114,6 +115,7 @@ class TaskRepository:
             "max_attempts": max_attempts,
             "key": idempotency_key,
             "lane": lane,
+            "token": token_id,
         }
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.
@@ -271,6 +273,12 @@ class TaskRepository:
     ) -> Task:
         """claimed|running -> completed with the response. Repeating it with the same body is
         idempotent; raises LeaseLost for a stale holder and InvalidTransition otherwise."""
+        return (await self.complete_once(task_id, session_id, attempt, response_body))[0]
+
+    async def complete_once(
+        self, task_id: UUID, session_id: UUID, attempt: int, response_body: Any
+    ) -> tuple[Task, bool]:
+        """``complete``, and whether this call completed the task (False: a repeat)."""
         params = {
             "id": task_id,
             "session": session_id,
@@ -279,10 +287,10 @@ class TaskRepository:
         }
         task = await self._one(COMPLETE, params)
         if task is not None:
-            return task
+            return task, True
         current = await self._current_for_worker(task_id, session_id, attempt)
         if current.status is TaskStatus.COMPLETED and current.response_body == response_body:
-            return current
+            return current, False
         raise InvalidTransition(
             f"task {task_id} is {current.status}; it cannot be completed", task=current
         )
@@ -316,22 +324,24 @@ class TaskRepository:
                 rows = await cur.fetchall()
         except InvalidValue:
             rows = []  # one refused value fails the statement: find it item by item
-        for task_id, status, attempt in rows:
-            results[first[task_id]] = Finished(task_id, TaskStatus(status), attempt)
+        for task_id, status, attempt, lane in rows:
+            results[first[task_id]] = Finished(task_id, TaskStatus(status), attempt, lane=lane)
         for i, o in enumerate(outcomes):
             if results[i] is None:
                 results[i] = await self._finish_one(session_id, o)
         return [r for r in results if r is not None]
 
     async def _finish_one(self, session_id: UUID, o: Outcome) -> Finished | Exception:
+        fresh = True
         try:
             if o.error is not None:
                 task = await self.fail(o.task_id, session_id, o.attempt, o.error)
             else:
-                task = await self.complete(o.task_id, session_id, o.attempt, o.response)
+                write = self.complete_once(o.task_id, session_id, o.attempt, o.response)
+                task, fresh = await write
         except (TaskError, InvalidValue) as exc:
             return exc
-        return Finished(task.id, task.status, task.attempt)
+        return Finished(task.id, task.status, task.attempt, fresh, task.lane)
 
     async def fail(self, task_id: UUID, session_id: UUID, attempt: int, message: str) -> Task:
         """claimed|running -> error with the worker's message; idempotent like complete."""

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from inferq.domain.lanes import LANES, PRIORITY_MAX, PRIORITY_MIN, LanePolicy
+from inferq.domain.quotas import RateLimits
 from inferq.domain.task import Task, TaskStatus
 
 Role = Literal["client", "worker", "admin"]
@@ -79,6 +80,7 @@ class Heartbeat:
 class Enqueued:
     task: Task
     created: bool
+    limits: RateLimits | None = None  # the token's rate windows after it (quotas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,8 @@ class Finished:
     task_id: UUID
     status: TaskStatus
     attempt: int
+    fresh: bool = True  # False: a completion repeated (it ended the same way before)
+    lane: str = "default"  # the task's lane (inferq.domain.lanes): the usage counters' label
 
 
 @dataclass(frozen=True, slots=True)

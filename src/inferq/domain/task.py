@@ -79,6 +79,10 @@ class Task:
     idempotency_key: str | None
     releases: int = 0
     lane: str = "default"  # inferq.domain.lanes
+    # Quotas and usage (sql/0007_quotas.sql): the submitting token, the answer's usage.
+    token_id: UUID | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     @property
     def terminal(self) -> bool:

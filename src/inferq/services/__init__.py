@@ -17,7 +17,9 @@ from inferq.services.completions import CompletionService
 from inferq.services.dashboard import DashboardService
 from inferq.services.drain import Drain
 from inferq.services.health import HealthService
+from inferq.services.quotas import QuotaService
 from inferq.services.tasks import TaskService
+from inferq.services.usage import UsageService
 from inferq.settings import Settings
 
 __all__ = [
@@ -30,8 +32,10 @@ __all__ = [
     "Drain",
     "FileService",
     "HealthService",
+    "QuotaService",
     "Services",
     "TaskService",
+    "UsageService",
 ]
 
 
@@ -51,3 +55,5 @@ class Services:
     files: FileService
     batches: BatchService
     dashboard: DashboardService
+    quotas: QuotaService
+    usage: UsageService

@@ -34,6 +34,7 @@ from inferq.services.auth import check_pools
 from inferq.services.drain import Drain
 from inferq.services.relay import ChunkRelay
 from inferq.services.tasks import Gone
+from inferq.services.usage import UsageMeter
 from inferq.services.waits import WaitService
 from inferq.settings import Settings
 
@@ -53,6 +54,7 @@ class ClaimService:
         settings: Settings,
         drain: Drain,
         metrics: Metrics,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.tasks = tasks
         self.sessions = sessions
@@ -61,6 +63,7 @@ class ClaimService:
         self.settings = settings
         self.drain = drain
         self.metrics = metrics
+        self.meter = meter  # tokens used, per model (inferq.services.usage)
         # A claim's first lease: a worker that does not acknowledge its tasks (a start, a
         # heartbeat naming them, an outcome) within it loses them to the rescuer; a frozen
         # worker's tasks do not wait out a whole lease.
@@ -177,7 +180,11 @@ class ClaimService:
         self, token: ApiToken, task_id: UUID, session_id: UUID, attempt: int, response: Any
     ) -> Task:
         await self.check_session(session_id, token)
-        return await _scoped(token, self.tasks.complete(task_id, session_id, attempt, response))
+        write = self.tasks.complete_once(task_id, session_id, attempt, response)
+        task, fresh = await _scoped(token, write)
+        if fresh and self.meter is not None:
+            self.meter.completed(task)
+        return task
 
     async def fail(
         self, token: ApiToken, task_id: UUID, session_id: UUID, attempt: int, message: str
@@ -198,6 +205,8 @@ class ClaimService:
         without waiting, unless the replica drains."""
         pools = await self.check_session(session_id, token)
         finished = await self.tasks.finish_many(session_id, items)
+        if self.meter is not None:
+            self.meter.outcomes(items, finished)
         results = [r if isinstance(r, Finished) else _hidden(r, token) for r in finished]
         tasks: list[Task] = []
         if claim and not self.drain.draining:

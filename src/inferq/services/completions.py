@@ -34,6 +34,7 @@ import structlog
 from inferq.db.sessions import WorkerSessionRepository
 from inferq.db.tasks import TaskRepository
 from inferq.domain.lanes import DEFAULT_LANE
+from inferq.domain.quotas import RateLimits
 from inferq.domain.records import ApiToken
 from inferq.domain.task import Task, TaskStatus
 from inferq.errors import (
@@ -72,6 +73,7 @@ class Call:
     task_id: UUID
     keyed: bool  # it carried an Idempotency-Key: its retry reattaches
     service: CompletionService
+    limits: RateLimits | None = None  # the token's rate windows (x-ratelimit-* headers)
 
     async def abandon(self) -> None:
         """Cancel the task when nobody can come back for it (see the module docstring)."""
@@ -131,7 +133,7 @@ class CompletionService:
         except BaseException:
             self.slots.release(token)
             raise
-        return Call(token, enqueued.task.id, key is not None, self)
+        return Call(token, enqueued.task.id, key is not None, self, enqueued.limits)
 
     async def answer(self, call: Call, *, gone: Gone | None = None) -> Task:
         """The completed task. Raises TaskFailed, TaskCancelled, WaitTimeout, ShuttingDown,

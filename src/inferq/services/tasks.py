@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -25,6 +25,7 @@ from inferq.metrics import Metrics
 from inferq.services.caps import check_request
 from inferq.services.drain import Drain
 from inferq.services.limits import PendingLimiter, WaitSlots
+from inferq.services.quotas import QuotaService
 from inferq.services.registry import Registry
 from inferq.services.waits import Event, WaitService
 from inferq.settings import Settings
@@ -73,6 +74,7 @@ class TaskService:
         slots: WaitSlots,
         pending: PendingLimiter,
         metrics: Metrics,
+        quotas: QuotaService | None = None,
     ) -> None:
         self.tasks = tasks
         self.sessions = sessions
@@ -83,11 +85,12 @@ class TaskService:
         self.slots = slots
         self.pending = pending
         self.metrics = metrics
+        self.quotas = quotas
 
     async def submit(self, token: ApiToken, submission: Submission) -> Enqueued:
         """Route and enqueue. Raises ShuttingDown, Forbidden (a lane or priority the token may
         not use), TooManyPending, UnknownModel, InvalidRequest, AboveCap
-        (inferq.services.caps), IdempotencyConflict."""
+        (inferq.services.caps), IdempotencyConflict, QuotaExceeded."""
         self.drain.check()
         refusal = token.policy.refusal(submission.lane, submission.priority)
         if refusal is not None:
@@ -103,6 +106,8 @@ class TaskService:
         if pool_name is None:
             raise InvalidRequest("name a `model` (or `llm`) or a `pool`", param="model")
         await self.pending.check(token.owner_id)
+        # The token's quotas (inferq.services.quotas): a 429 here leaves nothing behind.
+        limits = await self.quotas.admit(token) if self.quotas is not None else None
         enqueued = await self.tasks.enqueue(
             owner_id=token.owner_id,
             pool_name=pool_name,
@@ -116,10 +121,11 @@ class TaskService:
             max_attempts=submission.max_attempts or self.settings.max_attempts,
             idempotency_key=key,
             lane=submission.lane,
+            token_id=token.id,
         )
         if enqueued.created:
             self.metrics.submitted.labels(self.metrics.pool_label(pool_name)).inc()
-        return enqueued
+        return replace(enqueued, limits=limits) if limits is not None else enqueued
 
     async def models(self) -> list[Llm]:
         """The registry, for clients (``GET /v1/models``)."""

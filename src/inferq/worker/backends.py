@@ -157,6 +157,13 @@ class OpenAIBackend:
         if task.model:
             body["model"] = task.model  # the registry's upstream name for this LLM
         body["stream"] = task.streaming
+        options = body.get("stream_options")
+        client_asked = isinstance(options, dict) and options.get("include_usage") is True
+        if task.streaming:
+            # The usage of a streamed answer (for inferq's accounting) comes in a last chunk
+            # only when asked for; the client gets that chunk only if it asked for it itself.
+            extra = options if isinstance(options, dict) else {}
+            body["stream_options"] = {**extra, "include_usage": True}
         url = URL(self.base_url + ("/completions" if is_completion(body) else "/chat/completions"))
         answered = False
         try:
@@ -169,7 +176,7 @@ class OpenAIBackend:
                     detail = await read_body(resp, _ERROR_BODY_BYTES)
                     raise UpstreamError(_upstream_message(resp.status, detail))
                 if task.streaming:
-                    return await self._relay(resp, task, ctx)
+                    return await self._relay(resp, task, ctx, client_asked)
                 answer: JsonValue = orjson.loads(await read_body(resp, self.max_response_bytes))
                 return answer
         except TimeoutError:
@@ -201,7 +208,11 @@ class OpenAIBackend:
         return BackendUnavailableError("the upstream server is unreachable")
 
     async def _relay(
-        self, resp: aiohttp.ClientResponse, task: WorkerTask, ctx: TaskContext
+        self,
+        resp: aiohttp.ClientResponse,
+        task: WorkerTask,
+        ctx: TaskContext,
+        usage_chunk: bool = False,
     ) -> JsonValue:
         assembler = _Assembler(task, is_completion(task.request))
         async with contextlib.aclosing(read_lines(resp, self.max_line_bytes)) as lines:
@@ -215,9 +226,15 @@ class OpenAIBackend:
                 if isinstance(chunk, dict) and "error" in chunk:
                     message = _upstream_message(resp.status, data)
                     raise UpstreamError(message.replace("returned HTTP 200", "stream failed"))
-                ctx.emit(chunk)
+                if usage_chunk or not _usage_only(chunk):
+                    ctx.emit(chunk)
                 assembler.add(chunk)
         return assembler.response()
+
+
+def _usage_only(chunk: Any) -> bool:
+    """The last chunk of a stream asked with ``include_usage``: usage and no choices."""
+    return isinstance(chunk, dict) and not chunk.get("choices") and "usage" in chunk
 
 
 # -- OpenAI object shapes ---------------------------------------------------------------------
