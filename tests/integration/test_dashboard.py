@@ -12,11 +12,13 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 
 from inferq.bench.polling import eventually
 from inferq.db.dashboard import DashboardRepository
-from inferq.db.pool import create_pool
+from inferq.db.pool import Pool, create_pool
+from inferq.db.tokens import TokenRepository
 from inferq.maintenance import QueueRollup
 from inferq.settings import Settings
 from inferq.worker import EchoBackend, Worker, WorkerClient
@@ -31,6 +33,8 @@ from tests.api_helpers import (
     serve_app,
 )
 from tests.integration.test_batches import ENDPOINT, jsonl, line, settle
+from tests.integration.test_quotas import early_in_a_minute, put_quota
+from tests.integration.test_usage import seed_usage
 
 pytestmark = pytest.mark.db
 
@@ -152,6 +156,50 @@ async def test_revoking_a_token_from_the_dashboard_refuses_it_and_ends_its_sessi
         )
         assert r.status_code == 200
         assert (await http.get("/dashboard/owners")).status_code == 303
+
+
+def figures_of(page: str, attr: str, key: str) -> dict[str, str]:
+    """The data attributes of the cells of the table row ``<tr attr="key">``."""
+    row = re.search(rf'<tr {attr}="{re.escape(key)}">(.*?)</tr>', page, re.S)
+    assert row, f"no row {attr}={key}"
+    return dict(re.findall(r'<td[^>]* data-(\w+)="([^"]*)"', row.group(1)))
+
+
+async def test_the_owners_page_shows_tokens_used_weights_and_quota_state(
+    server: Server, tokens: Tokens, dsn: str, pool: Pool
+) -> None:
+    repo = TokenRepository(pool)
+    assert await repo.update_policy(tokens.ids["alice"], weight=3) is not None
+    await put_quota(server.url, tokens, "alice", max_running=2, requests_per_minute=60)
+    await put_quota(server.url, tokens, "bob", tokens_per_day=1000)
+    seed_usage(dsn, tokens.ids["alice"], "alice", [(10, 20), (5, 7)])
+    seed_usage(dsn, tokens.ids["bob"], "bob", [(1, 1)])
+    await early_in_a_minute(dsn, 10)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.post(
+            "/v1/tasks",
+            json={"model": MODEL, "request": {"prompt": "x"}},
+            headers=auth(tokens.alice),
+        )
+        assert r.status_code == 201, r.text
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE inferq.task SET status = 'claimed' WHERE id = %s", (r.json()["id"],)
+            )
+        await login(http, tokens.admin)
+        page = (await http.get("/dashboard/owners")).text
+    alice = figures_of(page, "data-owner", "alice")
+    bob = figures_of(page, "data-owner", "bob")
+    assert alice["tokens"] == "42" and bob["tokens"] == "2"
+    assert (alice["share"], alice["weight"]) == ("67", "3")
+    assert (bob["share"], bob["weight"]) == ("33", "1")
+    assert "weight 3 of 4 = 75 %" in page and "weight 1 of 4 = 25 %" in page
+    assert alice["quota"] == "running 1/2 · rpm 1/60"
+    assert bob["quota"] == "tpd 2/1000"
+    token = figures_of(page, "data-token", str(tokens.ids["alice"]))
+    assert token == {"weight": "3", "quota": "running 1/2 · rpm 1/60"}
+    root = figures_of(page, "data-token", str(tokens.ids["admin"]))
+    assert root == {"weight": "1", "quota": ""}
 
 
 async def test_every_page_renders(server: Server, tokens: Tokens) -> None:

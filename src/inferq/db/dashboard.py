@@ -5,11 +5,15 @@ WIRING POINTS for the scheduling and quota work (issue #15), all in this module:
 - LANES: ``POOLS_NOW`` (the live table) is per pool and lane; ``ROLLUP`` and the charts
   stay per pool (the lanes of a pool share its workers, so its depth and throughput are one
   curve).
-- USAGE: ``OWNERS`` counts completed tasks per owner per hour from ``inferq.task``; once the
-  usage table (per owner, token, model, hour) exists, read tokens per hour from it into
-  ``OwnerFigures.tokens``.
-- WEIGHTS and QUOTAS: ``OwnerFigures.weight`` and ``.quota`` stay None until the tokens'
-  weights and the quota table exist; read them in ``owners()``.
+- USAGE (wired): ``OWNERS`` counts tasks ended per owner per hour from ``inferq.task`` and
+  reads tokens (prompt + completion) per hour from ``inferq.usage_hour`` into
+  ``OwnerFigures.tokens`` and ``.tokens_per_hour``, in the same statement.
+- WEIGHTS and QUOTAS (wired): ``owners()`` reads each owner's weight (the largest of its live
+  tokens', as the claim's fair share has it) and, through ``QUOTA_STATE``, the quota of each
+  of its live tokens with the current use where an index makes it cheap; ``tokens()`` shows
+  the same per token. Quota and weight edits send no notification: an open Owners page shows
+  them at its next periodic refresh (completions and submits refresh it through the task
+  channel, so usage and the rate windows follow at once).
 """
 
 from __future__ import annotations
@@ -120,16 +124,79 @@ FROM inferq.worker_session s WHERE s.expires_at > now()
 ORDER BY s.created_at, s.id
 """
 
-OWNERS = """
-SELECT owner_id, extract(epoch FROM date_trunc('hour', now()) - date_trunc('hour', completed_at))
-           ::int / 3600 AS hours_ago,
-       count(*) FILTER (WHERE status = 'completed')::int,
-       count(*) FILTER (WHERE status = 'error')::int
-FROM inferq.task
-WHERE status IN ('completed', 'error')
-  AND completed_at > date_trunc('hour', now()) - interval '23 hours'
-GROUP BY 1, 2
+# A token's quota with its current use, "running 2/2 · rpm 14/60" (NULL without a limit),
+# for the token ``k``. Each use is read only for a limit that is set, through the indexes the
+# quotas use themselves: pending counted up to the cap (as admission does, so a token over its
+# cap shows at it), claimed or running tasks, this minute's row, today's usage hours (UTC).
+QUOTA_STATE = sql.SQL(
+    """
+(SELECT nullif(concat_ws(' · ',
+    CASE WHEN q.max_pending IS NOT NULL THEN 'pending ' || (
+        SELECT count(*) FROM (SELECT 1 FROM inferq.task t WHERE t.token_id = q.token_id
+                              AND t.status = 'pending' LIMIT q.max_pending) p)
+        || '/' || q.max_pending END,
+    CASE WHEN q.max_running IS NOT NULL THEN 'running ' || (
+        SELECT count(*) FROM inferq.task t
+        WHERE t.token_id = q.token_id AND t.status IN ('claimed', 'running'))
+        || '/' || q.max_running END,
+    CASE WHEN q.requests_per_minute IS NOT NULL
+        THEN 'rpm ' || coalesce(r.requests, 0) || '/' || q.requests_per_minute END,
+    CASE WHEN q.tokens_per_minute IS NOT NULL
+        THEN 'tpm ' || coalesce(r.tokens, 0) || '/' || q.tokens_per_minute END,
+    CASE WHEN q.tokens_per_day IS NOT NULL THEN 'tpd ' || (
+        SELECT coalesce(sum(u.prompt_tokens + u.completion_tokens), 0) FROM inferq.usage_hour u
+        WHERE u.token_id = q.token_id AND u.hour >= date_trunc('day', now(), 'UTC'))
+        || '/' || q.tokens_per_day END), '')
+ FROM inferq.token_quota q
+ LEFT JOIN inferq.token_rate r
+     ON r.token_id = q.token_id AND r.minute = date_trunc('minute', now())
+ WHERE q.token_id = k.id)
 """
+)
+
+# Per owner, its hours of the last day (hours ago, ascending buckets aligned with the arrays):
+# tasks completed and failed (inferq.task), tokens used (inferq.usage_hour); its weight (as the
+# claim's fair share has it: the largest of its live tokens', 1 with none), and the quota state
+# of each of its live tokens that has one.
+OWNERS = render(
+    sql.SQL(
+        """
+WITH h AS (SELECT date_trunc('hour', now()) AS top),
+ended AS (
+    SELECT owner_id,
+           extract(epoch FROM h.top - date_trunc('hour', completed_at))::int / 3600 AS hours_ago,
+           count(*) FILTER (WHERE status = 'completed')::int AS completed,
+           count(*) FILTER (WHERE status = 'error')::int AS errors
+    FROM inferq.task, h
+    WHERE status IN ('completed', 'error') AND completed_at >= h.top - interval '23 hours'
+    GROUP BY 1, 2
+), used AS (
+    SELECT u.owner_id, extract(epoch FROM h.top - u.hour)::int / 3600 AS hours_ago,
+           sum(u.prompt_tokens + u.completion_tokens)::bigint AS tokens
+    FROM inferq.usage_hour u, h WHERE u.hour >= h.top - interval '23 hours'
+    GROUP BY 1, 2
+), hours AS (
+    SELECT owner_id, array_agg(hours_ago) AS hours_ago,
+           array_agg(coalesce(e.completed, 0)) AS completed,
+           array_agg(coalesce(e.errors, 0)) AS errors,
+           array_agg(coalesce(u.tokens, 0)) AS tokens
+    FROM ended e FULL JOIN used u USING (owner_id, hours_ago)
+    GROUP BY owner_id
+)
+SELECT hours.owner_id, hours.hours_ago, hours.completed, hours.errors, hours.tokens,
+       coalesce(k.weight, 1)::int, k.names, k.states
+FROM hours LEFT JOIN LATERAL (
+    SELECT max(s.weight) AS weight,
+           array_agg(coalesce(s.label, left(s.id::text, 8)) ORDER BY s.created_at)
+               FILTER (WHERE s.state IS NOT NULL) AS names,
+           array_agg(s.state ORDER BY s.created_at) FILTER (WHERE s.state IS NOT NULL) AS states
+    FROM (SELECT k.id, k.label, k.created_at, k.weight, {quota} AS state
+          FROM inferq.api_token k
+          WHERE k.owner_id = hours.owner_id AND k.revoked_at IS NULL) s
+) k ON true
+"""
+    ).format(quota=QUOTA_STATE)
+)
 
 BATCHES = """
 SELECT b.id, b.owner_id, b.status, b.endpoint, b.total,
@@ -146,10 +213,14 @@ ORDER BY b.created_at DESC, b.id DESC
 BATCH_OWNER = "SELECT owner_id FROM inferq.batch WHERE id = %(id)s"
 FILE_OWNER = "SELECT owner_id FROM inferq.file WHERE id = %(id)s"
 
-TOKENS = """
-SELECT id, owner_id, role, label, created_at FROM inferq.api_token
-WHERE revoked_at IS NULL ORDER BY owner_id, created_at
+TOKENS = render(
+    sql.SQL(
+        """
+SELECT k.id, k.owner_id, k.role, k.label, k.created_at, k.weight, {quota}
+FROM inferq.api_token k WHERE k.revoked_at IS NULL ORDER BY k.owner_id, k.created_at
 """
+    ).format(quota=QUOTA_STATE)
+)
 
 TASKS = render(
     sql.SQL(
@@ -188,6 +259,15 @@ SELECT (SELECT count(*) FROM gone)::int
 PRUNE_SESSIONS = """
 DELETE FROM inferq.dashboard_session WHERE expires_at < coalesce(%(now)s::timestamptz, now())
 """
+
+
+def quota_text(names: list[str] | None, states: list[str] | None) -> str | None:
+    """An owner's quota state: its one limited token's, else each one's after its label."""
+    if not names or not states:
+        return None
+    if len(states) == 1:
+        return states[0]
+    return "; ".join(f"{name}: {state}" for name, state in zip(names, states, strict=True))
 
 
 def cookie_hash(cookie: str) -> bytes:
@@ -234,19 +314,35 @@ class DashboardRepository:
         return [WorkerFigures(*row) for row in await self._rows(WORKERS)]
 
     async def owners(self) -> list[OwnerFigures]:
-        """Tasks ended per owner per hour over the last 24 hours (see the module docstring:
-        tokens, weights and quotas join here)."""
-        per: dict[str, list[list[int]]] = {}
-        for owner, hours_ago, completed, errors in await self._rows(OWNERS):
-            buckets = per.setdefault(owner, [[0] * 24, [0] * 24])
-            index = 23 - min(23, max(0, int(hours_ago)))
-            buckets[0][index] += completed
-            buckets[1][index] += errors
-        total = sum(sum(b[0]) for b in per.values()) or 1
+        """Each owner's tasks ended and tokens used per hour over the last 24 hours, its share
+        of the completions against its weight's share, and its tokens' quota state."""
+        read = []
+        for owner, hours_ago, completed, errors, tokens, weight, names, states in await self._rows(
+            OWNERS
+        ):
+            buckets = [[0] * 24, [0] * 24, [0] * 24]
+            for ago, *counts in zip(hours_ago, completed, errors, tokens, strict=True):
+                index = 23 - min(23, max(0, int(ago)))
+                for bucket, count in zip(buckets, counts, strict=True):
+                    bucket[index] += int(count)
+            read.append((owner, buckets, int(weight), quota_text(names, states)))
+        total = sum(sum(b[0]) for _, b, _, _ in read) or 1
+        weights = sum(w for _, b, w, _ in read if sum(b[0])) or None
         return sorted(
             (
-                OwnerFigures(owner, sum(b[0]), sum(b[1]), sum(b[0]) / total, b[0])
-                for owner, b in per.items()
+                OwnerFigures(
+                    owner_id=owner,
+                    completed=sum(done),
+                    errors=sum(failed),
+                    share=sum(done) / total,
+                    per_hour=done,
+                    tokens=sum(used),
+                    weight=weight,
+                    quota=quota,
+                    tokens_per_hour=used,
+                    weights_total=weights if sum(done) else None,
+                )
+                for owner, (done, failed, used), weight, quota in read
             ),
             key=lambda o: (-o.completed, o.owner_id),
         )

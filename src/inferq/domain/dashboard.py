@@ -60,8 +60,9 @@ class WorkerFigures:
 
 @dataclass(frozen=True, slots=True)
 class OwnerFigures:
-    """An owner's use over the last day: tasks (and, once usage is accounted, tokens) per hour,
-    the share of all completions, and the quota state (None until quotas exist)."""
+    """An owner's use over the last day: tasks and tokens (prompt + completion) per hour, the
+    share of all completions, its weight (the largest of its live tokens'; None without one)
+    against the weights of the owners with completions, and its tokens' quota state."""
 
     owner_id: str
     completed: int
@@ -69,8 +70,17 @@ class OwnerFigures:
     share: float
     per_hour: list[int]  # oldest hour first, 24 buckets
     tokens: int | None = None
-    weight: float | None = None
+    weight: int | None = None
     quota: str | None = None
+    tokens_per_hour: list[int] | None = None  # oldest hour first, 24 buckets
+    weights_total: int | None = None  # of the owners with completions; None: not among them
+
+    @property
+    def weight_share(self) -> float | None:
+        """The share of completions the weight promises under saturation."""
+        if self.weight is None or not self.weights_total:
+            return None
+        return self.weight / self.weights_total
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +103,16 @@ class BatchFigures:
 
 @dataclass(frozen=True, slots=True)
 class TokenFigures:
+    """A live token, its weight, and its quota with the current use ("running 2/2 · rpm
+    14/60"; None without a limit)."""
+
     id: UUID
     owner_id: str
     role: str
     label: str | None
     created_at: datetime
+    weight: int | None = None
+    quota: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
