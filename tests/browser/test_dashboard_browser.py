@@ -24,6 +24,7 @@ from inferq.worker import EchoBackend, Worker, WorkerClient
 from tests.api_helpers import MODEL, POOL, EchoWorker, auth, chat_chunk, running_worker
 from tests.browser.conftest import LIVE_MS, Pair, live
 from tests.integration.test_batches import ENDPOINT, jsonl, line, settle
+from tests.integration.test_quotas import put_quota
 
 pytestmark = pytest.mark.db
 
@@ -246,6 +247,15 @@ async def test_screenshots_of_every_page(page: Page, pair: Pair, tmp_path: Path)
     INFERQ_DASHBOARD_SCREENSHOTS=1 the images go to docs/ (committed), else to a temp dir."""
     out = DOCS if os.environ.get("INFERQ_DASHBOARD_SCREENSHOTS") else tmp_path
     await demo_history(pair.dsn)
+    # Weights and quotas for the Owners page: bob weighs 3 to alice's 1; alice is limited.
+    async with httpx.AsyncClient(base_url=pair.b.url) as admin:
+        r = await admin.patch(
+            f"/v1/admin/tokens/{pair.tokens.ids['bob']}",
+            json={"weight": 3},
+            headers=auth(pair.tokens.admin),
+        )
+        assert r.status_code == 200, r.text
+    await put_quota(pair.b.url, pair.tokens, "alice", max_pending=10, requests_per_minute=60)
     async with contextlib.AsyncExitStack() as stack:
         b = await stack.enter_async_context(httpx.AsyncClient(base_url=pair.b.url))
         for n in range(3):  # a pool no worker serves: its queue ages
