@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -288,8 +288,16 @@ class EchoWorker:
         self.handled += 1
 
 
+class _Runs(Protocol):
+    async def run(self) -> None: ...
+
+
+_W = TypeVar("_W", bound=_Runs)
+
+
 @contextlib.asynccontextmanager
-async def running_worker(worker: EchoWorker) -> AsyncIterator[EchoWorker]:
+async def running_worker(worker: _W) -> AsyncIterator[_W]:
+    """Run ``worker.run()`` for the block; cancelled at its end."""
     task = asyncio.create_task(worker.run())
     try:
         yield worker

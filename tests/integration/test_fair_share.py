@@ -4,7 +4,6 @@ one worker of capacity 1 over HTTP, completions counted in the order it made the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,16 @@ from inferq.db.tasks import TaskRepository
 from inferq.db.tokens import TokenRepository
 from inferq.domain.lanes import LanePolicy
 from inferq.settings import Settings
-from tests.api_helpers import MODEL, POOL, Server, Tokens, auth, make_tokens, serve_app
+from tests.api_helpers import (
+    MODEL,
+    POOL,
+    Server,
+    Tokens,
+    auth,
+    make_tokens,
+    running_worker,
+    serve_app,
+)
 
 # Backstops only (each wait is for an event): a loaded 2-core machine is slow, not wrong.
 pytestmark = [pytest.mark.db, pytest.mark.timeout(600)]
@@ -73,17 +81,6 @@ class SlowLane:
                     await self.after_each()
 
 
-@contextlib.asynccontextmanager
-async def working(worker: SlowLane) -> AsyncIterator[SlowLane]:
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-            await task
-
-
 async def submit_many(
     http: httpx.AsyncClient, secret: str, n: int, owner: str, into: dict[str, str]
 ) -> list[str]:
@@ -118,7 +115,7 @@ async def test_a_noisy_neighbour_does_not_hold_back_a_newcomer(
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await submit_many(http, tokens.alice, 2000, "alice", worker.owners)
         worker.until = lambda done: len(done) >= 50
-        async with working(worker):
+        async with running_worker(worker):
             await asyncio.wait_for(worker.reached.wait(), 240)  # alice's work is under way
             worker.reached.clear()
             worker.until = lambda done: sum(o == "bob" for _, o in done) == 20
@@ -146,7 +143,7 @@ async def test_weights_3_to_1_share_completions_3_to_1(app: tuple[Server, Tokens
         for owner, secret in made.items():
             await submit_many(http, secret, 420, owner, worker.owners)
         worker.until = lambda done: len(done) >= 400
-        async with working(worker):
+        async with running_worker(worker):
             await asyncio.wait_for(worker.reached.wait(), 240)
     share = sum(o == "heavy" for _, o in worker.done[:400]) / 400
     assert 0.70 <= share <= 0.80, share
@@ -225,7 +222,7 @@ async def test_a_batch_task_completes_within_the_aging_bound_under_saturation(
         )
         batch_id = r.json()["id"]
         worker.owners[batch_id] = "bob"
-        async with working(worker):
+        async with running_worker(worker):
             await asyncio.wait_for(worker.reached.wait(), 240)
     with psycopg.connect(dsn) as conn:
         row: Any = conn.execute(
