@@ -300,6 +300,14 @@ MUTANTS: tuple[Mutant, ...] = (
         timeout_s=120.0,
     ),
     Mutant(
+        "heartbeat_calls_own_outcomes_lost",
+        "a worker whose heartbeat races its own outcome drops the finished task and never logs it done",
+        _one("src/inferq/db/sessions.py",
+             "  AND NOT (t.status IN ('completed', 'error') AND t.claimed_by = %(id)s)\n", ""),
+        ("tests/integration/test_leases.py::"
+         "test_a_heartbeat_racing_the_workers_own_outcome_does_not_call_the_task_lost",),
+    ),
+    Mutant(
         "stream_ends_silently",
         "a stream whose server side failed just stops; the openai client returns a partial answer",
         _one("src/inferq/api/sse.py", "                        await self._send(send, self.error_frame)\n", ""),

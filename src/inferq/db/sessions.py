@@ -79,6 +79,9 @@ SELECT CASE WHEN t.status = 'cancelled' AND t.claimed_by = %(id)s THEN 'cancelle
        t.id, t.attempt
 FROM inferq.task t
 WHERE t.id = ANY(%(reported)s) AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.id = t.id)
+  -- Ended by this session's own outcome, whose answer may still be on its way to the worker:
+  -- neither held nor lost (the worker would drop a task it finished).
+  AND NOT (t.status IN ('completed', 'error') AND t.claimed_by = %(id)s)
 UNION ALL
 SELECT 'lost', r.id, 0 FROM unnest(%(reported)s::uuid[]) AS r(id)
 WHERE NOT EXISTS (SELECT 1 FROM inferq.task t WHERE t.id = r.id)
