@@ -301,6 +301,12 @@ async def test_a_capped_owner_does_not_stall_the_others(
             await repo.enqueue(
                 owner_id=who, pool_name=POOL, request_body=CHAT, token_id=tokens.ids[who]
             )
+    # Bob has used the pool a lot lately, so fair share puts alice first: only the running
+    # cap, not the share order, can send the second claim past her to bob.
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE inferq.fair_share SET usage = 100, usage_at = now() WHERE owner_id = 'bob'"
+        )
     session = await WorkerSessionRepository(pool).bind("gpus", [POOL], 10, ttl_s=60)
     first = await repo.claim(session.id, [POOL], limit=5, lease_s=60, bound=True)
     second = await repo.claim(session.id, [POOL], limit=5, lease_s=60, bound=True)

@@ -596,6 +596,12 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{QUOTA_TESTS}::test_max_running_holds_at_claim_time",),
     ),
     Mutant(
+        "capped_owner_stalls_the_claim",
+        "an owner at its max running blocks the queue head: the others' tasks wait behind hers",
+        _one(TASKS, "decayed=_DECAYED, quota=RUNNING_CAP)", "decayed=_DECAYED, quota=sql.SQL(\"\"))"),
+        (f"{QUOTA_TESTS}::test_a_capped_owner_does_not_stall_the_others",),
+    ),
+    Mutant(
         "usage_counted_per_attempt",
         "the usage counters count every attempt's answer: a lost attempt's late one, a repeat",
         _one("src/inferq/services/usage.py",
