@@ -308,6 +308,28 @@ async def test_chunks_posted_alternately_through_two_replicas_reach_a_third_in_o
     assert isinstance(events[-1], StatusEvent) and events[-1].task.status is TaskStatus.COMPLETED
 
 
+async def test_a_reader_holds_a_chunk_back_until_the_gap_before_it_is_filled(
+    make_stack: Callable[..., Awaitable[Stack]],
+) -> None:
+    # Chunk 3 is stored (its replica flushed first) while chunk 2 is still in flight on
+    # another replica: a reader that starts now must deliver 1, stop, and go on with 2, 3.
+    a, b = [await make_stack(safety_poll_s=3600) for _ in range(2)]
+    task = await submit(a, streaming=True)
+    sid, held = await claim_one(a, task.id)
+    assert await a.relay.post(task.id, sid, held.attempt, [(1, '"one"')]) == 1
+    await b.relay.post(task.id, sid, held.attempt, [(3, '"three"')])
+    reader = aiter(a.waits.events(task.id))
+    first = await anext(reader)
+    assert isinstance(first, StatusEvent) and first.task.status is TaskStatus.CLAIMED
+    assert chunks_of([await anext(reader)]) == [(held.attempt, 1, '"one"')]
+    # Only now does chunk 2 land; the reader, parked on the gap, must pick it up in order.
+    await b.relay.post(task.id, sid, held.attempt, [(2, '"two"')])
+    await a.tasks.complete(task.id, sid, held.attempt, {"text": "one two three"})
+    rest = await asyncio.wait_for(collect(reader), 10)
+    assert chunks_of(rest) == [(held.attempt, 2, '"two"'), (held.attempt, 3, '"three"')]
+    assert isinstance(rest[-1], StatusEvent) and rest[-1].task.status is TaskStatus.COMPLETED
+
+
 async def test_poll_only_mode_resolves_waiters_without_listen(
     make_stack: Callable[..., Awaitable[Stack]], dsn: str
 ) -> None:

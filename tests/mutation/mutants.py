@@ -207,7 +207,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "stream_skips_a_gap",
         "a reader delivers chunk 3 before chunk 2 when another replica's flush lags",
         _one("src/inferq/services/waits.py", "if chunk[0] != last_seq + 1:", "if chunk[0] <= last_seq:"),
-        ("tests/integration/test_service.py",),
+        ("tests/integration/test_service.py::test_a_reader_holds_a_chunk_back_until_the_gap_before_it_is_filled",
+         "tests/integration/test_service.py::test_chunks_posted_alternately_through_two_replicas_reach_a_third_in_order"),
     ),
     Mutant(
         "resume_ignores_last_event_id",
