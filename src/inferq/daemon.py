@@ -131,6 +131,7 @@ class Replica:
             pool,
             aging_s=settings.aging_s,
             fair_share_half_life_s=settings.fair_share_half_life_s,
+            max_discarded_per_hour=settings.max_discarded_per_hour,
         )
         chunks = ChunkRepository(pool)
         sessions, tokens = WorkerSessionRepository(pool), TokenRepository(pool)

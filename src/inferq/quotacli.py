@@ -32,6 +32,7 @@ OPTIONS = {
     "--rpm": "requests_per_minute",
     "--tpm": "tokens_per_minute",
     "--tpd": "tokens_per_day",
+    "--discarded-per-hour": "discarded_per_hour",
 }
 _HELP = {
     "max_pending": "pending tasks at most",
@@ -39,6 +40,8 @@ _HELP = {
     "requests_per_minute": "requests admitted per minute",
     "tokens_per_minute": "tokens (prompt + completion, of completed tasks) per minute",
     "tokens_per_day": "tokens per UTC day",
+    "discarded_per_hour": "tasks cancelled or failed per rolling hour (`none`: the server's "
+    "INFERQ_MAX_DISCARDED_PER_HOUR)",
 }
 
 

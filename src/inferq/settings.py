@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(default=64, ge=2)
     max_waits_per_token: int = Field(default=1000, ge=1)
     max_pending_per_token: int = Field(default=10_000, ge=1)
+    # A token's tasks that ended cancelled or failed in the last hour, unless its quota sets
+    # discarded_per_hour (sql/0009_discards.sql): past it, submits are 429. 0: no limit.
+    max_discarded_per_hour: int = Field(default=10_000, ge=0)
     # How long a replica trusts what it read of a token's quota (inferq.services.quotas).
     quota_refresh_s: float = Field(default=5.0, ge=0)
     max_wait_s: float = Field(default=600.0, gt=0)

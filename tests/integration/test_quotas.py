@@ -354,6 +354,7 @@ async def test_the_admin_quota_routes_refuse_what_they_cannot_store(
         "requests_per_minute": None,
         "tokens_per_minute": None,
         "tokens_per_day": None,
+        "discarded_per_hour": None,
     }
 
 

@@ -25,7 +25,8 @@ _Limit = Annotated[int | None, Field(ge=0, le=1_000_000_000_000)]
 
 
 class QuotaIn(BaseModel):
-    """A token's limits; an absent or null field is no limit."""
+    """A token's limits; an absent or null field is no limit (for discarded_per_hour: the
+    server's default)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +35,11 @@ class QuotaIn(BaseModel):
     requests_per_minute: _Limit = None
     tokens_per_minute: _Limit = None
     tokens_per_day: _Limit = None
+    discarded_per_hour: _Limit = Field(
+        default=None,
+        description="cancelled or failed tasks per rolling hour; null: the server's default "
+        "(INFERQ_MAX_DISCARDED_PER_HOUR)",
+    )
 
 
 class QuotaOut(QuotaIn):

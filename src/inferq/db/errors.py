@@ -22,7 +22,7 @@ import psycopg_pool
 import structlog
 from psycopg import AsyncConnection
 
-from inferq.errors import DatabaseError, DatabaseUnavailable, InvalidValue
+from inferq.errors import DatabaseError, DatabaseUnavailable, InvalidValue, QuotaExceeded
 
 log = structlog.get_logger(__name__)
 
@@ -46,12 +46,34 @@ _KNOWN: dict[str, tuple[str, str]] = {
 }
 
 
+# Raised by inferq.admit_discards() (sql/0009_discards.sql) on a submit over the token's limit
+# of cancelled and failed tasks per hour; its DETAIL is "<discarded> <limit> <retry after s>".
+DISCARDS_REFUSED = "IQ429"
+
+
+def _discards_refused(exc: psycopg.Error) -> QuotaExceeded:
+    try:
+        used, cap, retry = (int(part) for part in (exc.diag.message_detail or "").split())
+    except ValueError:
+        log.error("database_error", sqlstate=exc.sqlstate, error=str(exc))
+        used, cap, retry = 0, 0, 60
+    return QuotaExceeded(
+        f"this token had {used:,} tasks cancelled or failed in the last hour, its limit "
+        f"(discarded_per_hour={cap}); they count so that submitting and cancelling cannot "
+        f"grow the queue without bound. Retry in {retry} s, or ask an admin to raise the "
+        "token's limit (inferq token update --discarded-per-hour)",
+        retry_after_s=float(retry),
+    )
+
+
 def translate(exc: BaseException) -> BaseException:
     """The inferq error for a psycopg error (``exc`` itself when it is not one)."""
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return DatabaseUnavailable("no database connection was free in time; retry")
     if not isinstance(exc, psycopg.Error):
         return exc
+    if exc.sqlstate == DISCARDS_REFUSED:
+        return _discards_refused(exc)
     if isinstance(exc, psycopg.errors.DataError | psycopg.errors.IntegrityError):
         diag = exc.diag
         key = diag.constraint_name or diag.datatype_name or ""

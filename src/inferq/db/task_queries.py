@@ -14,7 +14,7 @@ INSERT INTO inferq.task AS t (pool_name, llm_name, model, tier, streaming, reque
                               lane, token_id)
 VALUES (%(pool)s, %(llm)s, %(model)s, %(tier)s, %(streaming)s, %(body)s,
         %(owner)s, %(agent)s, %(priority)s, %(max_attempts)s, %(key)s, %(lane)s,
-        %(token)s)
+        inferq.admit_discards(%(token)s::uuid, %(discard_cap)s))
 ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {task_select}
 """

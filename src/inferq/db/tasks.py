@@ -64,10 +64,18 @@ class TaskRepository:
     """
 
     def __init__(
-        self, pool: Pool, *, aging_s: float = 300.0, fair_share_half_life_s: float = 60.0
+        self,
+        pool: Pool,
+        *,
+        aging_s: float = 300.0,
+        fair_share_half_life_s: float = 60.0,
+        max_discarded_per_hour: int = 0,
     ) -> None:
         self.pool = pool
         self.scheduling = scheduling_params(aging_s, fair_share_half_life_s)
+        # A token's cancelled and failed tasks per rolling hour, unless its quota says
+        # otherwise (sql/0009_discards.sql); 0: no server-wide limit.
+        self.max_discarded_per_hour = max_discarded_per_hour
 
     async def _all(self, query: Any, params: dict[str, Any]) -> list[Task]:
         async with connect(self.pool) as conn:
@@ -100,7 +108,8 @@ class TaskRepository:
     ) -> Enqueued:
         """Insert a pending task. The same idempotency key returns the first task (created=False).
 
-        Raises IdempotencyConflict when the key was used with a different request.
+        Raises IdempotencyConflict when the key was used with a different request, and
+        QuotaExceeded when the token discarded (cancelled or failed) its hourly limit of tasks.
         """
         params = {
             "pool": pool_name,
@@ -116,6 +125,7 @@ class TaskRepository:
             "key": idempotency_key,
             "lane": lane,
             "token": token_id,
+            "discard_cap": self.max_discarded_per_hour,
         }
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.

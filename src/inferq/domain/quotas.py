@@ -18,6 +18,9 @@ class Quota:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
+    # Tasks cancelled or failed per rolling hour; None: the server's default
+    # (INFERQ_MAX_DISCARDED_PER_HOUR). Checked by the submit's own INSERT, not at admission.
+    discarded_per_hour: int | None = None
 
     @property
     def unlimited(self) -> bool:

@@ -44,6 +44,7 @@ MAX_QUOTA = {
     "requests_per_minute": 100_000_000,
     "tokens_per_minute": 1_000_000_000_000,
     "tokens_per_day": 1_000_000_000_000,
+    "discarded_per_hour": 100_000_000,
 }
 
 
