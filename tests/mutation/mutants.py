@@ -48,6 +48,8 @@ FAIR_TESTS = "tests/integration/test_fair_share.py"
 LANE_TESTS = "tests/integration/test_lanes.py"
 QUOTAS = "src/inferq/db/quotas.py"
 QUOTA_SQL = "sql/0007_quotas.sql"
+DISCARD_SQL = "sql/0009_discards.sql"
+DISCARD_TESTS = "tests/integration/test_discards.py"
 QUOTA_TESTS = "tests/integration/test_quotas.py"
 USAGE_TESTS = "tests/integration/test_usage.py"
 
@@ -617,5 +619,43 @@ MUTANTS: tuple[Mutant, ...] = (
              "        headers[\"Retry-After\"] = str(max(1, math.ceil(exc.retry_after_s)))\n",
              "        pass\n"),
         (f"{QUOTA_TESTS}::test_max_pending_refuses_until_a_task_is_claimed",),
+    ),
+    Mutant(
+        "discards_never_counted",
+        "submit-then-cancel grows the task table without bound: no cancel is ever counted",
+        _one(DISCARD_SQL, "    IF discards THEN\n", "    IF false THEN\n"),
+        (f"{DISCARD_TESTS}::test_cancelled_and_failed_tasks_count_against_the_hourly_limit",),
+    ),
+    Mutant(
+        "failed_tasks_not_discards",
+        "a client whose requests all fail at the worker creates rows without bound",
+        _one(DISCARD_SQL,
+             "        WHERE n.status IN ('cancelled', 'error') AND o.status",
+             "        WHERE n.status IN ('cancelled') AND o.status"),
+        (f"{DISCARD_TESTS}::test_cancelled_and_failed_tasks_count_against_the_hourly_limit",),
+    ),
+    Mutant(
+        "completions_counted_as_discards",
+        "a busy, healthy client is refused after 10,000 answered requests in an hour",
+        (Edit(DISCARD_SQL,
+              "bool_or(status IN ('cancelled', 'error') AND",
+              "bool_or(status IN ('cancelled', 'error', 'completed') AND"),
+         Edit(DISCARD_SQL,
+              "        WHERE n.status IN ('cancelled', 'error') AND o.status",
+              "        WHERE n.status IN ('cancelled', 'error', 'completed') AND o.status")),
+        (f"{DISCARD_TESTS}::test_cancelled_and_failed_tasks_count_against_the_hourly_limit",),
+    ),
+    Mutant(
+        "discard_window_never_rolls",
+        "a token that hit its discard limit once is refused for ever",
+        _one(DISCARD_SQL, "r.minute > now() - interval '1 hour'", "true"),
+        (f"{DISCARD_TESTS}::test_a_tokens_own_limit_overrides_the_default_and_old_discards_age_out",),
+    ),
+    Mutant(
+        "token_discard_limit_ignored",
+        "an admin raises a chat frontend's discard limit, and it is still refused at the default",
+        _one(DISCARD_SQL, "cap := coalesce(cap, nullif(server_limit, 0));",
+             "cap := nullif(server_limit, 0);"),
+        (f"{DISCARD_TESTS}::test_a_tokens_own_limit_overrides_the_default_and_old_discards_age_out",),
     ),
 )  # fmt: skip
