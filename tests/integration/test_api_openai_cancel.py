@@ -103,6 +103,7 @@ async def test_a_client_that_leaves_a_sync_call(
     settings: Settings, dsn: str, cancel_on_disconnect: bool
 ) -> None:
     async with replica(settings, dsn, cancel_on_disconnect=cancel_on_disconnect) as r:
+        await bind_idle(r)  # else the no-worker fail-fast could cancel the task instead
         async with r.http() as http:
             body = {"model": MODEL, **CHAT}
             call = asyncio.create_task(http.post("/v1/chat/completions", json=body, timeout=60))

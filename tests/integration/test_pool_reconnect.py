@@ -18,6 +18,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
+from inferq.bench.polling import eventually
 from inferq.db.cluster import PrivateCluster
 from inferq.db.pool import Pool, create_pool
 from inferq.settings import Settings
@@ -57,4 +58,27 @@ async def test_the_pool_is_back_soon_after_a_long_outage(own_cluster: PrivateClu
         print(f"pool serving again {took:.2f}s after the database (outage {OUTAGE_S:g}s)")
         assert took < BACK_WITHIN_S
     finally:
+        await pool.close()
+
+
+async def test_a_broken_connection_gives_up_its_slot_while_the_database_is_down(
+    own_cluster: PrivateCluster,
+) -> None:
+    # What makes the test above pass, checked without racing psycopg_pool's retry times:
+    # left to itself the pool would hold each broken slot for its 5-minute reconnect series,
+    # so the first request after the outage would wait for the series' next try.
+    settings = Settings(database_url=own_cluster.dsn, pool_min_size=2, pool_max_size=4)
+    pool = create_pool(settings)
+    await pool.open(wait=True)
+    try:
+        assert await served(pool, 5)
+        assert pool.get_stats()["pool_size"] >= 2
+        await asyncio.to_thread(own_cluster.stop, "immediate")
+        for _ in range(3):
+            assert not await served(pool, 0.25)
+        await eventually(
+            lambda: pool.get_stats()["pool_size"] == 0, 30, "the broken slots to be given up"
+        )
+    finally:
+        await asyncio.to_thread(own_cluster.start)
         await pool.close()

@@ -477,7 +477,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "pool_reconnects_on_psycopg_backoff",
         "after a failover of a few seconds a replica answers 503 for as long again, waiting for its pool's next try",
         _one("src/inferq/db/pool.py", "        reconnect_timeout=RECONNECT_SERIES_S,\n", ""),
-        ("tests/integration/test_pool_reconnect.py",),
+        ("tests/integration/test_pool_reconnect.py::test_a_broken_connection_gives_up_its_slot_while_the_database_is_down",
+         "tests/integration/test_pool_reconnect.py::test_the_pool_is_back_soon_after_a_long_outage"),
     ),
     Mutant(
         "oldest_pending_age_is_the_newest",
