@@ -85,6 +85,11 @@ async def test_cancelled_and_failed_tasks_count_against_the_hourly_limit(
 ) -> None:
     tokens = await make_tokens(settings, dsn)
     async with client(settings, dsn, max_discarded_per_hour=LIMIT) as http:
+        # A task she keeps, in a pool no worker here serves.
+        kept = {**auth(tokens.alice), "Idempotency-Key": "kept"}
+        parked = {"pool": "parked", "request": CHAT}
+        first = await http.post("/v1/tasks", json=parked, headers=kept)
+        assert first.status_code == 201
         for _ in range(3):
             await submit_and_cancel(http, tokens.alice)
         for _ in range(2):
@@ -92,16 +97,19 @@ async def test_cancelled_and_failed_tasks_count_against_the_hourly_limit(
         # Completed tasks are not discards.
         for _ in range(LIMIT + 1):
             await submit_and_end(http, tokens, tokens.bob, {"response": {"text": "ok"}})
-        assert tasks_of(dsn, "alice") == LIMIT
+        assert tasks_of(dsn, "alice") == LIMIT + 1
         over = await submit(http, tokens.alice)
         assert_refused_for_discards(over)
-        # The refused submit wrote nothing, and an idempotent retry of it is refused too.
-        assert tasks_of(dsn, "alice") == LIMIT
+        # The refused submit wrote nothing, and a keyed submit of a new task is refused too.
+        assert tasks_of(dsn, "alice") == LIMIT + 1
         keyed = await http.post(
             "/v1/tasks", json=SUBMIT, headers={**auth(tokens.alice), "Idempotency-Key": "k1"}
         )
         assert_refused_for_discards(keyed)
-        assert tasks_of(dsn, "alice") == LIMIT
+        assert tasks_of(dsn, "alice") == LIMIT + 1
+        # A keyed retry of a task she already has still finds it (a client reattaching).
+        again = await http.post("/v1/tasks", json=parked, headers=kept)
+        assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
         # The OpenAI route is held to the same limit.
         chat = await http.post(
             "/v1/chat/completions", json={"model": MODEL, **CHAT},

@@ -653,6 +653,13 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{DISCARD_TESTS}::test_a_tokens_own_limit_overrides_the_default_and_old_discards_age_out",),
     ),
     Mutant(
+        "discard_limit_blocks_reattach",
+        "a client over its discard limit cannot get back to the task it already has by its key",
+        _one(REPOSITORY, "                if idempotency_key is None or await self._one(GET_BY_KEY, params) is None:",
+             "                if True:"),
+        (f"{DISCARD_TESTS}::test_cancelled_and_failed_tasks_count_against_the_hourly_limit",),
+    ),
+    Mutant(
         "token_discard_limit_ignored",
         "an admin raises a chat frontend's discard limit, and it is still refused at the default",
         _one(DISCARD_SQL, "cap := coalesce(cap, nullif(server_limit, 0));",

@@ -44,6 +44,7 @@ from inferq.errors import (
     InvalidTransition,
     InvalidValue,
     LeaseLost,
+    QuotaExceeded,
     TaskError,
     TaskNotFound,
 )
@@ -130,7 +131,14 @@ class TaskRepository:
         # Two racing submits with one key: the loser's insert does nothing and its read may
         # run before the winner commits, so it tries again.
         for _ in range(5):
-            task = await self._one(ENQUEUE, params)
+            try:
+                task = await self._one(ENQUEUE, params)
+            except QuotaExceeded:
+                # The discard check runs before ON CONFLICT: a keyed retry of a task that
+                # exists still gets its task (a reattach), only a new task is refused.
+                if idempotency_key is None or await self._one(GET_BY_KEY, params) is None:
+                    raise
+                task = None
             if task is not None:
                 return Enqueued(task, created=True)
             existing = await self._one(GET_BY_KEY, params)
