@@ -2,7 +2,7 @@
 -- so submit-then-cancel cannot grow the task table without bound (the pending cap never sees
 -- a task that is cancelled before the next submit).
 -- Apply with: psql -v ON_ERROR_STOP=1 -f sql/0009_discards.sql   (or: inferq migrate)
--- Depends on 0007 (token_quota, token_rate).
+-- Depends on 0007 (token_quota, token_rate, add_task_usage).
 BEGIN;
 
 -- A token's own limit on its tasks that ended cancelled or failed in the last 60 minutes;
@@ -14,32 +14,55 @@ ALTER TABLE inferq.token_quota
 -- what the rolling window needs).
 ALTER TABLE inferq.token_rate ADD COLUMN discarded integer NOT NULL DEFAULT 0;
 
--- Per token and minute, the tasks that moved into cancelled or failed in this statement (tasks
--- without a token, such as batch lines, are not counted: a batch is bounded by its file). A
--- trigger of its own beside 0007's task_add_usage, which it leaves as it is.
-CREATE FUNCTION inferq.count_task_discards() RETURNS trigger
+-- The statement trigger of 0007 also counts, per token and minute, the tasks that moved into
+-- cancelled or failed in this statement (tasks without a token, such as batch lines, are not
+-- counted: a batch is bounded by its file).
+CREATE OR REPLACE FUNCTION inferq.add_task_usage() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    completes boolean;
+    discards boolean;
 BEGIN
-    -- Most statements end no token's task as cancelled or failed: leave at once.
-    IF NOT EXISTS (SELECT 1 FROM new_rows
-                   WHERE status IN ('cancelled', 'error') AND token_id IS NOT NULL) THEN
+    SELECT coalesce(bool_or(status = 'completed'), false),
+           coalesce(bool_or(status IN ('cancelled', 'error') AND token_id IS NOT NULL), false)
+    INTO completes, discards
+    FROM new_rows;
+    IF discards THEN
+        INSERT INTO inferq.token_rate AS r (token_id, minute, discarded)
+        SELECT n.token_id, date_trunc('minute', now()), count(*)
+        FROM new_rows n JOIN old_rows o ON o.id = n.id
+        WHERE n.status IN ('cancelled', 'error') AND o.status NOT IN ('cancelled', 'error')
+          AND n.token_id IS NOT NULL
+        GROUP BY 1, 2
+        ON CONFLICT (token_id, minute) DO UPDATE SET discarded = r.discarded + EXCLUDED.discarded;
+    END IF;
+    -- Most statements complete nothing (claims, starts, heartbeats): leave at once.
+    IF NOT completes THEN
         RETURN NULL;
     END IF;
-    INSERT INTO inferq.token_rate AS r (token_id, minute, discarded)
-    SELECT n.token_id, date_trunc('minute', now()), count(*)
+    INSERT INTO inferq.usage_hour AS u
+        (hour, owner_id, token_id, model, requests, prompt_tokens, completion_tokens)
+    SELECT date_trunc('hour', n.completed_at), n.owner_id, n.token_id,
+           coalesce(n.llm_name, n.model), count(*),
+           coalesce(sum(n.prompt_tokens), 0), coalesce(sum(n.completion_tokens), 0)
     FROM new_rows n JOIN old_rows o ON o.id = n.id
-    WHERE n.status IN ('cancelled', 'error') AND o.status NOT IN ('cancelled', 'error')
-      AND n.token_id IS NOT NULL
+    WHERE n.status = 'completed' AND o.status IS DISTINCT FROM 'completed'
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT (hour, owner_id, token_id, model) DO UPDATE
+    SET requests = u.requests + EXCLUDED.requests,
+        prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens;
+    INSERT INTO inferq.token_rate AS r (token_id, minute, tokens)
+    SELECT n.token_id, date_trunc('minute', now()),
+           sum(coalesce(n.prompt_tokens, 0) + coalesce(n.completion_tokens, 0))
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    JOIN inferq.token_quota q ON q.token_id = n.token_id AND q.tokens_per_minute IS NOT NULL
+    WHERE n.status = 'completed' AND o.status IS DISTINCT FROM 'completed'
     GROUP BY 1, 2
-    ON CONFLICT (token_id, minute) DO UPDATE SET discarded = r.discarded + EXCLUDED.discarded;
+    ON CONFLICT (token_id, minute) DO UPDATE SET tokens = r.tokens + EXCLUDED.tokens;
     RETURN NULL;
 END;
 $$;
-
-CREATE TRIGGER task_count_discards
-    AFTER UPDATE ON inferq.task
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION inferq.count_task_discards();
 
 -- The token of a new task, once its discards of the last 60 minutes are under its limit (its
 -- own, else ``server_limit``; 0 or NULL from both: no limit). The submit's INSERT calls it on
